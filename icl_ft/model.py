@@ -1,0 +1,210 @@
+"""The decoder: a Flax NNX module that owns the parameters, and pure functions that compute.
+
+Parameters are a plain nested dict (``Params``) with layers stacked on a leading axis and
+head-split attention kernels, so they work directly with ``jax.jit``, ``jax.vmap``, ``jax.grad``,
+optax and Orbax:
+
+  embed       [V, D]            layers/q  [L, D, Hq, dh]   layers/o     [L, Hq, dh, D]
+  final_norm  [D]               layers/k  [L, D, Hkv, dh]  layers/gate  [L, D, F]
+  lm_head     [D, V] (untied)   layers/v  [L, D, Hkv, dh]  layers/up    [L, D, F]
+  layers/{attn_norm,mlp_norm} [L, D]   layers/{q,k,v}_bias [L, H, dh] (qwen2)   layers/down [L, F, D]
+
+``Decoder`` declares each leaf once with its logical sharding axes; ``forward`` is the math.
+RMSNorm, softmax and logits are computed in float32 whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from icl_ft.config import ModelConfig
+
+Params = dict[str, Any]
+F32 = jnp.float32
+
+
+def param_axes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+  """Every parameter's shape and logical axes, keyed by '/'-joined path: the one table of leaves."""
+  L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  Hq, Hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  table = {
+      "embed": ((V, D), ("vocab", "embed")),
+      "layers/attn_norm": ((L, D), ("layers", "norm")),
+      "layers/q": ((L, D, Hq, dh), ("layers", "embed", "q_heads", "head_dim")),
+      "layers/k": ((L, D, Hkv, dh), ("layers", "embed", "kv_heads", "head_dim")),
+      "layers/v": ((L, D, Hkv, dh), ("layers", "embed", "kv_heads", "head_dim")),
+      "layers/o": ((L, Hq, dh, D), ("layers", "q_heads", "head_dim", "embed")),
+      "layers/mlp_norm": ((L, D), ("layers", "norm")),
+      "layers/gate": ((L, D, F), ("layers", "embed", "mlp")),
+      "layers/up": ((L, D, F), ("layers", "embed", "mlp")),
+      "layers/down": ((L, F, D), ("layers", "mlp", "embed")),
+      "final_norm": ((D,), ("norm",)),
+  }
+  if cfg.qkv_bias:
+    table["layers/q_bias"] = ((L, Hq, dh), ("layers", "q_heads", "head_dim"))
+    table["layers/k_bias"] = ((L, Hkv, dh), ("layers", "kv_heads", "head_dim"))
+    table["layers/v_bias"] = ((L, Hkv, dh), ("layers", "kv_heads", "head_dim"))
+  if not cfg.tie_embeddings:
+    table["lm_head"] = ((D, V), ("embed", "vocab"))
+  return table
+
+
+class _Group(nnx.Module):
+  """A named group of parameters (the stacked layers)."""
+
+
+class Decoder(nnx.Module):
+  """Llama/Qwen2-family decoder. Holds ``nnx.Param`` leaves tagged with logical ``axes``.
+
+  ``Decoder(cfg, rngs=nnx.Rngs(0))`` initialises randomly; ``nnx.eval_shape`` of that gives the
+  abstract tree used to load checkpoints straight into their shardings.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = F32):
+    self.config = cfg
+    self.layers = _Group()
+    for path, (shape, axes) in param_axes(cfg).items():
+      if path.endswith("norm"):
+        value = jnp.ones(shape, dtype)
+      elif path.endswith("bias"):
+        value = jnp.zeros(shape, dtype)
+      else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
+      owner, name = (self.layers, path[7:]) if path.startswith("layers/") else (self, path)
+      setattr(owner, name, nnx.Param(value, axes=axes))
+
+  @property
+  def params(self) -> Params:
+    return nnx.state(self, nnx.Param).to_pure_dict()
+
+  def __call__(self, tokens, positions, valid, cache=None, logits_at=None):
+    return forward(self.config, self.params, tokens, positions, valid, cache, logits_at)
+
+
+def abstract_params(cfg: ModelConfig, dtype: Any = F32) -> Params:
+  """Shapes and dtypes of the parameter tree, without allocating it."""
+  model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+  return model.params
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = F32) -> Params:
+  return Decoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype).params
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Key/value cache shared by a left-padded batch.
+
+  Slots are filled left to right at the same ``index`` for every sequence; ``valid`` marks real
+  (non-padding) slots and ``pos`` is each sequence's next position id, so sequences of different
+  lengths decode together.
+  """
+  k: jax.Array  # [L, B, S, Hkv, dh]
+  v: jax.Array  # [L, B, S, Hkv, dh]
+  valid: jax.Array  # [B, S] bool
+  pos: jax.Array  # [B] int32
+  index: jax.Array  # [] int32
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = F32) -> "KVCache":
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool),
+               jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def positions_from_valid(valid: jax.Array) -> jax.Array:
+  """Position ids for a left-padded batch: 0 at each sequence's first real token."""
+  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  xf = x.astype(F32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * weight.astype(F32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the rotate-half layout (dim i pairs with i + dh/2); x is [B, T, H, dh]."""
+  dh = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=F32) / dh))
+  angles = positions.astype(F32)[..., None] * inv_freq  # [B, T, dh/2]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention(q, k, v, mask):
+  """Grouped-query attention. q [B,T,Hq,dh], k/v [B,S,Hkv,dh], mask [B,T,S] -> z [B,T,Hq,dh]."""
+  B, T, Hq, dh = q.shape
+  Hkv = k.shape[2]
+  q = q.reshape(B, T, Hkv, Hq // Hkv, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=F32) * (dh ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  z = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  return z.reshape(B, T, Hq, dh)
+
+
+def _block(cfg: ModelConfig, w: Params, x, positions, mask, kv):
+  """One pre-norm transformer layer. ``kv`` is None (no cache) or (k_cache, v_cache, index)."""
+  h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+  q = jnp.einsum("btd,dhk->bthk", h, w["q"])
+  k = jnp.einsum("btd,dhk->bthk", h, w["k"])
+  v = jnp.einsum("btd,dhk->bthk", h, w["v"])
+  if cfg.qkv_bias:
+    q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+  q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+  if kv is not None:
+    k_cache, v_cache, index = kv
+    k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+  z = attention(q, k, v, mask)
+  x = x + jnp.einsum("bthk,hkd->btd", z, w["o"])
+  h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+  act = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum("btd,df->btf", h, w["up"])
+  x = x + jnp.einsum("btf,fd->btd", act, w["down"])
+  return x, (k, v)
+
+
+def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: KVCache | None = None,
+            logits_at=None):
+  """Runs the decoder on ``tokens`` [B, T].
+
+  Args:
+    positions: [B, T] position ids (see ``positions_from_valid`` for left padding).
+    valid: [B, T] bool, False at padding.
+    cache: if given, the tokens fill slots ``cache.index ...`` and attend to all valid earlier slots.
+    logits_at: optional [B, N] indices into T; logits are computed only there (saves the vocab matmul).
+  Returns:
+    (float32 logits [B, T or N, V], updated cache or None).
+  """
+  T = tokens.shape[1]
+  x = jnp.take(params["embed"], tokens, axis=0)
+  if cache is None:
+    key_valid, q_slot, k_slot = valid, jnp.arange(T), jnp.arange(T)
+    layer_kv = None
+  else:
+    key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
+    q_slot, k_slot = cache.index + jnp.arange(T), jnp.arange(cache.valid.shape[1])
+    layer_kv = (cache.k, cache.v)
+  mask = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+
+  def body(x, layer):
+    w, kv = layer
+    kv = None if kv is None else (*kv, cache.index)
+    return _block(cfg, w, x, positions, mask, kv)
+
+  x, (k_all, v_all) = jax.lax.scan(body, x, (params["layers"], layer_kv))
+  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  if logits_at is not None:
+    x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
+  head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=F32)
+  if cache is not None:
+    cache = KVCache(k_all, v_all, key_valid, cache.pos + valid.sum(-1).astype(jnp.int32), cache.index + T)
+  return logits, cache
