@@ -80,7 +80,7 @@ class Decoder(nnx.Module):
 
   @property
   def params(self) -> Params:
-    return nnx.state(self, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
   def __call__(self, tokens, positions, valid, cache=None, logits_at=None):
     return forward(self.config, self.params, tokens, positions, valid, cache, logits_at)

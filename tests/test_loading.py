@@ -1,0 +1,140 @@
+"""Loading, caching, export and the errors bad checkpoints must raise."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import torch_logits
+from icl_ft import convert, loading
+from icl_ft.config import ModelConfig, UnsupportedModelError
+from icl_ft.model import forward, positions_from_valid
+
+
+def _logits(m, ids):
+  ids = np.asarray(ids)
+  valid = np.ones(ids.shape, bool)
+  return np.asarray(forward(m.config, m.params, ids, positions_from_valid(valid), valid)[0])
+
+
+def _copy(src, tmp_path):
+  dst = tmp_path / "ckpt"
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_export_then_transformers_load_gives_same_logits(hf_dir_factory, tmp_path):
+  from transformers import AutoModelForCausalLM
+  d, _ = hf_dir_factory("qwen2", 2, False)
+  m = loading.load(str(d), use_cache=False)
+  out = convert.export_hf(m.config, m.params, tmp_path / "export")
+  back = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+  ids = np.random.default_rng(0).integers(0, 96, (2, 20))
+  assert np.abs(torch_logits(back, ids) - _logits(m, ids)).max() <= 1e-5
+  again = loading.load(str(out), use_cache=False)  # and our own loader reads the export back exactly
+  jax.tree.map(np.testing.assert_array_equal, again.params, m.params)
+
+
+def test_orbax_cache_round_trip(hf_dir_factory, tmp_path):
+  d, _ = hf_dir_factory("llama", 2, True)
+  first = loading.load(str(d))
+  entries = list(loading.cache_root().iterdir())
+  assert len(entries) == 1 and (entries[0] / "COMPLETE").exists()
+  (entries[0] / "params").rename(entries[0] / "moved")  # the second load must come from the cache...
+  with pytest.raises(Exception):
+    loading.load(str(d))
+  (entries[0] / "moved").rename(entries[0] / "params")
+  second = loading.load(str(d))
+  assert second.config == first.config
+  jax.tree.map(np.testing.assert_array_equal, second.params, first.params)
+
+
+def test_sharded_index_checkpoint(hf_dir_factory, tmp_path):
+  d, ref = hf_dir_factory("llama", 2, False)
+  out = tmp_path / "sharded"
+  ref.save_pretrained(out, max_shard_size="20KB")
+  assert (out / "model.safetensors.index.json").exists()
+  m = loading.load(str(out), use_cache=False)
+  ids = np.arange(12)[None] % 96
+  assert np.abs(torch_logits(ref, ids) - _logits(m, ids)).max() <= 1e-5
+
+
+def test_missing_directory():
+  with pytest.raises(loading.ModelNotFoundError, match="Registered models: smollm2-135m"):
+    loading.load("./no/such/dir")
+
+
+def test_unknown_name_lists_registry():
+  with pytest.raises(loading.ModelNotFoundError, match="qwen1.5-0.5b"):
+    loading.load("no-such-model")
+
+
+def test_hub_id_without_hub_access_says_how_to_pass_a_directory(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(loading.ModelNotFoundError, match="pass the local directory|pass the\\s+directory"):
+    loading.load("qwen1.5-0.5b")
+
+
+def test_missing_safetensors(hf_dir_factory, tmp_path):
+  d = _copy(hf_dir_factory("llama")[0], tmp_path)
+  (d / "model.safetensors").unlink()
+  with pytest.raises(convert.CheckpointError, match="neither model.safetensors"):
+    loading.load(str(d), use_cache=False)
+
+
+def test_truncated_safetensors(hf_dir_factory, tmp_path):
+  d = _copy(hf_dir_factory("llama")[0], tmp_path)
+  f = d / "model.safetensors"
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  with pytest.raises(convert.CheckpointError, match="truncated or corrupt"):
+    loading.load(str(d), use_cache=False)
+
+
+def test_missing_shard_of_index(hf_dir_factory, tmp_path):
+  d, ref = hf_dir_factory("llama")
+  out = tmp_path / "sharded"
+  ref.save_pretrained(out, max_shard_size="20KB")
+  next(out.glob("model-00002-*.safetensors")).unlink()
+  with pytest.raises(convert.CheckpointError, match="listed in the index is missing"):
+    loading.load(str(out), use_cache=False)
+
+
+def test_unknown_architecture_lists_supported(hf_dir_factory, tmp_path):
+  d = _copy(hf_dir_factory("llama")[0], tmp_path)
+  cfg = json.loads((d / "config.json").read_text())
+  cfg["model_type"] = "mamba"
+  (d / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(UnsupportedModelError, match="supported architectures: llama, mistral, qwen2"):
+    loading.load(str(d), use_cache=False)
+
+
+def test_shape_mismatch_names_the_tensor(hf_dir_factory, tmp_path):
+  d = _copy(hf_dir_factory("llama")[0], tmp_path)
+  cfg = json.loads((d / "config.json").read_text())
+  cfg["intermediate_size"] = 48
+  (d / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(convert.CheckpointError, match="mlp.gate_proj.weight"):
+    loading.load(str(d), use_cache=False)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope scaling type 'llama3'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16}, "sliding-window"),
+])
+def test_unsupported_settings_are_rejected(change, match):
+  hf = dict(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+            num_attention_heads=2, rope_theta=1e4, max_position_embeddings=64)
+  hf.update(change)
+  with pytest.raises(UnsupportedModelError, match=match):
+    ModelConfig.from_hf(hf)
+
+
+def test_rope_theta_accepted_at_top_level_and_in_rope_parameters():
+  base = dict(model_type="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+              num_attention_heads=2)
+  assert ModelConfig.from_hf({**base, "rope_theta": 1e6}).rope_theta == 1e6
+  assert ModelConfig.from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 2e6}}).rope_theta == 2e6
