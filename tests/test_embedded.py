@@ -1,0 +1,58 @@
+"""Real-checkpoint parity: the embedded SmolLM2-135M GGUF vs transformers' own GGUF load (slow)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from icl_ft import inference, loading
+from icl_ft.model import forward, positions_from_valid
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [  # prompts in the study's formats (expression, relation, boolean, algebra)
+    "Now you need to calculate the answer of some mathematic equations. Here are some examples: \n"
+    "(0)+(-14+14)*(6-6+4-6)=0 \n (5)+(-5+2)*(4-5+5-1)=",
+    "Here are some cities expressed as A, B, C, etc. I will show some connection relations, and you need to "
+    "tell me if city A and city Z are connected (Answer True or False). Here are some examples: \n"
+    "A is connected with C\nJ is connected with B\nB is connected with F\n\n So 'the city A and Z is connected' is ",
+    "Here are some boolean expressions, you need to directly tell me the result. If it is true, print True, "
+    "else print False. Here are some examples: \n(True and False) or (False or True) and False\n The result is: ",
+    "Here are some equations, you need to find all solutions of given variables. Here are some examples: \n"
+    "1a + 4b = 22\n2a + 1b = 9\n7a + 7b = 49\n The solutions are: a = 2, b = ",
+]
+
+
+@pytest.fixture(scope="module")
+def models():
+  import torch
+  from transformers import AutoModelForCausalLM
+  ours = loading.load("smollm2-135m", use_cache=False)
+  path = loading.embedded_gguf_path()
+  ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+  return ours, ref
+
+
+def test_config_and_tokenizer_from_gguf(models):
+  ours, _ = models
+  c = ours.config
+  assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == ("llama", 30, 576, 9, 3, 49152)
+  assert c.tie_embeddings and c.rope_theta == 100000.0
+  ids = ours.tokenizer(PROMPTS[0]).input_ids
+  assert ours.tokenizer.decode(ids) == PROMPTS[0]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logits_and_greedy_continuation_match(models, prompt):
+  import torch
+  ours, ref = models
+  ids = ours.tokenizer(prompt).input_ids
+  x = jnp.asarray([ids])
+  valid = jnp.ones(x.shape, bool)
+  logits, _ = forward(ours.config, ours.params, x, positions_from_valid(valid), valid)
+  with torch.no_grad():
+    expected = ref(torch.tensor([ids])).logits.numpy()
+  assert np.abs(np.asarray(logits) - expected).max() <= 1e-3
+  new, _ = inference.greedy_generate(ours.config, ours.params, x, valid, 6)
+  theirs = ref.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=2)[0, len(ids):]
+  assert list(np.asarray(new[0])) == theirs.tolist()
