@@ -1,4 +1,4 @@
-"""Batched greedy decoding with a KV cache over left-padded prompts."""
+"""Batched greedy decoding and answer scoring with a KV cache over left-padded prompts."""
 
 from __future__ import annotations
 
@@ -13,41 +13,85 @@ from icl_ft.config import ModelConfig
 from icl_ft.model import KVCache, Params, forward, positions_from_valid
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def greedy_generate(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Array,
-                    max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
-  """Greedy continuation of a left-padded batch.
-
-  Args:
-    tokens, valid: [B, T] prompt ids and real-token mask (padding on the left).
-  Returns:
-    (new token ids [B, N], float32 logits that chose them [B, N, V]).
-  """
+def _prefill(cfg: ModelConfig, params: Params, tokens, valid, cache_size: int):
+  """Runs the prompt into a fresh cache; returns (next-token logits [B, V], cache)."""
   B, T = tokens.shape
-  cache = KVCache.empty(cfg, B, T + max_new_tokens, params["embed"].dtype)
-  last = jnp.full((B, 1), T - 1)
-  logits, cache = forward(cfg, params, tokens, positions_from_valid(valid), valid, cache, logits_at=last)
-  logits = logits[:, 0]
+  cache = KVCache.empty(cfg, B, cache_size, params["embed"].dtype)
+  logits, cache = forward(cfg, params, tokens, positions_from_valid(valid), valid, cache,
+                          logits_at=jnp.full((B, 1), T - 1))
+  return logits[:, 0], cache
+
+
+def _decode(cfg: ModelConfig, params: Params, logits, cache: KVCache, steps: int):
+  """Greedy steps from next-token ``logits``; returns (tokens [B, N], their logits [B, N, V])."""
+  B = logits.shape[0]
 
   def step(carry, _):
     logits, cache = carry
-    tok = jnp.argmax(logits, axis=-1).astype(tokens.dtype)
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     nxt, cache = forward(cfg, params, tok[:, None], cache.pos[:, None], jnp.ones((B, 1), bool), cache)
     return (nxt[:, 0], cache), (tok, logits)
 
-  _, (toks, all_logits) = jax.lax.scan(step, (logits, cache), None, length=max_new_tokens)
+  _, (toks, all_logits) = jax.lax.scan(step, (logits, cache), None, length=steps)
   return toks.T, all_logits.transpose(1, 0, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
+def greedy_generate(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Array,
+                    max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+  """Greedy continuation of a left-padded batch ``tokens``/``valid`` [B, T].
+
+  Returns (new token ids [B, N], float32 logits that chose them [B, N, V]).
+  """
+  logits, cache = _prefill(cfg, params, tokens, valid, tokens.shape[1] + max_new_tokens)
+  return _decode(cfg, params, logits, cache, max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
+def generate_and_score(cfg: ModelConfig, params: Params, tokens, valid, answers, answer_valid,
+                       max_new_tokens: int) -> dict[str, jax.Array]:
+  """One prefill shared by greedy decoding and teacher-forced scoring of candidate answers.
+
+  Args:
+    tokens, valid: [B, T] left-padded prompts.
+    answers, answer_valid: [B, C, A] right-padded candidate continuations (e.g. gold and foil).
+  Returns dict with ``tokens`` [B, N] (greedy), ``logprob`` [B, C] (sum over each candidate's tokens),
+  ``first_logit`` [B, C] (logit of each candidate's first token at the answer position).
+  """
+  B, T = tokens.shape
+  C, A = answers.shape[1:]
+  logits, cache = _prefill(cfg, params, tokens, valid, T + max(max_new_tokens, A))
+  first_logp = jax.nn.log_softmax(logits)
+
+  def score(ids, ok):
+    positions = cache.pos[:, None] + jnp.arange(A)
+    nxt, _ = forward(cfg, params, ids, positions, ok, cache, logits_at=jnp.tile(jnp.arange(A - 1), (B, 1)))
+    logp = jnp.concatenate([first_logp[:, None], jax.nn.log_softmax(nxt)], axis=1)
+    return jnp.sum(jnp.take_along_axis(logp, ids[..., None], -1)[..., 0] * ok, axis=-1)
+
+  logprob = jnp.stack([score(answers[:, c], answer_valid[:, c]) for c in range(C)], axis=1)
+  first_logit = jnp.take_along_axis(logits, answers[:, :, 0], axis=-1)
+  new, _ = _decode(cfg, params, logits, cache, max_new_tokens)
+  return {"tokens": new, "logprob": logprob, "first_logit": first_logit}
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token lists to ``length`` (default: the longest); returns (ids, valid mask)."""
-  length = length or max(len(s) for s in sequences)
+  return _pad(sequences, pad_id, length, left=True)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  return _pad(sequences, pad_id, length, left=False)
+
+
+def _pad(sequences, pad_id, length, left):
+  length = length or max(1, max(len(s) for s in sequences))
   ids = np.full((len(sequences), length), pad_id, np.int32)
   valid = np.zeros((len(sequences), length), bool)
   for i, s in enumerate(sequences):
     if len(s) > length:
       raise ValueError(f"sequence {i} has {len(s)} tokens, more than the padded length {length}")
     if s:
-      ids[i, length - len(s):] = s
-      valid[i, length - len(s):] = True
+      sl = slice(length - len(s), length) if left else slice(0, len(s))
+      ids[i, sl], valid[i, sl] = s, True
   return ids, valid

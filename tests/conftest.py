@@ -58,3 +58,28 @@ def torch_logits(model, ids, attention_mask=None):
   with torch.no_grad():
     kw = {} if attention_mask is None else {"attention_mask": torch.tensor(np.asarray(attention_mask), dtype=torch.long)}
     return model(torch.tensor(np.asarray(ids), dtype=torch.long), **kw).logits.numpy()
+
+
+def build_byte_tokenizer():
+  """A byte-level tokenizer (256 byte tokens + <eos>) built offline: exact round trip of any text."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = {c: i for i, c in enumerate(alphabet)}
+  vocab["<eos>"] = len(vocab)
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+  """(directory, torch model, tokenizer): a tiny random Qwen2 LM with a byte tokenizer, saved like a hub checkpoint."""
+  tok = build_byte_tokenizer()
+  model = build_hf_model("qwen2", kv_heads=2, tied=False, seed=5, vocab_size=len(tok), max_position_embeddings=4096,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  d = tmp_path_factory.mktemp("tiny-lm")
+  model.save_pretrained(d)
+  tok.save_pretrained(d)
+  return d, model, tok

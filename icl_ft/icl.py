@@ -1,0 +1,127 @@
+"""The batched ICL evaluation engine: prompts -> length buckets -> one jitted prefill/score/decode -> scores.
+
+Prompts are sorted by token length and cut into fixed-size batches padded (on the left) to a multiple of
+``length_multiple``, so the number of compiled shapes stays small and padding waste stays low. Each
+batch runs one prefill shared by greedy decoding and teacher-forced scoring of the gold and foil
+answers. Scores: the release's lenient rule (gold substring of the decoded text after the prompt,
+within the task's token budget) and the strict rule (first answer-typed span of the new tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from icl_ft import scoring, tasks
+from icl_ft.inference import generate_and_score, left_pad, right_pad
+from icl_ft.loading import LoadedModel
+
+
+class PromptTooLongError(ValueError):
+  """A prompt does not fit the model's context window."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  batch_size: int = 8
+  length_multiple: int = 16  # bucket granularity of padded prompt lengths
+  strict_tokens: int = 8  # new-token budget of the strict scorer (it stops at a newline)
+  on_too_long: str = "error"  # "error" or "skip" (skipped queries are counted)
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+  """One prompt to evaluate, with what scoring needs to know about it."""
+  prompt: str
+  gold: str
+  foil: str | None
+  task: str
+  lenient_tokens: int  # the release's generation_len
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int) -> list[Query]:
+  """The fixed query set of (task, variant, seed) with ``shots`` correct-variant demos each."""
+  if n < 1:
+    raise ValueError(f"the number of queries must be at least 1, got {n}")
+  out = []
+  for i, ex in enumerate(tasks.make_queries(task, variant, n, seed, fmt)):
+    demos = tasks.make_demos(task, shots, seed, i, fmt)
+    out.append(Query(tasks.build_prompt(task, fmt, demos, ex), ex.answer, ex.foil, task,
+                     tasks.generation_len(task, fmt),
+                     dict(task=task, variant=variant, format=fmt, shots=shots, seed=seed, index=i)))
+  return out
+
+
+def _continuation_ids(tokenizer, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
+  """Token ids of ``answer`` as the model would continue ``prompt`` (tokenized jointly when it splits cleanly)."""
+  joint = tokenizer(prompt + answer).input_ids
+  if joint[:len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+    return joint[len(prompt_ids):]
+  return tokenizer(answer, add_special_tokens=False).input_ids
+
+
+def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = EngineConfig()) -> tuple[list[dict], int]:
+  """Evaluates ``queries``; returns (one record per evaluated query, number skipped as too long)."""
+  if not queries:
+    raise ValueError("no queries to evaluate")
+  if engine.on_too_long not in ("error", "skip"):
+    raise ValueError(f"on_too_long must be 'error' or 'skip', got {engine.on_too_long!r}")
+  tok, cfg = model.tokenizer, model.config
+  prompt_ids = tok([q.prompt for q in queries]).input_ids
+  answers = [[_continuation_ids(tok, q.prompt, ids, a) for a in (q.gold, q.foil or q.gold)]
+             for q, ids in zip(queries, prompt_ids)]
+  n_new = max(engine.strict_tokens, max(q.lenient_tokens for q in queries))
+  answer_len = max(len(a) for pair in answers for a in pair)
+  keep, skipped = [], 0
+  for i, ids in enumerate(prompt_ids):
+    need = len(ids) + max(n_new, answer_len)
+    if need <= cfg.max_position_embeddings:
+      keep.append(i)
+    elif engine.on_too_long == "skip":
+      skipped += 1
+    else:
+      raise PromptTooLongError(
+          f"query {i} has {len(ids)} prompt tokens; with {max(n_new, answer_len)} answer tokens it exceeds the "
+          f"model's context of {cfg.max_position_embeddings}. Use fewer shots, or set on_too_long='skip'.")
+  keep.sort(key=lambda i: len(prompt_ids[i]))
+  pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+  eos = tok.eos_token_id
+  records: dict[int, dict] = {}
+  B = engine.batch_size
+  batches = [keep[s:s + B] for s in range(0, len(keep), B)]
+  for batch in tqdm(batches, desc="icl", unit="batch", disable=not engine.progress):
+    rows = batch + [batch[0]] * (B - len(batch))  # fixed batch size: pad with repeats, dropped below
+    T = engine.length_multiple * math.ceil(max(len(prompt_ids[i]) for i in rows) / engine.length_multiple)
+    ids, valid = left_pad([prompt_ids[i] for i in rows], pad, T)
+    flat = [a for i in rows for a in answers[i]]
+    ans, ans_valid = right_pad(flat, pad, answer_len)
+    out = generate_and_score(cfg, model.params, jnp.asarray(ids), jnp.asarray(valid),
+                             jnp.asarray(ans.reshape(B, 2, -1)), jnp.asarray(ans_valid.reshape(B, 2, -1)), n_new)
+    new, logprob, first = (np.asarray(out[k]) for k in ("tokens", "logprob", "first_logit"))
+    for r, i in enumerate(batch):
+      records[i] = _record(queries[i], prompt_ids[i], list(new[r]), logprob[r], first[r], tok, eos, engine)
+  return [records[i] for i in sorted(records)], skipped
+
+
+def _record(q: Query, prompt_ids, new_ids, logprob, first_logit, tok, eos, engine) -> dict:
+  if eos is not None and eos in new_ids:  # generation stops at EOS, as transformers' generate does
+    new_ids = new_ids[:new_ids.index(eos) + 1]
+  # Lenient (release): decode prompt + budgeted new tokens, slice the prompt's characters off.
+  lenient_text = tok.decode(prompt_ids + new_ids[:q.lenient_tokens], skip_special_tokens=True)[len(q.prompt):]
+  completion = tok.decode(new_ids[:engine.strict_tokens], skip_special_tokens=True)
+  kind = tasks.answer_kind(q.task)
+  has_foil = q.foil is not None
+  return dict(
+      q.meta, prompt=q.prompt, prompt_tokens=len(prompt_ids), gold=q.gold, foil=q.foil,
+      completion=completion, lenient_text=lenient_text,
+      correct_lenient=scoring.lenient_correct(q.gold, lenient_text, accept_binary_digits=q.task == "parity"),
+      correct_strict=scoring.strict_correct(q.gold, completion, kind),
+      logprob_gold=float(logprob[0]), logprob_foil=float(logprob[1]) if has_foil else None,
+      logit_diff=float(first_logit[0] - first_logit[1]) if has_foil else None)

@@ -1,0 +1,84 @@
+"""The study's five implicit-pattern tasks (study.md §2): generators, fixed query sets, demos and prompts.
+
+Each task has a ``correct`` variant (the implicit shortcut gives the right answer) and a ``misleading`` one
+(same surface, shortcut wrong); prompts come in the release's ``paper`` format or the ``fixed`` one
+(study §6). All randomness comes from explicit ``random.Random`` objects; query sets are keyed by
+(task, variant, seed, format) and demo streams by (task, query index, shots, seed, format), so every model
+and method sees the same items.
+"""
+
+from __future__ import annotations
+
+import random
+
+from icl_ft.tasks import algebra, boolean, code, expression, parity
+from icl_ft.tasks.base import ANSWER_KINDS, FORMATS, VARIANTS, Example, Task, check_name, keyed_rng
+from icl_ft.tasks.formats import build_prompt, ft_text, generation_len
+
+__all__ = [
+    "ANSWER_KINDS", "FORMATS", "TASKS", "VARIANTS", "Example", "Task", "answer_kind", "build_prompt", "ft_text",
+    "generation_len", "get_task", "make_demos", "make_ft_examples", "make_queries", "release_stream_prompt",
+    "sample"]
+
+TASKS: dict[str, Task] = {t.name: t for t in (expression.TASK, parity.TASK, boolean.TASK, code.TASK, algebra.TASK)}
+
+
+def get_task(name: str | Task) -> Task:
+  """The task called ``name`` (a Task passes through); unknown names raise a ValueError listing the valid ones."""
+  if isinstance(name, Task):
+    return name
+  return TASKS[check_name("task", name, tuple(TASKS))]
+
+
+def sample(task: str | Task, variant: str, rng: random.Random, fmt: str, *, ft: bool = False) -> Example:
+  """One example of ``task`` drawn from ``rng``; ``ft`` selects the release's FT generator where it differed."""
+  return get_task(task).sample(variant, rng, fmt, ft=ft)
+
+
+def _count(name: str, value: int) -> int:
+  if not isinstance(value, int) or value < 0:
+    raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+  return value
+
+
+def make_queries(task: str | Task, variant: str, n: int, seed: int, fmt: str) -> list[Example]:
+  """The fixed query set of (task, variant, seed, fmt): the same for every model and method."""
+  t = get_task(task)
+  t.check(variant, fmt)
+  rng = keyed_rng("queries", t.name, variant, fmt, seed)
+  return [t.sample(variant, rng, fmt) for _ in range(_count("n", n))]
+
+
+def make_demos(task: str | Task, k: int, seed: int, query_index: int, fmt: str) -> list[Example]:
+  """``k`` correct-variant demos for query ``query_index``, from a stream keyed by (task, index, k, seed, fmt)."""
+  t = get_task(task)
+  t.check("correct", fmt)
+  rng = keyed_rng("demos", t.name, _count("query_index", query_index), _count("k", k), seed, fmt)
+  return [t.sample("correct", rng, fmt) for _ in range(k)]
+
+
+def make_ft_examples(task: str | Task, n: int, seed: int, fmt: str) -> list[Example]:
+  """``n`` correct-variant fine-tuning examples (paper: the release's FT generator, e.g. expression's ``+=``)."""
+  t = get_task(task)
+  t.check("correct", fmt)
+  rng = keyed_rng("ft", t.name, fmt, seed)
+  return [t.sample("correct", rng, fmt, ft=True) for _ in range(_count("n", n))]
+
+
+def answer_kind(task: str | Task) -> str:
+  """``number`` (expression, code, algebra) or ``label`` (parity, boolean), for the strict scorer."""
+  return get_task(task).answer_kind
+
+
+def release_stream_prompt(task: str | Task, variant: str, k: int, rng: random.Random,
+                          fmt: str = "paper") -> tuple[str, Example]:
+  """One prompt as the release's test loop draws it from one shared stream: k correct demos, then the query.
+
+  With ``random.Random(114514)`` this reproduces the release's first prompt after ``random.seed(114514)``
+  (study §2 goldens). Returns (prompt, query).
+  """
+  t = get_task(task)
+  t.check(variant, fmt)
+  demos = [t.sample("correct", rng, fmt) for _ in range(_count("k", k))]
+  query = t.sample(variant, rng, fmt)
+  return build_prompt(t.name, fmt, demos, query), query

@@ -1,0 +1,87 @@
+"""Shared types and helpers of the task generators: examples, task records, name checks, seeded streams."""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import hashlib
+import random
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+VARIANTS = ("correct", "misleading")
+FORMATS = ("paper", "fixed")
+ANSWER_KINDS = ("number", "label")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One task item. ``question`` is the bare question text; templates (formats.py) add everything else."""
+
+  task: str
+  variant: str
+  question: str
+  answer: str  # gold answer text, exactly as scored
+  foil: str | None  # what the shortcut answers when it is wrong (misleading), the other label (binary correct)
+  meta: dict[str, Any]  # JSON-serialisable values defining the item's pattern
+
+
+# (variant, rng, fmt, ft) -> Example; ``ft`` selects the release's fine-tuning generator where it differed.
+Sampler = Callable[[str, random.Random, str, bool], Example]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A task: its sampler, answer type and the variants it offers."""
+
+  name: str
+  release_name: str  # the name the release's test.py uses
+  answer_kind: str  # "number" | "label"
+  sampler: Sampler
+  variants: tuple[str, ...] = VARIANTS
+  description: str = ""
+
+  def check(self, variant: str, fmt: str) -> None:
+    """ValueError (listing the valid names) unless ``variant`` and ``fmt`` are valid for this task."""
+    check_name("variant", variant, self.variants, f" for task {self.name!r}")
+    check_name("format", fmt, FORMATS)
+
+  def sample(self, variant: str, rng: random.Random, fmt: str, *, ft: bool = False) -> Example:
+    """One example drawn from ``rng`` (validated ``variant`` and ``fmt``)."""
+    self.check(variant, fmt)
+    if ft and variant != "correct":
+      raise ValueError(f"fine-tuning data is correct-variant only, got variant {variant!r}")
+    return self.sampler(variant, rng, fmt, ft)
+
+
+def check_name(kind: str, value: str, valid: Sequence[str], where: str = "") -> str:
+  """Returns ``value`` if it is one of ``valid``; otherwise a ValueError listing the valid names."""
+  if value not in valid:
+    raise ValueError(f"unknown {kind} {value!r}{where}; valid {kind}s: {', '.join(valid)}")
+  return value
+
+
+def keyed_rng(*key: object) -> random.Random:
+  """A stdlib stream determined by ``key`` (string seeding hashes with SHA-512: stable across processes)."""
+  return random.Random("icl_ft.tasks|" + "|".join(map(str, key)))
+
+
+def numpy_rng_from(rng: random.Random) -> np.random.Generator:
+  """A NumPy Generator derived from ``rng``'s current state, without drawing from ``rng``.
+
+  The release drew NumPy numbers from the unseeded global NumPy state, so they never consumed Python
+  ``random`` draws; deriving from the state (not from a draw) keeps the Python stream in the release's order.
+  """
+  digest = hashlib.blake2b(array.array("Q", rng.getstate()[1]).tobytes(), digest_size=16).digest()
+  return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def binary_foil(answer: str, labels: tuple[str, str]) -> str:
+  """The other label of a binary task."""
+  return labels[1] if answer == labels[0] else labels[0]
+
+
+def shortcut_foil(answer: str, shortcut: str) -> str | None:
+  """The shortcut's answer if it is wrong, else None."""
+  return None if shortcut == answer else shortcut

@@ -1,0 +1,89 @@
+"""Expression calculation with a reducible zero factor: ``(simple)+(zero)*(cpl)=`` (study §2.1).
+
+Shortcut: the factor sums to 0, so the product vanishes and the answer is ``simple``. Misleading items swap
+the zero factor for a non-zero one: answer ``simple + factor * cpl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from icl_ft.tasks.base import Example, Task, shortcut_foil
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+  """One sum-expression part: number of terms, range R, target sum (None: drawn), non-negative draws."""
+
+  min_terms: int
+  max_terms: int
+  num_range: int
+  target: int | None
+  nonneg: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  zero: _Part
+  none_zero: _Part | None  # None: not drawn (the release's older FT generator)
+  cpl: _Part
+  simple: _Part
+  suffix: str  # text after the expression
+
+
+# test.py's calls (build_expression(min_terms=2, max_terms=4, num_range=20) at HEAD); `fixed` uses it for FT too.
+TEST_CONFIG = _Config(zero=_Part(2, 4, 20, 0), none_zero=_Part(2, 4, 20, None), cpl=_Part(4, 4, 10, None),
+                      simple=_Part(1, 2, 10, None, nonneg=True), suffix="=")
+# The generator that wrote ft_data_4k.json: build_expression() defaults of the earlier commit, ``+=`` suffix.
+RELEASE_FT_CONFIG = _Config(zero=_Part(1, 3, 10, 0), none_zero=None, cpl=_Part(4, 4, 20, None),
+                            simple=_Part(1, 2, 10, None, nonneg=True), suffix="+=")
+
+
+def sum_expression(rng: random.Random, part: _Part) -> tuple[str, int]:
+  """The release's ``generate_sum_expressions``: text like ``-1+13-19+7`` and its value, same draw order."""
+  num_terms = rng.randint(part.min_terms, part.max_terms)
+  lo = 0 if part.nonneg else -part.num_range
+  total = rng.randint(lo, part.num_range) if part.target is None else part.target
+  if num_terms == 1:
+    return str(total), total
+  terms, partial = [], 0
+  for i in range(num_terms - 1):
+    number = rng.randint(lo, part.num_range)
+    partial += number
+    sign = "-" if number < 0 else ("" if i == 0 else "+")
+    terms.append(f"{sign}{abs(number)}")
+  last = total - partial
+  terms.append(f"{'-' if last < 0 else '+'}{abs(last)}")
+  return "".join(terms), total
+
+
+def _draw(rng: random.Random, config: _Config, misleading: bool) -> tuple[str, int, str, int, str, int]:
+  """The release's ``build_expression`` draws (all parts, in its order): simple, factor, cpl with values."""
+  zero, _ = sum_expression(rng, config.zero)
+  none_zero, none_zero_value = sum_expression(rng, config.none_zero) if config.none_zero else ("", 0)
+  cpl, cpl_value = sum_expression(rng, config.cpl)
+  simple, simple_value = sum_expression(rng, config.simple)
+  factor, factor_value = (none_zero, none_zero_value) if misleading else (zero, 0)
+  return simple, simple_value, factor, factor_value, cpl, cpl_value
+
+
+def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
+  config = RELEASE_FT_CONFIG if (ft and fmt == "paper") else TEST_CONFIG
+  misleading = variant == "misleading"
+  simple, simple_value, factor, factor_value, cpl, cpl_value = _draw(rng, config, misleading)
+  # The release's "non-zero" factor (or cpl) can sum to 0, leaving the shortcut right (7% of misleading
+  # items); fixed redraws those so every misleading item breaks the shortcut.
+  while fmt == "fixed" and misleading and factor_value * cpl_value == 0:
+    simple, simple_value, factor, factor_value, cpl, cpl_value = _draw(rng, config, misleading)
+  value = simple_value + factor_value * cpl_value
+  question = f"({simple})+({factor})*({cpl}){config.suffix}"
+  meta = dict(simple=simple, simple_value=simple_value, factor=factor, factor_value=factor_value, cpl=cpl,
+              cpl_value=cpl_value, zero_factor=factor_value == 0,
+              generator="release_ft" if config is RELEASE_FT_CONFIG else "test")
+  foil = shortcut_foil(str(value), str(simple_value)) if misleading else None
+  return Example("expression", variant, question, str(value), foil, meta)
+
+
+TASK = Task(name="expression", release_name="expression", answer_kind="number", sampler=_sample,
+            description="(simple)+(factor)*(cpl)=; the zero factor makes the answer `simple`")

@@ -1,0 +1,120 @@
+"""The batched ICL engine against transformers' one-query-at-a-time generate, scoring rules, and results."""
+
+import json
+
+import numpy as np
+import pytest
+
+from icl_ft import icl, loading, report, scoring, tasks
+
+
+@pytest.fixture(scope="module")
+def model(tiny_lm):
+  d, _, _ = tiny_lm
+  return loading.load(str(d), use_cache=False)
+
+
+def _queries(n=6):
+  qs = []
+  for task, shots in (("expression", 2), ("parity", 1), ("boolean", 3), ("algebra", 0)):
+    qs += icl.icl_queries(task, "misleading", "paper", shots, n, seed=3)
+  return qs
+
+
+def test_engine_equals_transformers_generate(model, tiny_lm):
+  import torch
+  _, ref, tok = tiny_lm
+  qs = _queries(3)
+  engine = icl.EngineConfig(batch_size=4, length_multiple=32, progress=False)
+  records, skipped = icl.run(model, qs, engine)
+  assert skipped == 0 and len(records) == len(qs)
+  for q, r in zip(qs, records):
+    ids = tok(q.prompt).input_ids
+    out = ref.generate(torch.tensor([ids]), max_new_tokens=engine.strict_tokens, do_sample=False,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(ids):]
+    assert r["completion"] == tok.decode(out, skip_special_tokens=True)
+    lenient = tok.decode(out[:q.lenient_tokens], skip_special_tokens=True)
+    assert r["lenient_text"] == lenient  # the byte tokenizer round-trips, so slicing the prompt is exact
+    with torch.no_grad():  # teacher-forced log-probability of the gold answer
+      ans = tok(q.gold, add_special_tokens=False).input_ids
+      logp = torch.log_softmax(ref(torch.tensor([ids + ans])).logits[0], -1)
+      expected = sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(ans))
+    assert abs(r["logprob_gold"] - expected) < 1e-4
+
+
+def test_padding_and_bucketing_never_change_a_prediction(model):
+  qs = _queries(4)
+  fields = ("completion", "lenient_text", "correct_lenient", "correct_strict")
+  a, _ = icl.run(model, qs, icl.EngineConfig(batch_size=1, length_multiple=1, progress=False))
+  b, _ = icl.run(model, qs, icl.EngineConfig(batch_size=5, length_multiple=64, progress=False))
+  for ra, rb in zip(a, b):
+    assert [ra[f] for f in fields] == [rb[f] for f in fields]
+    assert abs(ra["logprob_gold"] - rb["logprob_gold"]) < 1e-4
+    assert ra["logit_diff"] is None or abs(ra["logit_diff"] - rb["logit_diff"]) < 1e-4
+
+
+def test_records_carry_every_field(model):
+  records, _ = icl.run(model, icl.icl_queries("parity", "misleading", "paper", 2, 3, seed=1),
+                       icl.EngineConfig(progress=False))
+  need = {"task", "variant", "format", "shots", "seed", "index", "prompt", "gold", "foil", "completion",
+          "correct_lenient", "correct_strict", "logprob_gold", "logprob_foil"}
+  assert need <= set(records[0])
+  assert [r["index"] for r in records] == [0, 1, 2]
+  assert all(r["foil"] == "True" and r["gold"] == "False" and r["logprob_foil"] is not None for r in records)
+
+
+def test_prompt_too_long(model):
+  long = icl.icl_queries("parity", "correct", "paper", 32, 2, seed=0)  # 32 relation demos: > 4096 bytes
+  with pytest.raises(icl.PromptTooLongError, match="on_too_long='skip'"):
+    icl.run(model, long, icl.EngineConfig(progress=False))
+  short = icl.icl_queries("parity", "correct", "paper", 0, 2, seed=0)
+  records, skipped = icl.run(model, long + short, icl.EngineConfig(on_too_long="skip", progress=False))
+  assert skipped == 2 and len(records) == 2
+
+
+def test_bad_input():
+  with pytest.raises(ValueError, match="at least 1"):
+    icl.icl_queries("parity", "correct", "paper", 0, 0, seed=0)
+  with pytest.raises(ValueError, match="expression"):
+    icl.icl_queries("arithmetic", "correct", "paper", 0, 1, seed=0)
+  with pytest.raises(ValueError, match="misleading"):
+    icl.icl_queries("parity", "wrong", "paper", 0, 1, seed=0)
+  with pytest.raises(ValueError, match="fixed"):
+    icl.icl_queries("parity", "correct", "faithful", 0, 1, seed=0)
+  with pytest.raises(ValueError, match="no queries"):
+    icl.run(None, [])
+
+
+@pytest.mark.parametrize("gold,text,kind,lenient,strict", [
+    ("1", " 10", "number", True, False),      # the release's substring rule counts 1 in 10
+    ("-4", " -4 \n", "number", True, True),
+    ("8", "8.0", "number", True, True),        # numeric equality
+    ("True", " 1\n", "label", False, True),    # 1 == True in strict; lenient needs parity's digit rule
+    ("False", " True", "label", False, False),
+    ("2", "\n2", "number", True, True),
+])
+def test_scoring_rules(gold, text, kind, lenient, strict):
+  assert scoring.lenient_correct(gold, text) == lenient
+  assert scoring.strict_correct(gold, text, kind) == strict
+
+
+def test_parity_lenient_accepts_digits():
+  assert scoring.lenient_correct("True", " 1", accept_binary_digits=True)
+  assert not scoring.lenient_correct("False", " 1", accept_binary_digits=True)
+
+
+def test_summary_wilson_best_of_shots_and_plot(tmp_path):
+  rows = [dict(task="parity", variant="correct", format="paper", shots=k, correct_lenient=i < h,
+               correct_strict=i < h - 1, logit_diff=0.5) for k, h in ((0, 3), (2, 8), (4, 6)) for i in range(10)]
+  summary = report.summarize(rows)
+  assert [(r["shots"], r["acc_lenient"]) for r in summary] == [(0, 0.3), (2, 0.8), (4, 0.6)]
+  lo, hi = report.wilson(8, 10)
+  assert summary[1]["ci_lenient_lo"] == lo and abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+  best = report.best_of_shots(summary)
+  assert best == [dict(task="parity", variant="correct", format="paper", best_shots=2, acc_lenient=0.8,
+                       ci_lenient_lo=lo, ci_lenient_hi=hi, acc_strict=0.7, ci_strict_lo=summary[1]["ci_strict_lo"],
+                       ci_strict_hi=summary[1]["ci_strict_hi"], n=10)]
+  png = report.plot_accuracy_vs_shots(summary, tmp_path / "acc.png")
+  assert png.read_bytes()[:4] == b"\x89PNG"
+  report.write_jsonl(tmp_path / "r.jsonl", rows)
+  assert report.read_jsonl(tmp_path / "r.jsonl") == rows

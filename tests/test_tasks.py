@@ -1,0 +1,400 @@
+"""Task generators: golden release strings, independent answer checks, shortcut behaviour, determinism, API errors."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from icl_ft import report, tasks
+from icl_ft.tasks import export, formats
+
+N = 2000  # samples per (task, variant, format) for the cheap tasks
+N_CODE = 1000
+
+GOLDEN_EXPRESSION = ("Now you need to calculate the answer of some mathematic equations. Here are some examples: \n"
+                     "(0)+(-14+14)*(6-6+4-6)=0 \n (5)+(-5+2)*(4-5+5-1)=")
+GOLDEN_RELATION = ("A is connected with C\nJ is connected with B\nB is connected with F\nF is connected with D\n"
+                   "D is connected with H\nH is connected with I\nI is connected with G\nG is connected with C\n"
+                   "C is connected with E\nC is connected with Z\n")
+GOLDEN_BOOL = ("Here are some boolean expressions, you need to directly tell me the result. If it is true, print True, "
+               "else print False. Here are some examples: \n0\n0\n0\n(False and False or False and True) and "
+               "(True and True or False or True) or (True and True or True)\n The result is: ")
+
+
+def _queries(task, variant, fmt, n=N, seed=0):
+  return tasks.make_queries(task, variant, n, seed, fmt)
+
+
+# ---------------------------------------------------------------------------------------------- goldens
+
+
+def test_golden_expression_misleading_one_shot():
+  prompt, query = tasks.release_stream_prompt("expression", "misleading", 1, random.Random(114514))
+  assert prompt == GOLDEN_EXPRESSION
+  assert query.answer == "-4" and query.foil == "5"
+
+
+def test_golden_relation_first_problem():
+  prompt, query = tasks.release_stream_prompt("parity", "correct", 0, random.Random(114514))
+  assert query.question == GOLDEN_RELATION and query.answer == "True"
+  assert prompt.endswith("Here are some examples: \n" + GOLDEN_RELATION + "\n So 'the city A and Z is connected' is ")
+
+
+def test_golden_bool_three_shot():
+  prompt, query = tasks.release_stream_prompt("boolean", "correct", 3, random.Random(114514))
+  assert prompt == GOLDEN_BOOL
+  assert query.answer == "1"
+
+
+# ----------------------------------------------------------------------------- independent answer checks
+
+
+@pytest.mark.parametrize("fmt", tasks.FORMATS)
+@pytest.mark.parametrize("variant", tasks.VARIANTS)
+def test_expression_answers_by_eval(variant, fmt):
+  items = _queries("expression", variant, fmt)
+  simple_right = 0
+  for ex in items:
+    assert ex.question.endswith("=") and not ex.question.endswith("+=")
+    assert eval(ex.question[:-1]) == int(ex.answer)  # noqa: S307 - generated arithmetic
+    simple, factor, cpl = ex.meta["simple"], ex.meta["factor"], ex.meta["cpl"]
+    assert ex.question == f"({simple})+({factor})*({cpl})="
+    if variant == "correct" or fmt == "fixed":  # the release's non-zero factor may sum to 0
+      assert (eval(factor) == 0) == (variant == "correct")
+    assert 0 <= eval(simple) <= 10 and cpl.count("+") + cpl.count("-") in (3, 4)
+    simple_right += str(eval(simple)) == ex.answer
+    if variant == "misleading":
+      assert ex.foil == (None if str(eval(simple)) == ex.answer else str(eval(simple)))
+    else:
+      assert ex.foil is None and 0 <= int(ex.answer) <= 10
+  if variant == "correct":
+    assert simple_right == len(items)
+  elif fmt == "paper":  # the study measured 7.3% of misleading answers still equal to `simple`
+    assert 0.04 < simple_right / len(items) < 0.11
+  else:  # fixed redraws zero products
+    assert simple_right == 0
+
+
+def test_expression_release_ft_generator():
+  items = tasks.make_ft_examples("expression", 500, 0, "paper")
+  assert all(ex.question.endswith("+=") and ex.variant == "correct" for ex in items)
+  assert all(eval(ex.question[:-2]) == int(ex.answer) for ex in items)  # noqa: S307
+  assert any(ex.meta["factor"] == "0" for ex in items)  # 1-term zero factors occur (study §2.1)
+  assert tasks.ft_text(items[0], "paper") == items[0].question + items[0].answer
+  fixed = tasks.make_ft_examples("expression", 50, 0, "fixed")
+  assert all(ex.question.endswith(")=") for ex in fixed)
+
+
+def _reaches_z(question: str) -> tuple[bool, int]:
+  graph = collections.defaultdict(set)
+  lines = question.split("\n")
+  assert lines[-1] == ""
+  for line in lines[:-1]:
+    u, v = line.split(" is connected with ")
+    graph[u].add(v)
+    graph[v].add(u)
+  seen, todo = {"A"}, collections.deque(["A"])
+  while todo:
+    for w in graph[todo.popleft()] - seen:
+      seen.add(w)
+      todo.append(w)
+  return "Z" in seen, len(lines) - 1
+
+
+@pytest.mark.parametrize("fmt", tasks.FORMATS)
+@pytest.mark.parametrize("variant", tasks.TASKS["parity"].variants)
+def test_parity_answers_by_bfs(variant, fmt):
+  items = _queries("parity", variant, fmt)
+  rule_right = 0
+  for ex in items:
+    reach, n_lines = _reaches_z(ex.question)
+    assert ex.answer == str(reach)
+    rule_right += ex.answer == ("True" if n_lines % 2 == 0 else "False")
+    if variant == "correct":
+      assert n_lines == (10 if reach else 9) and ex.foil == str(not reach)
+    elif variant == "misleading":
+      assert n_lines == 8 and "Z" not in ex.question and ex.answer == "False" and ex.foil == "True"
+    else:
+      assert n_lines == 10 and ex.question.count("Z") == 1 and ex.answer == "False" and ex.foil == "True"
+  assert rule_right == (len(items) if variant == "correct" else 0)
+  if variant == "correct":
+    assert 0.45 < sum(ex.answer == "True" for ex in items) / len(items) < 0.55
+
+
+def _final_literal_rule(question: str) -> str | None:
+  for suffix in ("and False", "or True", "or False", "and True"):
+    if question.endswith(") " + suffix) or question.endswith(" " + suffix):
+      return "1" if suffix.endswith("True") else "0"
+  return None
+
+
+@pytest.mark.parametrize("fmt", tasks.FORMATS)
+@pytest.mark.parametrize("variant", tasks.VARIANTS)
+def test_boolean_answers_by_eval(variant, fmt):
+  items = _queries("boolean", variant, fmt)
+  rule_wrong = 0
+  for ex in items:
+    assert ex.answer == ("1" if eval(ex.question) else "0")  # noqa: S307 - generated boolean expression
+    rule = _final_literal_rule(ex.question)
+    assert rule == ex.meta["shortcut"]
+    if variant == "correct":
+      assert ex.foil == ("0" if ex.answer == "1" else "1")
+      if fmt == "paper":  # the release's randoms mode: no absorbing suffix, no shortcut
+        assert rule is None and not ex.question.endswith(("and False", "or True"))
+      else:  # pattern mode: the suffix decides the label
+        assert rule == ex.answer
+    else:
+      assert ex.question.endswith((") or False", ") and True"))
+      rule_wrong += rule != ex.answer
+      assert ex.foil == (rule if rule != ex.answer else None)
+  if variant == "misleading":
+    assert rule_wrong / len(items) > 0.3
+  elif fmt == "paper":  # study: 60% True in randoms mode
+    assert 0.55 < sum(ex.answer == "1" for ex in items) / len(items) < 0.65
+
+
+_RUNNER = r"""
+import contextlib, io, json, sys
+jobs = json.load(sys.stdin)
+out = []
+for code, inputs in jobs:
+  compiled = compile(code, "<program>", "exec")
+  results = []
+  for v in inputs:
+    sys.stdin = io.StringIO(f"{v}\n")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      exec(compiled, {"__name__": "__main__"})
+    results.append(buf.getvalue())
+  out.append(results)
+sys.stdin = sys.__stdin__
+print(json.dumps(out))
+"""
+
+
+def _run_programs(jobs: list[tuple[str, list[int]]]) -> list[list[str]]:
+  """Runs each program (as a script reading stdin) on each of its inputs, all in one subprocess."""
+  proc = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps(jobs), capture_output=True, text=True,
+                        timeout=120, check=True)
+  return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("variant", tasks.VARIANTS)
+def test_code_answers_by_running_programs(variant):
+  items = _queries("code", variant, "fixed", N_CODE) + _queries("code", variant, "paper", N_CODE // 4)
+  # Every program on its own input; the first 200 also on all inputs 0..10 (function1 must never raise).
+  jobs = [(ex.question, [ex.meta["input"]] + (list(range(11)) if i < 200 else [])) for i, ex in enumerate(items)]
+  outputs = _run_programs(jobs)
+  ops = collections.Counter()
+  for ex, out in zip(items, outputs):
+    assert out[0] == ex.answer + "\n"
+    assert ex.question.startswith("\n")
+    assert ex.question.endswith("print(function2(input_value, function1(input_value)))\n")
+    v, d, op = ex.meta["input"], ex.meta["number"], ex.meta["op"]
+    x = float(v) if ex.meta["input_type"] == "float" else v
+    shortcut = str(eval(f"x {op} d"))  # noqa: S307 - ignore function1
+    ops[op] += 1
+    if variant == "correct":
+      assert ex.answer == shortcut and ex.foil is None
+      assert f"return z {op} {d}\n" in ex.question
+    else:
+      assert ex.answer != shortcut and ex.foil == shortcut and " + a % " in ex.question
+  assert set(ops) == set("+-*/")
+  assert any(ex.meta["input_type"] == "float" for ex in items) and any(ex.meta["input_type"] == "int" for ex in items)
+
+
+def test_code_programs_distinct_and_varied():
+  items = tasks.make_queries("code", "correct", 1000, 7, "fixed")
+  assert len({ex.question for ex in items}) == 1000
+  functions1 = {ex.question.split("def function2")[0] for ex in items}
+  assert len(functions1) == 1000
+  text = "".join(ex.question for ex in items)
+  for construct in ("for ", "while ", "if ", "math.", "lambda", "sorted(", "try:", "join(", " for ", "{"):
+    assert construct in text, construct
+  assert "random" not in text  # function1 is deterministic
+
+
+@pytest.mark.parametrize("fmt", tasks.FORMATS)
+@pytest.mark.parametrize("variant", tasks.VARIANTS)
+def test_algebra_answers_by_linalg(variant, fmt):
+  items = _queries("algebra", variant, fmt)
+  singular = 0
+  for ex in items:
+    rows, consts = [], []
+    for line in ex.question.split("\n"):
+      lhs, rhs = line.split(" = ")
+      ca, cb = lhs.split(" + ")
+      assert ca.endswith("a") and cb.endswith("b")
+      rows.append([int(ca[:-1]), int(cb[:-1])])
+      consts.append(int(rhs))
+    A, c = np.array(rows, float), np.array(consts, float)
+    assert len(rows) == (3 if variant == "correct" else 4)
+    a, b = ex.meta["a"], int(ex.answer)
+    assert 1 <= a <= 5 and 1 <= b <= 5
+    np.testing.assert_allclose(A @ [a, b], c)  # consistent with the gold
+    if np.linalg.matrix_rank(A) < 2:
+      singular += 1
+      assert ex.meta["singular"]
+    else:
+      assert not ex.meta["singular"]
+      np.testing.assert_allclose(np.linalg.lstsq(A, c, rcond=None)[0], [a, b], atol=1e-9)
+    if variant == "correct":
+      assert np.linalg.matrix_rank(np.column_stack([A, c])) <= 2 and max(max(r) for r in rows[:2]) <= 4
+    assert ex.foil is None
+  if fmt == "fixed":
+    assert singular == 0
+  elif variant == "correct":  # study [D]: 12.5% of correct systems are singular
+    assert 0.09 < singular / len(items) < 0.16
+
+
+# ---------------------------------------------------------------------------------- prompts and formats
+
+
+def test_paper_prompt_quirks():
+  rng = random.Random(3)
+  demos = [tasks.sample("boolean", "correct", rng, "paper") for _ in range(40)]
+  query = tasks.sample("boolean", "correct", rng, "paper")
+  prompt = tasks.build_prompt("boolean", "paper", demos, query)
+  body = "".join(f"{d.question}\n The result is: 1" if d.answer == "1" else "0\n" for d in demos)
+  assert prompt == formats.template("boolean", "paper").header + body + query.question + "\n The result is: "
+  assert "print True, else print False" in prompt
+  fixed = tasks.build_prompt("boolean", "fixed", demos, query)
+  assert all(f"{d.question}\n The result is: {d.answer}\n" in fixed for d in demos)
+  assert "print 1, else print 0" in fixed
+
+  code = tasks.make_queries("code", "correct", 2, 0, "paper")
+  zero_shot = tasks.build_prompt("code", "paper", [], code[0])
+  header = "Now you need to give me the printed result after running this python code . Here are some examples: \n"
+  assert zero_shot == (f"{header}The input is: The code is: \n{code[0].question}The input is: {code[0].meta['input']}"
+                       ", so the output is: ")
+  one_shot = tasks.build_prompt("code", "fixed", code[:1], code[1])
+  assert one_shot == (f"{header}The code is: \n{code[0].question}The input is: {code[0].meta['input']}, so the output "
+                      f"is: {code[0].answer}\nHere is next example:\nThe code is: \n{code[1].question}The input is: "
+                      f"{code[1].meta['input']}, so the output is: ")
+
+  for task in tasks.TASKS:
+    q = tasks.make_queries(task, "correct", 1, 0, "paper")[0]
+    assert tasks.build_prompt(task, "paper", [], q).count("Here are some examples: \n") == 1
+
+  alg = tasks.make_queries("algebra", "correct", 2, 0, "paper")
+  assert tasks.build_prompt("algebra", "paper", alg[:1], alg[1]).endswith(
+      f"{alg[1].question}\n The solutions are: a = {alg[1].meta['a']}, b = ")
+
+
+def test_ft_text_layouts():
+  rel = tasks.make_ft_examples("parity", 1, 0, "paper")[0]
+  assert tasks.ft_text(rel, "paper") == f"{rel.question}\n So 'the city A and Z is connected' is {rel.answer}"
+  bl = tasks.make_ft_examples("boolean", 1, 0, "paper")[0]
+  assert tasks.ft_text(bl, "paper") == f"{bl.question}\n The result is: {bl.answer}"
+  alg = tasks.make_ft_examples("algebra", 1, 0, "paper")[0]
+  assert tasks.ft_text(alg, "paper").endswith(f"\n The solutions are: a = {alg.meta['a']}, b = {alg.answer}")
+  assert tasks.ft_text(alg, "fixed", with_header=True).startswith("Here are some equations")
+  assert all(not ex.question.endswith("and False") for ex in tasks.make_ft_examples("boolean", 100, 0, "paper"))
+
+
+def test_generation_len_and_answer_kind():
+  assert {t: tasks.generation_len(t, "paper") for t in tasks.TASKS} == dict(
+      expression=3, parity=2, boolean=1, code=2, algebra=1)
+  assert all(tasks.generation_len(t, "fixed") >= 8 for t in tasks.TASKS)
+  assert {t: tasks.answer_kind(t) for t in tasks.TASKS} == dict(
+      expression="number", parity="label", boolean="label", code="number", algebra="number")
+
+
+# ------------------------------------------------------------------------------ determinism and streams
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+def test_same_seed_same_data_different_seed_different(task):
+  for fmt in tasks.FORMATS:
+    a = tasks.make_queries(task, "misleading", 30, 1, fmt)
+    assert a == tasks.make_queries(task, "misleading", 30, 1, fmt)
+    assert a != tasks.make_queries(task, "misleading", 30, 2, fmt)
+    assert a != tasks.make_queries(task, "correct", 30, 1, fmt)
+    d = tasks.make_demos(task, 4, 1, 5, fmt)
+    assert d == tasks.make_demos(task, 4, 1, 5, fmt) and len(d) == 4
+    assert all(ex.variant == "correct" for ex in d)
+    assert d != tasks.make_demos(task, 4, 1, 6, fmt) and d != tasks.make_demos(task, 4, 2, 5, fmt)
+  assert tasks.make_demos(task, 0, 1, 0, "paper") == []
+
+
+def test_queries_independent_of_global_random_state():
+  random.seed(1)
+  np.random.seed(1)
+  a = [tasks.make_queries(t, "correct", 5, 0, "paper") for t in tasks.TASKS]
+  random.seed(2)
+  np.random.seed(2)
+  assert a == [tasks.make_queries(t, "correct", 5, 0, "paper") for t in tasks.TASKS]
+
+
+def test_meta_is_json_serialisable():
+  for task in tasks.TASKS:
+    for variant in tasks.TASKS[task].variants:
+      for ex in tasks.make_queries(task, variant, 20, 0, "fixed"):
+        json.dumps(ex.meta)
+
+
+# ------------------------------------------------------------------------------------------ API errors
+
+
+def test_bad_names_raise_with_valid_lists():
+  with pytest.raises(ValueError, match="valid tasks: expression, parity, boolean, code, algebra"):
+    tasks.get_task("relation")
+  with pytest.raises(ValueError, match="valid variants: correct, misleading"):
+    tasks.sample("expression", "wrong", random.Random(0), "paper")
+  with pytest.raises(ValueError, match="valid variants: correct, misleading, misleading-z"):
+    tasks.make_queries("parity", "nope", 0, 0, "paper")
+  with pytest.raises(ValueError, match="misleading-z"):
+    tasks.make_queries("boolean", "misleading-z", 1, 0, "paper")
+  with pytest.raises(ValueError, match="valid formats: paper, fixed"):
+    tasks.make_queries("code", "correct", 1, 0, "faithful")
+  with pytest.raises(ValueError, match="valid formats: paper, fixed"):
+    tasks.generation_len("code", "Paper")
+  with pytest.raises(ValueError, match="valid tasks"):
+    tasks.build_prompt("bool", "paper", [], tasks.make_queries("boolean", "correct", 1, 0, "paper")[0])
+  with pytest.raises(ValueError, match="valid formats"):
+    tasks.make_demos("algebra", 2, 0, 0, "x")
+  with pytest.raises(ValueError, match="non-negative"):
+    tasks.make_queries("algebra", "correct", -1, 0, "paper")
+  with pytest.raises(ValueError, match="correct-variant only"):
+    tasks.sample("parity", "misleading", random.Random(0), "paper", ft=True)
+  ex = tasks.make_queries("parity", "correct", 1, 0, "paper")[0]
+  with pytest.raises(ValueError, match="'parity' example in a 'boolean' prompt"):
+    tasks.build_prompt("boolean", "paper", [], ex)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def test_export_cli_and_atomic_write(tmp_path):
+  out = tmp_path / "sub" / "parity.jsonl"
+  cmd = [sys.executable, "-m", "icl_ft.tasks.export", "--task=parity,boolean", "--variant=misleading",
+         "--format=fixed", "--n=7", f"--out={out}"]
+  subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(records) == 14 and [r["index"] for r in records[:7]] == list(range(7))
+  first = tasks.make_queries("parity", "misleading", 7, 0, "fixed")[0]
+  assert records[0]["question"] == first.question and records[0]["answer"] == first.answer
+  assert os.listdir(out.parent) == ["parity.jsonl"]  # no temporary files left
+
+  ft_path = tmp_path / "ft.jsonl"
+  report.write_jsonl(ft_path, export.ft_records(export.parse_tasks("all"), 3, 0, "paper"))
+  texts = [json.loads(line)["text"] for line in ft_path.read_text().splitlines()]
+  assert len(texts) == 15 and texts[0].endswith(tasks.make_ft_examples("expression", 1, 0, "paper")[0].answer)
+
+  def failing():
+    yield {"text": "x"}
+    raise RuntimeError("boom")
+
+  with pytest.raises(RuntimeError):
+    report.write_jsonl(ft_path, failing())
+  assert len(ft_path.read_text().splitlines()) == 15
+  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+  with pytest.raises(ValueError, match="valid tasks"):
+    export.parse_tasks("expression,foo")
