@@ -4,7 +4,7 @@
             same CPU, one process; tokens/s, GFLOP/s, MFU against the measured matmul ceiling, logits diff.
 
 FLOPs convention: 2 x matmul params (incl. the LM head) per token, plus 4*T*D per layer per token for
-attention (QK^T and PV, causal masking NOT halved). ``matmul_ceiling()`` is reusable by other benches.
+attention (QK^T and PV, causal masking NOT halved); see ``icl_ft.flops``.
 Add a subcommand by writing ``def _name(argv)`` and registering it in ``SUBCOMMANDS``.
 """
 
@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import os
 
-# XLA CPU flags, set by the bench only and before jax is imported (override with XLA_FLAGS).
-os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import dataclasses
 import functools
 import statistics
 import time
@@ -26,9 +23,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
-from icl_ft.config import ModelConfig
+from icl_ft import flops
 
 flags.DEFINE_string("model", "smollm2-135m", "Model to benchmark (forward: only the embedded GGUF has a torch reference).")
 flags.DEFINE_integer("batch", 8, "Batch size.")
@@ -38,64 +35,28 @@ flags.DEFINE_bool("torch", True, "Also time the transformers PyTorch reference."
 FLAGS = flags.FLAGS
 
 
-@dataclasses.dataclass(frozen=True)
-class Ceiling:
-  best: float  # GFLOP/s
-  median: float
-
-
-def matmul_ceiling(n: int = 2048, runs: int = 10, dtype=jnp.float32) -> Ceiling:
-  """The machine's matmul throughput: a jitted n x n @ n x n matmul, best and median GFLOP/s."""
-  ka, kb = jax.random.split(jax.random.key(0))
-  a, b = jax.random.normal(ka, (n, n), dtype), jax.random.normal(kb, (n, n), dtype)
-  f = jax.jit(jnp.matmul)
-  f(a, b).block_until_ready()
-  times = _time(lambda: f(a, b).block_until_ready(), runs)
-  return Ceiling(2 * n ** 3 / min(times) / 1e9, 2 * n ** 3 / statistics.median(times) / 1e9)
-
-
-def forward_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-  """2 x matmul params (incl. LM head) + 4*T*D per layer (attention, causal not halved)."""
-  D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-  attn_proj = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  matmul_params = L * (attn_proj + 3 * D * F) + D * cfg.vocab_size
-  return 2 * matmul_params + 4 * seq * D * L
-
-
-def _time(fn: Callable[[], object], repeats: int) -> list[float]:
-  out = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return out
-
-
 def _forward(argv):
   del argv
   from icl_ft import loading
   from icl_ft.model import forward
   B, T, R = FLAGS.batch, FLAGS.seq, FLAGS.repeats
 
-  ceiling = matmul_ceiling()
-  print(f"matmul ceiling (jit f32 2048^2): best {ceiling.best:.1f}, median {ceiling.median:.1f} GFLOP/s")
-
+  ceiling = flops.matmul_ceiling()
   m = loading.load(FLAGS.model)
   cfg = m.config
   ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T), dtype=np.int32)
   tokens, valid = jnp.asarray(ids), jnp.ones((B, T), bool)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  flops = forward_flops_per_token(cfg, T) * B * T
+  total = flops.forward_flops_per_token(cfg, T) * B * T
 
   t0 = time.perf_counter()
   compiled = jax.jit(functools.partial(forward, cfg)).lower(m.params, tokens, positions, valid).compile()
-  compile_s = time.perf_counter() - t0
+  warmup = {"ours (JAX)": time.perf_counter() - t0}  # compile only
   run = lambda: compiled(m.params, tokens, positions, valid)[0].block_until_ready()
-  t0 = time.perf_counter()
   ours_logits = np.asarray(run())
-  print(f"ours:  compile {compile_s:.1f} s, first run {time.perf_counter() - t0:.1f} s")
-  results = {"ours (JAX)": _time(run, R)}
+  results = {"ours (JAX)": flops.timeit(run, R)}
 
+  diff, note = None, ""
   if FLAGS.torch:
     import torch
     from transformers import AutoModelForCausalLM
@@ -105,29 +66,34 @@ def _forward(argv):
     with torch.inference_mode():
       t0 = time.perf_counter()
       ref_logits = ref(x).logits.numpy()
-      print(f"torch: {torch.get_num_threads()} threads, attn {ref.config._attn_implementation}, "
-            f"first run {time.perf_counter() - t0:.1f} s")
-      results["torch (sdpa)"] = _time(lambda: ref(x).logits, R)
-    print(f"max |logits ours - torch| = {np.abs(ours_logits - ref_logits).max():.2e} "
-          f"(max |logit| {np.abs(ref_logits).max():.1f})")
+      warmup["torch (sdpa)"] = time.perf_counter() - t0  # first (eager) run
+      results["torch (sdpa)"] = flops.timeit(lambda: ref(x).logits, R)
+    diff = np.abs(ours_logits - ref_logits).max()
+    note = f"torch: {torch.get_num_threads()} threads, attention {ref.config._attn_implementation}"
 
-  print(f"\n{cfg.arch} {FLAGS.model}: B={B} T={T}, {flops / 1e12:.3f} TFLOP per forward; FLOPs = 2*matmul params"
-        f" (incl. LM head) + 4*T*D/layer attention (causal not halved); MFU = median GFLOP/s / median ceiling"
-        f" ({ceiling.median:.1f})")
-  print(f"{'':14} {'median s':>9} {'best s':>8} {'tok/s':>8} {'GFLOP/s':>8} {'MFU':>6}")
+  print(f"\n== forward: {cfg.arch} {FLAGS.model}, B={B} T={T}, full logits, {total / 1e12:.3f} TFLOP/forward, "
+        f"{os.cpu_count()} CPUs, {R} timed repeats ==")
+  print("FLOPs = 2 x matmul params (incl. LM head) + 4*T*D per layer for attention (causal NOT halved)")
+  print(f"matmul ceiling (jit f32 2048^2 @ 2048^2): best {ceiling.best:.1f}, median {ceiling.median:.1f} GFLOP/s;"
+        f" MFU = median GFLOP/s / median ceiling")
+  print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; {note}")
+  print(f"{'':13} {'median s':>8} {'best s':>7} {'tok/s':>6} {'GFLOP/s':>7} {'MFU':>5}  warm-up s (ours: compile)")
   for name, times in results.items():
     med = statistics.median(times)
-    print(f"{name:14} {med:9.2f} {min(times):8.2f} {B * T / med:8.0f} {flops / med / 1e9:8.1f} "
-          f"{flops / med / 1e9 / ceiling.median:6.2f}")
-  if len(results) == 2:
-    (ours, theirs) = (statistics.median(t) for t in results.values())
-    print(f"ratio ours/torch (tokens/s): {theirs / ours:.2f}")
+    print(f"{name:13} {med:8.2f} {min(times):7.2f} {B * T / med:6.0f} {total / med / 1e9:7.1f} "
+          f"{total / med / 1e9 / ceiling.median:5.2f}  {warmup[name]:.1f}")
+  if diff is not None:
+    ours, theirs = (statistics.median(t) for t in results.values())
+    print(f"ratio ours/torch tokens/s: {theirs / ours:.2f}; max |logits ours - torch| = {diff:.2e} "
+          f"(max |logit| {np.abs(ref_logits).max():.1f})")
 
 
 SUBCOMMANDS: dict[str, Callable] = {"forward": _forward}
 
 
 def main(argv):
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # quiet Orbax's INFO lines
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     raise app.UsageError(f"usage: python -m icl_ft.bench {{{','.join(SUBCOMMANDS)}}} [--flags]")
   SUBCOMMANDS[argv[1]](argv[2:])

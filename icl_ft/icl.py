@@ -125,3 +125,74 @@ def _record(q: Query, prompt_ids, new_ids, logprob, first_logit, tok, eos, engin
       correct_strict=scoring.strict_correct(q.gold, completion, kind),
       logprob_gold=float(logprob[0]), logprob_foil=float(logprob[1]) if has_foil else None,
       logit_diff=float(first_logit[0] - first_logit[1]) if has_foil else None)
+
+
+DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
+
+
+def sweep(model: LoadedModel, task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str],
+          shots: Sequence[int] = DEFAULT_SHOTS, n: int = 199, seed: int = 114514,
+          engine: EngineConfig = EngineConfig(), model_name: str = "") -> tuple[list[dict], int]:
+  """Every (task, variant, format, shots) cell on the same fixed query sets, in one batched run.
+
+  All cells are evaluated together so length buckets are shared; returns (records, skipped count).
+  """
+  queries = [q for t in task_names for v in variants for f in formats for k in shots
+             for q in icl_queries(t, v, f, k, n, seed)]
+  records, skipped = run(model, queries, engine)
+  for r in records:
+    r.update(model=model_name or model.source, method="icl" if r["shots"] else "base")
+  return records, skipped
+
+
+def write_results(outdir, records: Sequence[dict], skipped: int = 0, title: str = "") -> dict[str, str]:
+  """Per-query JSONL, summary JSON/CSV (with best-of-shots) and the accuracy-vs-shots plot."""
+  from pathlib import Path
+  from icl_ft import report
+  out = Path(outdir)
+  summary = report.summarize(records)
+  paths = {
+      "records": report.write_jsonl(out / "records.jsonl", records),
+      "summary_json": report.write_json(out / "summary.json", dict(
+          cells=summary, best_of_shots=report.best_of_shots(summary, "lenient"),
+          best_of_shots_strict=report.best_of_shots(summary, "strict"), skipped_too_long=skipped)),
+      "summary_csv": report.write_csv(out / "summary.csv", summary),
+      "plot": report.plot_accuracy_vs_shots(summary, out / "accuracy_vs_shots.png", title=title),
+  }
+  return {k: str(v) for k, v in paths.items()}
+
+
+def main(argv):
+  """``python -m icl_ft.icl --model=smollm2-135m --task=expression --shots=0,1,4 --n=20 --out=work/icl``."""
+  from absl import flags
+  F = flags.FLAGS
+  del argv
+  from icl_ft import loading
+  m = loading.load(F.model, dtype=F.dtype)
+  records, skipped = sweep(m, F.task, F.variant, F.format, [int(s) for s in F.shots], F.n, F.seed,
+                           EngineConfig(batch_size=F.batch_size, on_too_long=F.on_too_long), F.model)
+  paths = write_results(F.out, records, skipped, title=f"{F.model}: ICL accuracy vs shots")
+  from icl_ft import report
+  for row in report.summarize(records):
+    print(f"{row['task']:>10} {row['variant']:>10} {row['format']:>5} k={row['shots']:<2} n={row['n']:<4} "
+          f"lenient={row['acc_lenient']:.3f} strict={row['acc_strict']:.3f} "
+          f"[{row['ci_strict_lo']:.2f}, {row['ci_strict_hi']:.2f}]")
+  print("skipped (too long):", skipped)
+  for k, v in paths.items():
+    print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("model", "smollm2-135m", "Registry name, local directory, .gguf file or hub id.")
+  flags.DEFINE_string("dtype", "float32", "Parameter dtype.")
+  flags.DEFINE_list("task", ["expression"], "Tasks.")
+  flags.DEFINE_list("variant", ["correct", "misleading"], "Query variants.")
+  flags.DEFINE_list("format", ["paper"], "Prompt formats: paper, fixed.")
+  flags.DEFINE_list("shots", [str(k) for k in DEFAULT_SHOTS], "Shot counts.")
+  flags.DEFINE_integer("n", 199, "Queries per cell.", lower_bound=1)
+  flags.DEFINE_integer("seed", 114514, "Seed of the query sets and demo streams.")
+  flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
+  flags.DEFINE_enum("on_too_long", "error", ["error", "skip"], "Prompts longer than the context.")
+  flags.DEFINE_string("out", "work/icl", "Output directory.")
+  app.run(main)

@@ -6,6 +6,7 @@ so a second load restores the tree directly into its shardings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -143,7 +144,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh: jax
     shardings = sharding.tree_shardings(cfg, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params(cfg, jdtype), shardings)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore((entry / "params").resolve(), target)
     tok_dir = entry / "tokenizer"
     tokenizer = _auto_tokenizer(tok_dir) if tok_dir.exists() else None
@@ -157,6 +158,18 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh: jax
   return LoadedModel(cfg, params, tokenizer, str(path))
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax logs every read and write at INFO through absl; keep the console for our own progress."""
+  from absl import logging as absl_logging
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
+
+
 def _auto_tokenizer(directory: Path):
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(str(directory))
@@ -168,7 +181,7 @@ def _write_cache(entry: Path, cfg: ModelConfig, params: Params, tokenizer) -> No
   if entry.exists():
     shutil.rmtree(entry)
   entry.mkdir(parents=True)
-  with ocp.StandardCheckpointer() as ckptr:
+  with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
     ckptr.save((entry / "params").resolve(), params)
     ckptr.wait_until_finished()
   (entry / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, default=str))

@@ -6,7 +6,7 @@ configured model and prints its greedy continuation of a few-shot prompt from th
 
 import time
 
-from absl import app, logging
+from absl import app
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/parity.py", "Study config file.")
@@ -26,7 +26,6 @@ def main(argv):
   del argv
   import jax.numpy as jnp
   from icl_ft import inference, loading, sharding
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
   cfg = _CONFIG.value
   sharding.maybe_initialize_distributed()
   t0 = time.time()

@@ -1,0 +1,60 @@
+"""FLOP accounting and the measured matmul ceiling that MFU figures are quoted against.
+
+Conventions: a matmul of an [m, k] by [k, n] is 2mkn FLOPs. Forward per token: 2 x matmul parameters
+(the LM head included when it is computed) + attention 4*T*D per layer (QK^T and PV; ``causal``
+halves it, as MaxText does for training). Training: 3 x forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from icl_ft.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceiling:
+  best: float  # GFLOP/s
+  median: float
+
+
+def timeit(fn: Callable[[], object], repeats: int) -> list[float]:
+  """Wall times of ``repeats`` calls (the caller blocks on results inside ``fn``)."""
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def matmul_ceiling(n: int = 2048, runs: int = 10, dtype=jnp.float32) -> Ceiling:
+  """This device's matmul throughput: a jitted n x n @ n x n matmul, best and median GFLOP/s."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  a, b = jax.random.normal(ka, (n, n), dtype), jax.random.normal(kb, (n, n), dtype)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  times = timeit(lambda: f(a, b).block_until_ready(), runs)
+  return Ceiling(2 * n ** 3 / min(times) / 1e9, 2 * n ** 3 / statistics.median(times) / 1e9)
+
+
+def matmul_params(cfg: ModelConfig, head: bool = True) -> int:
+  """Parameters that take part in matmuls per token (embedding gathers excluded)."""
+  D, L = cfg.hidden_size, cfg.num_layers
+  per_layer = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * D * cfg.intermediate_size
+  return L * per_layer + (D * cfg.vocab_size if head else 0)
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq: int, head: bool = True, causal: bool = False) -> float:
+  attention = 4 * seq * cfg.hidden_size * cfg.num_layers
+  return 2 * matmul_params(cfg, head) + (attention / 2 if causal else attention)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+  return 3 * forward_flops_per_token(cfg, seq, head=True, causal=True)

@@ -1,0 +1,107 @@
+"""Fine-tuning data: task examples -> tokenized sequences with loss masks -> deterministic padded batches.
+
+The release's recipe (study §5): bare question + answer (no header), correct variant only, loss on every
+token, no EOS appended, examples truncated to 512 tokens, shuffled with a seed. Options: per-task sets,
+the test header, loss on the answer tokens only, any size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numpy as np
+
+from icl_ft import tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class FTDataConfig:
+  tasks: tuple[str, ...] = ("expression", "parity", "boolean", "algebra")  # the release's ft_data_4k mixture
+  n_per_task: int = 1000
+  format: str = "paper"
+  with_header: bool = False
+  loss_on: str = "all"  # "all" (the release) or "answer"
+  max_len: int = 512
+  length_multiple: int = 32  # batches are padded to a multiple of this (the release pads to max_len)
+  seed: int = 42
+
+
+@dataclasses.dataclass
+class FTDataset:
+  """Token sequences and their loss masks (mask[t] says whether token t is predicted and scored)."""
+  ids: list[list[int]]
+  loss_mask: list[list[bool]]
+  texts: list[str]
+  pad_id: int
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(len(s) for s in self.ids)
+
+
+def build(cfg: FTDataConfig, tokenizer) -> FTDataset:
+  """Generates ``n_per_task`` correct-variant examples per task and tokenizes them."""
+  if cfg.loss_on not in ("all", "answer"):
+    raise ValueError(f"loss_on must be 'all' or 'answer', got {cfg.loss_on!r}")
+  if cfg.n_per_task < 1:
+    raise ValueError(f"n_per_task must be at least 1, got {cfg.n_per_task}")
+  ids, masks, texts = [], [], []
+  for name in cfg.tasks:
+    for ex in tasks.make_ft_examples(name, cfg.n_per_task, cfg.seed, cfg.format):
+      text = tasks.ft_text(ex, cfg.format, cfg.with_header)
+      seq = tokenizer(text).input_ids[:cfg.max_len]
+      if cfg.loss_on == "all":
+        mask = [True] * len(seq)
+      else:
+        prefix = len(tokenizer(text[:len(text) - len(ex.answer)]).input_ids)
+        mask = [i >= prefix for i in range(len(seq))]
+      mask[0] = False  # the first token has no prediction
+      ids.append(seq)
+      masks.append(mask)
+      texts.append(text)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  return FTDataset(ids, masks, texts, pad)
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
+  """The example order of one epoch: a permutation fixed by (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_at(ds: FTDataset, step: int, batch_size: int, seed: int, length_multiple: int,
+             rows: slice = slice(None)) -> dict[str, np.ndarray]:
+  """The global batch of training step ``step`` (deterministic), right-padded to a length bucket.
+
+  ``rows`` selects this host's share of the batch on multi-host runs. Returns ``ids`` [B, T],
+  ``valid`` [B, T] and ``loss_mask`` [B, T] (True where token t is predicted from tokens < t).
+  """
+  per_epoch = len(ds) // batch_size
+  if per_epoch == 0:
+    raise ValueError(f"batch size {batch_size} exceeds the dataset size {len(ds)}")
+  epoch, k = divmod(step, per_epoch)
+  index = epoch_order(len(ds), epoch, seed)[k * batch_size:(k + 1) * batch_size]
+  length = length_multiple * math.ceil(max(len(ds.ids[i]) for i in index) / length_multiple)
+  index = index[rows]
+  ids = np.full((len(index), length), ds.pad_id, np.int32)
+  valid = np.zeros((len(index), length), bool)
+  loss = np.zeros((len(index), length), bool)
+  for r, i in enumerate(index):
+    n = len(ds.ids[i])
+    ids[r, :n], valid[r, :n], loss[r, :n] = ds.ids[i], True, ds.loss_mask[i]
+  return {"ids": ids, "valid": valid, "loss_mask": loss}
+
+
+def steps_per_epoch(ds: FTDataset, batch_size: int) -> int:
+  return len(ds) // batch_size
+
+
+def split_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """This host's rows of a global batch."""
+  if batch_size % process_count:
+    raise ValueError(f"global batch {batch_size} is not divisible by {process_count} hosts")
+  per = batch_size // process_count
+  return slice(process_index * per, (process_index + 1) * per)
+

@@ -1,0 +1,221 @@
+"""Sharded fine-tuning (full or LoRA) with optax, Orbax checkpoints, resumption and metrics.
+
+The train step is one ``jax.jit`` with explicit in/out shardings: parameters and optimizer state follow
+``sharding.RULES`` (FSDP over ``fsdp``, tensor parallelism over ``tensor``), the batch is split over
+``data`` x ``fsdp``. Gradients are accumulated over micro-batches inside the step (``lax.scan``). The
+loss is the mean token cross-entropy over the loss-masked tokens of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from icl_ft import flops, ft_data, lora, report, sharding
+from icl_ft.config import ModelConfig
+from icl_ft.model import Params, forward
+
+F32 = jnp.float32
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint directory belongs to another model or training setup."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 100
+  batch_size: int = 16  # global batch (examples per optimizer step)
+  grad_accum: int = 1  # micro-batches per step
+  lr: float = 1e-5
+  warmup_steps: int = 20
+  schedule: str = "constant_with_warmup"  # the release's; or "cosine"
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: float = 1.0
+  compute_dtype: str = "float32"  # forward/backward dtype; parameters and optimizer state stay float32
+  remat: bool = False
+  lora: lora.LoRAConfig | None = None
+  save_every: int = 10
+  keep: int = 3
+  seed: int = 42
+  peak_flops: float | None = None  # FLOP/s for MFU; None: measure the matmul ceiling once
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0 (as transformers' ``constant_with_warmup``: lr 0 at step 0), then constant or cosine."""
+  warm = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+  if cfg.schedule == "constant_with_warmup":
+    after = optax.constant_schedule(cfg.lr)
+  elif cfg.schedule == "cosine":
+    after = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - cfg.warmup_steps, 1))
+  else:
+    raise ValueError(f"schedule must be 'constant_with_warmup' or 'cosine', got {cfg.schedule!r}")
+  if cfg.warmup_steps == 0:
+    return after
+  return optax.join_schedules([warm, after], [cfg.warmup_steps])
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW (decoupled weight decay, torch's eps placement)."""
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity(),
+      optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+
+
+def token_loss(cfg: ModelConfig, params: Params, batch: dict, remat: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(sum of next-token cross-entropies over ``loss_mask``, number of such tokens) for one batch."""
+  ids, valid = batch["ids"], batch["valid"]
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  logits, _ = forward(cfg, params, ids, positions, valid, remat=remat)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+  mask = batch["loss_mask"][:, 1:].astype(F32)
+  return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, opt: optax.GradientTransformation,
+                    frozen: Params | None = None) -> Callable:
+  """step(state, batch) -> (state, metrics); ``batch`` arrays are [grad_accum, micro_batch, T].
+
+  ``state`` = {"params": float32 trainable tree (full params, or LoRA factors), "opt": optax state,
+  "step": int32}. The forward runs in ``cfg.compute_dtype``. ``frozen`` is the base model when
+  training LoRA (never updated).
+  """
+  compute = jnp.dtype(cfg.compute_dtype)
+
+  def loss(trainable, mb):
+    params = lora.attach(frozen, trainable, cfg.lora) if cfg.lora else trainable
+    params = jax.tree.map(lambda p: p.astype(compute), params)
+    return token_loss(model_cfg, params, mb, cfg.remat)
+
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+  def step(state, batch):
+    def micro(carry, mb):
+      g_acc, loss_acc, n_acc = carry
+      (loss_sum, n), g = grad_fn(state["params"], mb)
+      return (jax.tree.map(lambda a, b: a + b.astype(F32), g_acc, g), loss_acc + loss_sum, n_acc + n), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, F32), state["params"])
+    (grads, loss_sum, n), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), F32), jnp.zeros((), F32)), batch)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), grads)
+    updates, opt_state = opt.update(grads, state["opt"], state["params"])
+    metrics = {"loss": loss_sum / jnp.maximum(n, 1.0), "grad_norm": optax.global_norm(grads), "tokens": n,
+               "lr": schedule(cfg)(state["step"])}
+    return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state,
+            "step": state["step"] + 1}, metrics
+
+  return step
+
+
+def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
+  """What a checkpoint must match to be resumed: the model's shapes and the trained parameter set."""
+  shapes = dataclasses.asdict(model_cfg)
+  shapes.pop("hf_config")
+  return {"model": shapes, "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None}
+
+
+@dataclasses.dataclass
+class TrainResult:
+  params: Params  # full parameters (LoRA merged in) after the last step
+  trainable: Params
+  metrics: list[dict]
+  checkpoint_dir: str
+
+
+def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, cfg: TrainConfig,
+          workdir: str | Path, mesh: jax.sharding.Mesh | None = None, length_multiple: int = 32,
+          progress: bool = True) -> TrainResult:
+  """Fine-tunes for ``cfg.steps`` steps, resuming from the latest checkpoint in ``workdir/checkpoints``.
+
+  Checkpoints (parameters, optimizer state, step; the data position is the step, since batch order is
+  a function of (seed, step)) are saved every ``save_every`` steps and at the end, keeping ``keep``.
+  A NaN/inf loss raises ``TrainingDivergedError`` without saving; the last good checkpoint remains.
+  Metrics go to ``workdir/metrics.jsonl``.
+  """
+  import orbax.checkpoint as ocp
+  mesh = mesh or sharding.make_mesh()
+  workdir = Path(workdir)
+  n_data = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+  micro = cfg.batch_size // cfg.grad_accum
+  if cfg.batch_size % cfg.grad_accum or micro % n_data:
+    raise ValueError(
+        f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = micro-batch {cfg.batch_size / cfg.grad_accum:g} "
+        f"must be a whole multiple of the data-parallel devices (data x fsdp = {n_data})")
+  param_sh = sharding.tree_shardings(model_cfg, mesh)
+  opt = optimizer(cfg)
+  if cfg.lora:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    trainable = jax.device_put(lora.init(model_cfg, cfg.lora, jax.random.key(cfg.seed)), replicated)
+    frozen = base_params
+  else:
+    trainable = jax.tree.map(lambda p, s: jax.device_put(p.astype(F32), s), base_params, param_sh)
+    frozen = None
+  state = {"params": trainable, "opt": jax.jit(opt.init)(trainable), "step": jnp.zeros((), jnp.int32)}
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None))
+  step_fn = jax.jit(make_train_step(model_cfg, cfg, opt, frozen), in_shardings=(state_sh, batch_sh),
+                    out_shardings=(state_sh, None), donate_argnums=0)
+
+  fingerprint = _fingerprint(model_cfg, cfg)
+  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True)
+  metrics_path = workdir / "metrics.jsonl"
+  history = report.read_jsonl(metrics_path) if metrics_path.exists() else []
+  with ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=options) as mngr:
+    start = mngr.latest_step()
+    if start is not None:
+      meta = mngr.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      if meta["fingerprint"] != json.loads(json.dumps(fingerprint)):
+        raise CheckpointMismatchError(
+            f"{workdir / 'checkpoints'} holds checkpoints of another model or LoRA setup "
+            f"({meta['fingerprint']}); use a fresh work directory")
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+      state = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+      history = [m for m in history if m["step"] <= start]
+    start = start or 0
+    peak = cfg.peak_flops or flops.matmul_ceiling().median * 1e9 * jax.device_count()
+    rows = ft_data.split_rows(cfg.batch_size, jax.process_index(), jax.process_count())
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
+    for step in bar:
+      local = ft_data.batch_at(data, step, cfg.batch_size, cfg.seed, length_multiple, rows)
+      local = {k: v.reshape(cfg.grad_accum, -1, v.shape[-1]) for k, v in local.items()}
+      batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+      t0 = time.perf_counter()
+      state, m = step_fn(state, batch)
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      dt = time.perf_counter() - t0
+      if not math.isfinite(m["loss"]):
+        last = mngr.latest_step()
+        raise TrainingDivergedError(
+            f"loss is {m['loss']} at step {step + 1}; stopped without saving. The last good checkpoint is "
+            f"step {last} in {workdir / 'checkpoints'}. Lower the learning rate or use float32 compute.")
+      seq = local["ids"].shape[-1]
+      m.update(step=step + 1, samples=(step + 1) * cfg.batch_size, step_time_s=dt,
+               tokens_per_s=m["tokens"] / dt,
+               mfu=cfg.batch_size * seq * flops.train_flops_per_token(model_cfg, seq) / dt / peak)
+      history.append(m)
+      bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+      if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        mngr.save(step + 1, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"fingerprint": fingerprint})))
+        mngr.wait_until_finished()
+        report.write_jsonl(metrics_path, history)
+  report.write_jsonl(metrics_path, history)
+  final = lora.merge(model_cfg, base_params, state["params"], cfg.lora) if cfg.lora else state["params"]
+  return TrainResult(final, state["params"], history, str(workdir / "checkpoints"))
