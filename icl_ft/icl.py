@@ -157,7 +157,7 @@ def write_results(outdir, records: Sequence[dict], skipped: int = 0, title: str 
           cells=summary, best_of_shots=report.best_of_shots(summary, "lenient"),
           best_of_shots_strict=report.best_of_shots(summary, "strict"), skipped_too_long=skipped)),
       "summary_csv": report.write_csv(out / "summary.csv", summary),
-      "plot": report.plot_accuracy_vs_shots(summary, out / "accuracy_vs_shots.png", title=title),
+      "plot": report.plot_accuracy(summary, out / "accuracy_vs_shots.png", title=title),
   }
   return {k: str(v) for k, v in paths.items()}
 

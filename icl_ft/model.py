@@ -156,12 +156,21 @@ def attention(q, k, v, mask):
   return z.reshape(B, Hkv, G, T, dh).transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, dh)
 
 
+def _proj(eq: str, h: jax.Array, w: Params, name: str) -> jax.Array:
+  """``einsum(eq, h, w[name])`` plus the LoRA update ``(h @ a) @ b`` when adapters are attached."""
+  y = jnp.einsum(eq, h, w[name])
+  if f"{name}_lora_a" in w:
+    flat = h.reshape(*h.shape[:2], -1)
+    y = y + ((flat @ w[f"{name}_lora_a"].astype(h.dtype)) @ w[f"{name}_lora_b"].astype(h.dtype)).reshape(y.shape)
+  return y
+
+
 def _block(cfg: ModelConfig, w: Params, x, positions, mask, kv):
   """One pre-norm transformer layer. ``kv`` is None (no cache) or (k_cache, v_cache, index)."""
   h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-  q = jnp.einsum("btd,dhk->bthk", h, w["q"])
-  k = jnp.einsum("btd,dhk->bthk", h, w["k"])
-  v = jnp.einsum("btd,dhk->bthk", h, w["v"])
+  q = _proj("btd,dhk->bthk", h, w, "q")
+  k = _proj("btd,dhk->bthk", h, w, "k")
+  v = _proj("btd,dhk->bthk", h, w, "v")
   if cfg.qkv_bias:
     q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
   q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
@@ -170,15 +179,15 @@ def _block(cfg: ModelConfig, w: Params, x, positions, mask, kv):
     k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
     v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
   z = attention(q, k, v, mask)
-  x = x + jnp.einsum("bthk,hkd->btd", z, w["o"])
+  x = x + _proj("bthk,hkd->btd", z, w, "o")
   h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-  act = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum("btd,df->btf", h, w["up"])
-  x = x + jnp.einsum("btf,fd->btd", act, w["down"])
+  act = jax.nn.silu(_proj("btd,df->btf", h, w, "gate")) * _proj("btd,df->btf", h, w, "up")
+  x = x + _proj("btf,fd->btd", act, w, "down")
   return x, (k, v)
 
 
 def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: KVCache | None = None,
-            logits_at=None):
+            logits_at=None, remat: bool = False):
   """Runs the decoder on ``tokens`` [B, T].
 
   Args:
@@ -186,6 +195,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: K
     valid: [B, T] bool, False at padding.
     cache: if given, the tokens fill slots ``cache.index ...`` and attend to all valid earlier slots.
     logits_at: optional [B, N] indices into T; logits are computed only there (saves the vocab matmul).
+    remat: recompute each layer's activations in the backward pass (saves memory when training).
   Returns:
     (float32 logits [B, T or N, V], updated cache or None).
   """
@@ -205,7 +215,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: K
     kv = None if kv is None else (*kv, cache.index)
     return _block(cfg, w, x, positions, mask, kv)
 
-  x, (k_all, v_all) = jax.lax.scan(body, x, (params["layers"], layer_kv))
+  x, (k_all, v_all) = jax.lax.scan(jax.checkpoint(body) if remat else body, x, (params["layers"], layer_kv))
   x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   if logits_at is not None:
     x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)

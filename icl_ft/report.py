@@ -60,7 +60,7 @@ def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
   return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-GROUP_KEYS = ("model", "method", "task", "variant", "format", "shots")
+GROUP_KEYS = ("model", "method", "samples", "task", "variant", "format", "shots")
 
 
 def summarize(records: Sequence[dict]) -> list[dict]:
@@ -95,27 +95,30 @@ def best_of_shots(summary: Sequence[dict], rule: str = "lenient") -> list[dict]:
           for k, v in best.items()]
 
 
-def plot_accuracy_vs_shots(summary: Sequence[dict], path, rule: str = "strict", title: str = "") -> Path:
-  """Accuracy vs number of demonstrations with 95% intervals, one line per (task, variant, format)."""
+def plot_accuracy(summary: Sequence[dict], path, x: str = "shots", rule: str = "strict", title: str = "") -> Path:
+  """Accuracy vs ``x`` ("shots": demonstrations; "samples": fine-tuning examples seen) with 95% intervals.
+
+  One line per combination of the other grouping keys present.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   lines: dict[str, list[dict]] = defaultdict(list)
   for row in summary:
-    label = " / ".join(str(row[k]) for k in ("model", "method", "task", "variant", "format") if k in row)
+    label = " / ".join(str(row[k]) for k in GROUP_KEYS if k in row and k != x)
     lines[label].append(row)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for label, rows in sorted(lines.items()):
-    rows = sorted(rows, key=lambda r: r["shots"])
-    x = [r["shots"] for r in rows]
+    rows = sorted(rows, key=lambda r: r[x])
+    xs = [r[x] for r in rows]
     y = [r[f"acc_{rule}"] for r in rows]
     err = [[yy - r[f"ci_{rule}_lo"] for yy, r in zip(y, rows)], [r[f"ci_{rule}_hi"] - yy for yy, r in zip(y, rows)]]
-    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+    ax.errorbar(xs, y, yerr=err, marker="o", capsize=3, label=label)
   ax.set_xscale("symlog", linthresh=1)
-  ax.set_xlabel("shots (demonstrations)")
+  ax.set_xlabel({"shots": "shots (demonstrations)", "samples": "fine-tuning samples seen"}.get(x, x))
   ax.set_ylabel(f"accuracy ({rule})")
   ax.set_ylim(-0.02, 1.02)
-  ax.set_title(title or f"ICL accuracy vs shots ({rule} scoring, 95% Wilson CI)")
+  ax.set_title(title or f"accuracy vs {x} ({rule} scoring, 95% Wilson CI)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,39 +89,71 @@ def token_loss(cfg: ModelConfig, params: Params, batch: dict, remat: bool = Fals
   return jnp.sum(ce * mask), jnp.sum(mask)
 
 
-def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, opt: optax.GradientTransformation,
-                    frozen: Params | None = None) -> Callable:
-  """step(state, batch) -> (state, metrics); ``batch`` arrays are [grad_accum, micro_batch, T].
+def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, opt: optax.GradientTransformation) -> Callable:
+  """step(state, batch, frozen) -> (state, metrics); ``batch`` arrays are [grad_accum, micro_batch, T].
 
   ``state`` = {"params": float32 trainable tree (full params, or LoRA factors), "opt": optax state,
   "step": int32}. The forward runs in ``cfg.compute_dtype``. ``frozen`` is the base model when
-  training LoRA (never updated).
+  training LoRA (an argument, never updated), else None.
   """
   compute = jnp.dtype(cfg.compute_dtype)
 
-  def loss(trainable, mb):
+  def loss(trainable, frozen, mb):
     params = lora.attach(frozen, trainable, cfg.lora) if cfg.lora else trainable
     params = jax.tree.map(lambda p: p.astype(compute), params)
     return token_loss(model_cfg, params, mb, cfg.remat)
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
 
-  def step(state, batch):
+  def step(state, batch, frozen=None):
     def micro(carry, mb):
       g_acc, loss_acc, n_acc = carry
-      (loss_sum, n), g = grad_fn(state["params"], mb)
+      (loss_sum, n), g = grad_fn(state["params"], frozen, mb)
       return (jax.tree.map(lambda a, b: a + b.astype(F32), g_acc, g), loss_acc + loss_sum, n_acc + n), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, F32), state["params"])
     (grads, loss_sum, n), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), F32), jnp.zeros((), F32)), batch)
     grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), grads)
     updates, opt_state = opt.update(grads, state["opt"], state["params"])
-    metrics = {"loss": loss_sum / jnp.maximum(n, 1.0), "grad_norm": optax.global_norm(grads), "tokens": n,
+    metrics = {"loss": loss_sum / jnp.maximum(n, 1.0), "grad_norm": optax.tree.norm(grads), "tokens": n,
                "lr": schedule(cfg)(state["step"])}
     return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state,
             "step": state["step"] + 1}, metrics
 
   return step
+
+
+def initial_state(model_cfg: ModelConfig, base_params: Params, cfg: TrainConfig,
+                  mesh: jax.sharding.Mesh) -> tuple[dict, Params | None]:
+  """(train state at step 0 in its shardings, frozen base params for LoRA or None)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if cfg.lora:
+    trainable = jax.device_put(lora.init(model_cfg, cfg.lora, jax.random.key(cfg.seed)), replicated)
+    frozen = base_params
+  else:
+    param_sh = sharding.tree_shardings(model_cfg, mesh)
+    # A float32 copy in the training shardings (never the caller's buffers: the step donates its state).
+    trainable = jax.jit(lambda t: jax.tree.map(lambda p: jnp.copy(p.astype(F32)), t), out_shardings=param_sh)(base_params)
+    frozen = None
+  opt = optimizer(cfg)
+  opt_state = jax.jit(opt.init, out_shardings=_like_params(jax.eval_shape(opt.init, trainable), trainable, replicated))(
+      trainable)
+  return {"params": trainable, "opt": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32), replicated)}, frozen
+
+
+def _like_params(tree, params: Params, default: jax.sharding.Sharding):
+  """Shardings for ``tree`` (e.g. optimizer state): a leaf whose key path ends in a parameter's path gets
+  that parameter's sharding (Adam moments); anything else (step counts) gets ``default``."""
+  by_path = {tuple(k): x.sharding for k, x in jax.tree_util.tree_leaves_with_path(params)}
+
+  def pick(path, _):
+    return next((by_path[tuple(path[i:])] for i in range(len(path)) if tuple(path[i:]) in by_path), default)
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _abstract(state: dict) -> dict:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
 def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
@@ -158,19 +190,13 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
     raise ValueError(
         f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = micro-batch {cfg.batch_size / cfg.grad_accum:g} "
         f"must be a whole multiple of the data-parallel devices (data x fsdp = {n_data})")
-  param_sh = sharding.tree_shardings(model_cfg, mesh)
   opt = optimizer(cfg)
-  if cfg.lora:
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    trainable = jax.device_put(lora.init(model_cfg, cfg.lora, jax.random.key(cfg.seed)), replicated)
-    frozen = base_params
-  else:
-    trainable = jax.tree.map(lambda p, s: jax.device_put(p.astype(F32), s), base_params, param_sh)
-    frozen = None
-  state = {"params": trainable, "opt": jax.jit(opt.init)(trainable), "step": jnp.zeros((), jnp.int32)}
+  state, frozen = initial_state(model_cfg, base_params, cfg, mesh)
+  param_sh = sharding.tree_shardings(model_cfg, mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None))
-  step_fn = jax.jit(make_train_step(model_cfg, cfg, opt, frozen), in_shardings=(state_sh, batch_sh),
+  frozen_sh = param_sh if frozen is not None else None
+  step_fn = jax.jit(make_train_step(model_cfg, cfg, opt), in_shardings=(state_sh, batch_sh, frozen_sh),
                     out_shardings=(state_sh, None), donate_argnums=0)
 
   fingerprint = _fingerprint(model_cfg, cfg)
@@ -185,8 +211,7 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
         raise CheckpointMismatchError(
             f"{workdir / 'checkpoints'} holds checkpoints of another model or LoRA setup "
             f"({meta['fingerprint']}); use a fresh work directory")
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-      state = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+      state = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(state))))["state"]
       history = [m for m in history if m["step"] <= start]
     start = start or 0
     peak = cfg.peak_flops or flops.matmul_ceiling().median * 1e9 * jax.device_count()
@@ -197,7 +222,7 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
       local = {k: v.reshape(cfg.grad_accum, -1, v.shape[-1]) for k, v in local.items()}
       batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
       t0 = time.perf_counter()
-      state, m = step_fn(state, batch)
+      state, m = step_fn(state, batch, frozen)
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       dt = time.perf_counter() - t0
       if not math.isfinite(m["loss"]):
@@ -219,3 +244,39 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
   report.write_jsonl(metrics_path, history)
   final = lora.merge(model_cfg, base_params, state["params"], cfg.lora) if cfg.lora else state["params"]
   return TrainResult(final, state["params"], history, str(workdir / "checkpoints"))
+
+
+def checkpoint_params(model_cfg: ModelConfig, base_params: Params, cfg: TrainConfig, workdir: str | Path,
+                      steps: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None
+                      ) -> Iterator[tuple[int, Params]]:
+  """Yields (step, full parameters with LoRA merged) for the saved ``steps`` (default: all kept)."""
+  import orbax.checkpoint as ocp
+  mesh = mesh or sharding.make_mesh()
+  state, _ = initial_state(model_cfg, base_params, cfg, mesh)
+  abstract = _abstract(state)
+  with ocp.CheckpointManager((Path(workdir) / "checkpoints").resolve()) as mngr:
+    available = mngr.all_steps()
+    missing = sorted(set(steps or ()) - set(available))
+    if missing:
+      raise FileNotFoundError(f"no checkpoint for steps {missing} in {workdir}/checkpoints (saved: {sorted(available)})")
+    for step in sorted(steps or available):
+      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+      trained = restored["params"]
+      yield step, lora.merge(model_cfg, base_params, trained, cfg.lora) if cfg.lora else trained
+
+
+def evaluate_checkpoints(model, cfg: TrainConfig, workdir: str | Path, task_names: Sequence[str],
+                         variants: Sequence[str], fmt: str, shots: Sequence[int] = (0,), n: int = 199,
+                         seed: int = 114514, steps: Sequence[int] | None = None, engine=None) -> list[dict]:
+  """ICL-engine records of the fine-tuned model at each checkpoint, tagged ``method="ft"``, ``step`` and
+  ``samples`` (training examples seen): accuracy against training samples, next to ICL's few demos."""
+  from icl_ft import icl
+  from icl_ft.loading import LoadedModel
+  records = []
+  for step, params in checkpoint_params(model.config, model.params, cfg, workdir, steps):
+    recs, _ = icl.sweep(LoadedModel(model.config, params, model.tokenizer, model.source), task_names, variants,
+                        [fmt], shots, n, seed, engine or icl.EngineConfig(progress=False))
+    for r in recs:
+      r.update(method="ft", step=step, samples=step * cfg.batch_size)
+    records += recs
+  return records

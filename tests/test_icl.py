@@ -114,7 +114,7 @@ def test_summary_wilson_best_of_shots_and_plot(tmp_path):
   assert best == [dict(task="parity", variant="correct", format="paper", best_shots=2, acc_lenient=0.8,
                        ci_lenient_lo=lo, ci_lenient_hi=hi, acc_strict=0.7, ci_strict_lo=summary[1]["ci_strict_lo"],
                        ci_strict_hi=summary[1]["ci_strict_hi"], n=10)]
-  png = report.plot_accuracy_vs_shots(summary, tmp_path / "acc.png")
+  png = report.plot_accuracy(summary, tmp_path / "acc.png")
   assert png.read_bytes()[:4] == b"\x89PNG"
   report.write_jsonl(tmp_path / "r.jsonl", rows)
   assert report.read_jsonl(tmp_path / "r.jsonl") == rows

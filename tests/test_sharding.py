@@ -61,3 +61,37 @@ def test_mesh_shape_must_fit_devices():
     sharding.make_mesh({"data": 3}, jax.devices()[:1])
   with pytest.raises(sharding.MeshError, match="unknown mesh axes"):
     sharding.make_mesh({"model": 1})
+
+
+TRAIN = textwrap.dedent("""
+    import sys, dataclasses, jax, numpy as np
+    from icl_ft import ft_data, loading, sharding, training
+    directory, mesh_spec, out, workdir = sys.argv[1], eval(sys.argv[2]), sys.argv[3], sys.argv[4]
+    mesh = sharding.make_mesh(mesh_spec)
+    m = loading.load(directory, mesh=mesh, use_cache=False)
+    ds = ft_data.build(ft_data.FTDataConfig(tasks=("parity",), n_per_task=16, length_multiple=64), m.tokenizer)
+    cfg = training.TrainConfig(steps=2, batch_size=8, grad_accum=1, lr=1e-3, eps=1e-6, warmup_steps=0,
+                               save_every=10, peak_flops=1e9)
+    res = training.train(m.config, m.params, ds, cfg, workdir, mesh=mesh, progress=False)
+    if mesh.size > 1:
+      assert "fsdp" in str(res.trainable["layers"]["q"].sharding.spec), res.trainable["layers"]["q"].sharding
+    leaves = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(res.params)}
+    np.savez(out, losses=np.array([r["loss"] for r in res.metrics]), **leaves)
+""")
+
+
+def test_fsdp_training_equals_unsharded(tiny_lm, tmp_path):
+  d = tiny_lm[0]
+  runs = {}
+  for name, mesh, devices in (("fsdp", "{'fsdp': 8}", 8), ("dp_fsdp", "{'data': 2, 'fsdp': 4}", 8),
+                              ("single", "{'fsdp': 1}", 1)):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    out = tmp_path / f"{name}.npz"
+    r = subprocess.run([sys.executable, "-c", TRAIN, str(d), mesh, str(out), str(tmp_path / name)], env=env,
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs[name] = np.load(out)
+  for name in ("fsdp", "dp_fsdp"):
+    np.testing.assert_allclose(runs[name]["losses"], runs["single"]["losses"], atol=1e-6)
+    for key in runs["single"].files:
+      np.testing.assert_allclose(runs[name][key], runs["single"][key], atol=1e-5, err_msg=key)

@@ -1,0 +1,132 @@
+"""Fine-tuning: learning, exact one-step equivalence (optax by hand, PyTorch AdamW), LoRA, resume, errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from icl_ft import convert, ft_data, lora, loading, training
+from icl_ft.model import forward, positions_from_valid
+
+DATA = ft_data.FTDataConfig(tasks=("parity", "boolean"), n_per_task=16, length_multiple=64)
+FAST = training.TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=0, save_every=2, peak_flops=1e9)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_lm):
+  d, ref, tok = tiny_lm
+  m = loading.load(str(d), use_cache=False)
+  return m, ft_data.build(DATA, tok), ref
+
+
+def _logits(cfg, params, ids):
+  valid = jnp.ones(ids.shape, bool)
+  return np.asarray(forward(cfg, params, ids, positions_from_valid(valid), valid)[0])
+
+
+def test_data_is_deterministic_and_masks_the_answer(setup, tiny_lm):
+  m, ds, _ = setup
+  a = ft_data.batch_at(ds, 3, 4, seed=42, length_multiple=64)
+  b = ft_data.batch_at(ds, 3, 4, seed=42, length_multiple=64)
+  assert all(np.array_equal(a[k], b[k]) for k in a) and a["ids"].shape[1] % 64 == 0
+  assert not np.array_equal(a["ids"], ft_data.batch_at(ds, 3, 4, seed=7, length_multiple=64)["ids"])
+  answer_only = ft_data.build(dataclasses.replace(DATA, loss_on="answer"), tiny_lm[2])
+  text, mask = answer_only.texts[0], answer_only.loss_mask[0]
+  ids = answer_only.ids[0]
+  scored = tiny_lm[2].decode([t for t, keep in zip(ids, mask) if keep])
+  assert text.endswith(scored) and scored.strip() in ("True", "False", "1", "0")
+
+
+def test_loss_decreases(setup, tmp_path):
+  m, ds, _ = setup
+  cfg = dataclasses.replace(FAST, steps=30, lr=3e-3, save_every=100)
+  res = training.train(m.config, m.params, ds, cfg, tmp_path, progress=False)
+  losses = [r["loss"] for r in res.metrics]
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3])
+  assert all(np.isfinite([r["grad_norm"], r["tokens_per_s"], r["mfu"]]).all() for r in res.metrics)
+
+
+def test_one_step_equals_plain_optax_and_torch_adamw(setup, tmp_path):
+  import torch
+  m, ds, ref = setup
+  cfg = dataclasses.replace(FAST, steps=1, weight_decay=0.01, clip_norm=0.0, lr=1e-3)
+  res = training.train(m.config, m.params, ds, cfg, tmp_path, progress=False)
+  batch = ft_data.batch_at(ds, 0, 4, seed=cfg.seed, length_multiple=64)
+
+  # Plain jax.grad + optax.adamw on the same batch.
+  def loss_fn(p):
+    s, n = training.token_loss(m.config, p, {k: jnp.asarray(v) for k, v in batch.items()})
+    return s / n
+  loss, grads = jax.value_and_grad(loss_fn)(m.params)
+  opt = optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+  updates, _ = opt.update(grads, opt.init(m.params), m.params)
+  expected = optax.apply_updates(m.params, updates)
+  assert abs(res.metrics[0]["loss"] - float(loss)) < 1e-6
+  # Adam's first step is ~lr * sign(g): where |g| ~ eps it amplifies float rounding of g (sum-then-divide
+  # vs mean), so a handful of elements differ by up to ~6e-6 of the 1e-3 step; the issue's bound is 1e-5.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), res.params, expected)
+
+  # PyTorch AdamW on the transformers model, one step, same batch and loss.
+  model = type(ref)(ref.config).float()
+  model.load_state_dict(ref.state_dict())
+  opt_t = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+  labels = torch.tensor(np.where(batch["loss_mask"], batch["ids"], -100), dtype=torch.long)
+  out = model(torch.tensor(batch["ids"], dtype=torch.long), attention_mask=torch.tensor(batch["valid"].astype(np.int64)),
+              labels=labels)
+  out.loss.backward()
+  opt_t.step()
+  assert abs(out.loss.item() - res.metrics[0]["loss"]) < 1e-5
+  theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  for name, ours in convert.iter_hf_tensors(m.config, res.params):
+    np.testing.assert_allclose(ours, theirs[name], atol=1e-5, err_msg=name)
+
+
+def test_lora_keeps_base_and_merged_equals_adapter_form(setup, tmp_path):
+  m, ds, _ = setup
+  lcfg = lora.LoRAConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "down"))
+  before = jax.tree.map(np.asarray, m.params)
+  res = training.train(m.config, m.params, ds, dataclasses.replace(FAST, steps=3, lora=lcfg, lr=1e-2),
+                       tmp_path, progress=False)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, m.params), before)
+  assert set(res.trainable) == {"q", "v", "o", "down"}
+  assert float(jnp.abs(res.trainable["q"]["b"]).max()) > 0  # the adapters did train
+  ids = jnp.asarray(ds.ids[0][:40])[None]
+  adapter = _logits(m.config, lora.attach(m.params, res.trainable, lcfg), ids)
+  merged = _logits(m.config, res.params, ids)
+  np.testing.assert_allclose(merged, adapter, atol=1e-5)
+  assert np.abs(merged - _logits(m.config, m.params, ids)).max() > 1e-3
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+  m, ds, _ = setup
+  full = training.train(m.config, m.params, ds, FAST, tmp_path / "a", progress=False)
+  training.train(m.config, m.params, ds, dataclasses.replace(FAST, steps=2), tmp_path / "b", progress=False)
+  resumed = training.train(m.config, m.params, ds, FAST, tmp_path / "b", progress=False)
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+  assert [r["step"] for r in resumed.metrics] == [1, 2, 3, 4]
+  assert [r["loss"] for r in resumed.metrics] == [r["loss"] for r in full.metrics]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
+  m, ds, _ = setup
+  cfg = dataclasses.replace(FAST, steps=6, lr=1e30, save_every=1)
+  with pytest.raises(training.TrainingDivergedError, match="last good checkpoint is step 1"):
+    training.train(m.config, m.params, ds, cfg, tmp_path, progress=False)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+
+
+def test_bad_configurations(setup, tmp_path, hf_dir_factory):
+  m, ds, _ = setup
+  with pytest.raises(ValueError, match="unknown LoRA target module.*valid targets: q, k, v, o, gate, up, down"):
+    lora.LoRAConfig(targets=("q", "attn"))
+  with pytest.raises(ValueError, match="micro-batch"):
+    training.train(m.config, m.params, ds, dataclasses.replace(FAST, batch_size=6, grad_accum=4), tmp_path)
+  with pytest.raises(ValueError, match="schedule must be"):
+    training.schedule(dataclasses.replace(FAST, schedule="linear"))
+  training.train(m.config, m.params, ds, dataclasses.replace(FAST, steps=2), tmp_path / "run", progress=False)
+  other = loading.load(str(hf_dir_factory("qwen2", 2, False)[0]), use_cache=False)
+  with pytest.raises(training.CheckpointMismatchError, match="another model"):
+    training.train(other.config, other.params, ds, FAST, tmp_path / "run", progress=False)
