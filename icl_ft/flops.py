@@ -58,3 +58,29 @@ def forward_flops_per_token(cfg: ModelConfig, seq: int, head: bool = True, causa
 
 def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
   return 3 * forward_flops_per_token(cfg, seq, head=True, causal=True)
+
+
+def train_memory_per_device(cfg: ModelConfig, shards: int, micro_batch: int, seq: int, remat: bool = True,
+                            compute_bytes: int = 2) -> dict[str, float]:
+  """Estimated peak bytes per device for full fine-tuning with our step (float32 master weights, float32
+  AdamW moments and gradient accumulator, all sharded ``shards`` ways by FSDP; ``micro_batch`` sequences
+  of ``seq`` tokens per device; activations in ``compute_bytes`` per element).
+
+  Activations follow Korthikanti et al. (2022): ~(34 + 5·H·T/D)·T·D bytes-per-element per layer and
+  sequence without recomputation; with ``remat`` only each layer's input is kept, plus one layer's full
+  set during its backward. Logits: float32 logits, softmax and their gradient at the full vocabulary.
+  """
+  P = cfg.num_params()
+  D, L, T, b = cfg.hidden_size, cfg.num_layers, seq, micro_batch
+  per_layer_act = (34 + 5 * cfg.num_heads * T / D) * T * D * b * compute_bytes / 2
+  layer_params = (P - cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)) / L
+  out = {
+      "params_fp32": 4 * P / shards,
+      "grads_fp32": 4 * P / shards,
+      "adam_moments_fp32": 8 * P / shards,
+      "gathered_layer_weights": 2 * layer_params * compute_bytes,  # current + prefetched layer (FSDP all-gather)
+      "activations": (L * b * T * D * compute_bytes + per_layer_act) if remat else L * per_layer_act,
+      "logits": 3 * 4 * b * T * cfg.vocab_size,
+  }
+  out["total"] = sum(out.values())
+  return out

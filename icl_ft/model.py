@@ -138,11 +138,59 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(q, k, v, mask):
+SITES = ("resid_pre", "q", "k", "v", "pattern", "attn_z", "attn_out", "resid_mid", "mlp_post", "mlp_out",
+         "resid_post")
+"""Activation sites of every layer (shapes per layer; L is prepended when stacked over layers):
+resid_pre/resid_mid/resid_post/attn_out/mlp_out [B, T, D]; q and attn_z (the o_proj input) [B, T, Hq, dh];
+k, v [B, T, Hkv, dh] (projections, before RoPE); pattern [B, Hq, T, S] (post-softmax, opt-in: it is large);
+mlp_post [B, T, F] (the down_proj input)."""
+
+
+@flax.struct.dataclass
+class Hooks:
+  """Functional interventions for one forward pass, stacked over layers (leading axis L).
+
+  ``patch[site] = (src, mask)`` replaces the activation ``a`` by ``a + mask * (src - a)`` (1 = replace,
+  fractional = interpolate; ``mask`` broadcasts against ``src``); ``delta[site]`` is added to ``a``
+  (differentiate with respect to it for attribution patching); ``taps`` are the sites to return.
+  """
+  patch: dict = flax.struct.field(default_factory=dict)
+  delta: dict = flax.struct.field(default_factory=dict)
+  taps: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+
+  def sites(self) -> set[str]:
+    return set(self.patch) | set(self.delta) | set(self.taps)
+
+
+class _Site:
+  """Applies one layer's slice of ``Hooks`` at each named site and records the tapped values."""
+
+  def __init__(self, hooks: Hooks | None):
+    self.hooks = hooks
+    self.captured: dict[str, jax.Array] = {}
+
+  def wants(self, name: str) -> bool:
+    return self.hooks is not None and name in self.hooks.sites()
+
+  def __call__(self, name: str, a: jax.Array) -> jax.Array:
+    if self.hooks is None:
+      return a
+    if name in self.hooks.patch:
+      src, mask = self.hooks.patch[name]
+      a = (a + mask * (src - a)).astype(a.dtype)
+    if name in self.hooks.delta:
+      a = a + self.hooks.delta[name].astype(a.dtype)
+    if name in self.hooks.taps:
+      self.captured[name] = a
+    return a
+
+
+def attention(q, k, v, mask, site: _Site | None = None):
   """Grouped-query attention. q [B,T,Hq,dh], k/v [B,S,Hkv,dh], mask [B,T,S] -> z [B,T,Hq,dh].
 
   Head-major layouts, with each KV head's query group stacked into one [G*T, dh] matrix, make both
   products plain batched matmuls with no transposes of the [T, S] scores (~1.5x faster on XLA CPU).
+  Query head h uses KV head h // G, as transformers' ``repeat_kv``.
   """
   B, T, Hq, dh = q.shape
   S, Hkv = k.shape[1], k.shape[2]
@@ -151,8 +199,10 @@ def attention(q, k, v, mask):
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, dh]
   scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=F32) * (dh ** -0.5)
   scores = jnp.where(mask[:, None, None], scores.reshape(B, Hkv, G, T, S), jnp.finfo(F32).min)
-  probs = jax.nn.softmax(scores, axis=-1).reshape(B, Hkv, G * T, S)
-  z = jnp.einsum("bkms,bksd->bkmd", probs.astype(v.dtype), v)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if site is not None and site.wants("pattern"):
+    probs = site("pattern", probs.reshape(B, Hq, T, S)).reshape(B, Hkv, G, T, S)
+  z = jnp.einsum("bkms,bksd->bkmd", probs.reshape(B, Hkv, G * T, S).astype(v.dtype), v)
   return z.reshape(B, Hkv, G, T, dh).transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, dh)
 
 
@@ -165,25 +215,51 @@ def _proj(eq: str, h: jax.Array, w: Params, name: str) -> jax.Array:
   return y
 
 
-def _block(cfg: ModelConfig, w: Params, x, positions, mask, kv):
-  """One pre-norm transformer layer. ``kv`` is None (no cache) or (k_cache, v_cache, index)."""
+def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks | None = None):
+  """One pre-norm transformer layer with its activation sites.
+
+  ``w``/``hooks`` are this layer's slices; ``kv`` is None (no cache) or (k_cache, v_cache, index).
+  Returns (x, (k, v), captured sites).
+  """
+  site = _Site(hooks)
+  x = site("resid_pre", x)
   h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
   q = _proj("btd,dhk->bthk", h, w, "q")
   k = _proj("btd,dhk->bthk", h, w, "k")
   v = _proj("btd,dhk->bthk", h, w, "v")
   if cfg.qkv_bias:
     q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+  q, k, v = site("q", q), site("k", k), site("v", v)
   q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
   if kv is not None:
     k_cache, v_cache, index = kv
     k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
     v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-  z = attention(q, k, v, mask)
-  x = x + _proj("bthk,hkd->btd", z, w, "o")
+  z = site("attn_z", attention(q, k, v, mask, site))
+  x = site("resid_mid", x + site("attn_out", _proj("bthk,hkd->btd", z, w, "o")))
   h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-  act = jax.nn.silu(_proj("btd,df->btf", h, w, "gate")) * _proj("btd,df->btf", h, w, "up")
-  x = x + _proj("btf,fd->btd", act, w, "down")
-  return x, (k, v)
+  act = site("mlp_post", jax.nn.silu(_proj("btd,df->btf", h, w, "gate")) * _proj("btd,df->btf", h, w, "up"))
+  x = site("resid_post", x + site("mlp_out", _proj("btf,fd->btd", act, w, "down")))
+  return x, (k, v), site.captured
+
+
+def attention_mask(valid, cache: KVCache | None, T: int):
+  """[B, T, S] causal mask over valid key slots, and the key-valid mask [B, S] after this step."""
+  if cache is None:
+    key_valid, q_slot, k_slot = valid, jnp.arange(T), jnp.arange(T)
+  else:
+    key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
+    q_slot, k_slot = cache.index + jnp.arange(T), jnp.arange(cache.valid.shape[1])
+  return key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None]), key_valid
+
+
+def unembed(cfg: ModelConfig, params: Params, x, logits_at=None):
+  """Final norm and LM head (float32 logits), only at ``logits_at`` [B, N] positions when given."""
+  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  if logits_at is not None:
+    x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
+  head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  return jnp.einsum("btd,dv->btv", x, head, preferred_element_type=F32)
 
 
 def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: KVCache | None = None,
@@ -199,28 +275,31 @@ def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: K
   Returns:
     (float32 logits [B, T or N, V], updated cache or None).
   """
+  logits, cache, _ = run(cfg, params, tokens, positions, valid, cache=cache, logits_at=logits_at, remat=remat)
+  return logits, cache
+
+
+def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Hooks | None = None,
+        cache: KVCache | None = None, logits_at=None, remat: bool = False):
+  """``forward`` with interventions: returns (logits, cache, captured sites stacked over layers [L, ...])."""
+  if hooks is not None:
+    unknown = hooks.sites() - set(SITES)
+    if unknown:
+      raise ValueError(f"unknown activation site(s) {sorted(unknown)}; valid sites: {', '.join(SITES)}")
   T = tokens.shape[1]
   x = jnp.take(params["embed"], tokens, axis=0)
-  if cache is None:
-    key_valid, q_slot, k_slot = valid, jnp.arange(T), jnp.arange(T)
-    layer_kv = None
-  else:
-    key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
-    q_slot, k_slot = cache.index + jnp.arange(T), jnp.arange(cache.valid.shape[1])
-    layer_kv = (cache.k, cache.v)
-  mask = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+  mask, key_valid = attention_mask(valid, cache, T)
+  layer_kv = None if cache is None else (cache.k, cache.v)
 
   def body(x, layer):
-    w, kv = layer
+    w, kv, h = layer
     kv = None if kv is None else (*kv, cache.index)
-    return _block(cfg, w, x, positions, mask, kv)
+    x, new_kv, captured = block(cfg, w, x, positions, mask, kv, h)
+    return x, (new_kv, captured)
 
-  x, (k_all, v_all) = jax.lax.scan(jax.checkpoint(body) if remat else body, x, (params["layers"], layer_kv))
-  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-  if logits_at is not None:
-    x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
-  head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=F32)
+  x, ((k_all, v_all), captured) = jax.lax.scan(jax.checkpoint(body) if remat else body, x,
+                                               (params["layers"], layer_kv, hooks))
+  logits = unembed(cfg, params, x, logits_at)
   if cache is not None:
     cache = KVCache(k_all, v_all, key_valid, cache.pos + valid.sum(-1).astype(jnp.int32), cache.index + T)
-  return logits, cache
+  return logits, cache, captured

@@ -280,3 +280,27 @@ def evaluate_checkpoints(model, cfg: TrainConfig, workdir: str | Path, task_name
       r.update(method="ft", step=step, samples=step * cfg.batch_size)
     records += recs
   return records
+
+
+def compiled_memory(model_cfg: ModelConfig, cfg: TrainConfig, mesh: jax.sharding.Mesh, seq: int) -> dict[str, int]:
+  """Ahead-of-time compiles the full-FT train step for abstract (never allocated) arrays on ``mesh`` and
+  returns XLA's per-device memory analysis in bytes (works with simulated CPU devices)."""
+  from icl_ft.model import abstract_params
+  param_sh = sharding.tree_shardings(model_cfg, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, F32, sharding=s), abstract_params(model_cfg), param_sh)
+  opt = optimizer(cfg)
+  opt_shape = jax.eval_shape(opt.init, params)
+  opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_shape,
+                           _like_params(opt_shape, params, replicated))
+  state = {"params": params, "opt": opt_state, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+  batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None))
+  shape = (cfg.grad_accum, cfg.batch_size // cfg.grad_accum, seq)
+  batch = {"ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh),
+           "valid": jax.ShapeDtypeStruct(shape, bool, sharding=batch_sh),
+           "loss_mask": jax.ShapeDtypeStruct(shape, bool, sharding=batch_sh)}
+  state_sh = jax.tree.map(lambda a: a.sharding, state)
+  step = jax.jit(make_train_step(model_cfg, cfg, opt), in_shardings=(state_sh, batch_sh, None),
+                 out_shardings=(state_sh, None), donate_argnums=0)
+  analysis = step.lower(state, batch, None).compile().memory_analysis()
+  return {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias", "generated_code")}

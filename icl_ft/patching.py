@@ -1,0 +1,169 @@
+"""Activation patching as functional transforms, batched sweeps, and attribution patching.
+
+Everything is a pure function of (params, batch), so it composes with ``jit``, ``vmap`` and ``grad``.
+A sweep evaluates every patched run of a granularity in one compiled computation: ``lax.map`` over
+layers (layers before the patched one are identical to the target run, so each run starts from the
+target's cached ``resid_pre`` at that layer and runs only the remaining layers) and ``lax.map`` with
+``batch_size=chunk`` (i.e. ``vmap`` in chunks) over the components of a layer. Logits are computed only
+at the answer position.
+
+Metric: logit difference LD = logit[y] - logit[y'] at the answer position, where y is the clean answer
+token and y' the corrupted one. Denoising patches clean activations into the corrupted run; noising
+patches corrupted activations into the clean run. Normalised effect (ratio of means over the batch):
+(E[LD patched] - E[LD target]) / (E[LD source] - E[LD target]): 0 = no effect, 1 = full recovery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from icl_ft.config import ModelConfig
+from icl_ft.model import SITES, Hooks, Params, attention_mask, block, positions_from_valid, run, unembed
+
+GRANULARITIES = {("layer",), ("layer", "head"), ("layer", "pos"), ("layer", "head", "pos")}
+_HEAD_SITES = {"q": "num_heads", "attn_z": "num_heads", "k": "num_kv_heads", "v": "num_kv_heads"}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Batch:
+  """Prompts of equal padded length with the answer tokens the metric contrasts."""
+  tokens: jax.Array  # [B, T] left-padded
+  valid: jax.Array  # [B, T]
+  answer_pos: jax.Array  # [B] position whose next-token logits are scored
+  gold: jax.Array  # [B] token y (clean answer)
+  foil: jax.Array  # [B] token y' (corrupted answer)
+
+  @property
+  def positions(self):
+    return positions_from_valid(self.valid)
+
+
+def logit_diff(logits: jax.Array, batch: Batch) -> jax.Array:
+  """[B] logit[gold] - logit[foil] from answer-position logits [B, 1, V]."""
+  l = logits[:, 0].astype(jnp.float32)
+  take = lambda ids: jnp.take_along_axis(l, ids[:, None], axis=-1)[:, 0]
+  return take(batch.gold) - take(batch.foil)
+
+
+def _check_site(site: str) -> None:
+  if site not in SITES:
+    raise ValueError(f"unknown activation site {site!r}; valid sites: {', '.join(SITES)}")
+
+
+def capture(cfg: ModelConfig, params: Params, batch: Batch, taps=("resid_pre",)):
+  """(metric [B], captured sites [L, B, ...]) of one unpatched run."""
+  for s in taps:
+    _check_site(s)
+  logits, _, cache = run(cfg, params, batch.tokens, batch.positions, batch.valid, hooks=Hooks(taps=tuple(taps)),
+                         logits_at=batch.answer_pos[:, None])
+  return logit_diff(logits, batch), cache
+
+
+def patched_metric(cfg: ModelConfig, params: Params, batch: Batch, site: str, src: jax.Array, mask: jax.Array):
+  """Metric [B] of ``batch`` with ``site`` patched towards ``src`` [L, B, ...] by ``mask`` (broadcastable to src)."""
+  _check_site(site)
+  if jnp.ndim(mask) > jnp.ndim(src):
+    raise ValueError(f"mask of shape {jnp.shape(mask)} has more dimensions than the {site} activations {src.shape}")
+  try:
+    mask = jnp.broadcast_to(mask, src.shape).astype(src.dtype)
+  except ValueError as e:
+    raise ValueError(f"mask of shape {jnp.shape(mask)} does not broadcast to the {site} activations {src.shape}") from e
+  logits, _, _ = run(cfg, params, batch.tokens, batch.positions, batch.valid, hooks=Hooks(patch={site: (src, mask)}),
+                     logits_at=batch.answer_pos[:, None])
+  return logit_diff(logits, batch)
+
+
+def component_masks(cfg: ModelConfig, site: str, shape: tuple[int, ...], granularity: tuple[str, ...]) -> jax.Array:
+  """One-hot masks [M, 1, T or 1, H or 1(, 1)] for the components of one layer, broadcastable to the
+  per-layer activation ``shape`` [B, T, ...]; M is 1, H, T or H*T (component m = head * T + pos).
+  """
+  if tuple(granularity) not in GRANULARITIES:
+    raise ValueError(f"granularity {granularity} is not one of {sorted(GRANULARITIES)}")
+  _check_site(site)
+  if site == "pattern":
+    raise ValueError("sweeps over the attention pattern are not supported; patch it with patched_metric")
+  by_head = "head" in granularity
+  if by_head and site not in _HEAD_SITES:
+    raise ValueError(f"site {site!r} has no head axis; per-head sweeps need one of {sorted(_HEAD_SITES)}")
+  H = getattr(cfg, _HEAD_SITES[site]) if by_head else 1
+  P = shape[1] if "pos" in granularity else 1
+  eye = jnp.eye(H * P).reshape(H * P, H, P).transpose(0, 2, 1)  # [M, P, H], component m = h * P + p
+  if site in _HEAD_SITES:
+    return eye[:, None, :, :, None]  # broadcasts against [B, T, H, dh]
+  return eye[:, None, :, :]  # H == 1: broadcasts against [B, T, D]
+
+
+def _run_from(cfg, params, batch, layer, x, site, src, mask):
+  """Layers ``layer``..L-1 from residual ``x``, with ``site`` at ``layer`` patched; returns the metric [B]."""
+  L = cfg.num_layers
+  att_mask, _ = attention_mask(batch.valid, None, batch.tokens.shape[1])
+  positions = batch.positions
+
+  def body(i, x):
+    w = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params["layers"])
+    here = (i == layer).astype(src.dtype)
+    src_i = jax.lax.dynamic_index_in_dim(src, i, keepdims=False)
+    x, _, _ = block(cfg, w, x, positions, att_mask, None, Hooks(patch={site: (src_i, mask * here)}))
+    return x
+
+  x = jax.lax.fori_loop(layer, L, body, x)
+  return logit_diff(unembed(cfg, params, x, batch.answer_pos[:, None]), batch)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "site", "granularity", "chunk"))
+def patch_sweep(cfg: ModelConfig, params: Params, target: Batch, source_cache: dict, site: str,
+                granularity: tuple[str, ...] = ("layer", "head"), chunk: int = 16):
+  """Metric [L, M, B] of every single-component patch of ``site`` from ``source_cache`` into ``target``.
+
+  ``source_cache`` holds ``site`` [L, B, ...] from ``capture`` of the source batch. M enumerates the
+  components of a layer (see ``component_masks``); reshape to [L, H, T, B] etc. ``chunk`` (the only
+  memory knob) bounds how many patched runs are evaluated together.
+  """
+  _check_site(site)
+  src = source_cache[site]
+  _check_pair(src, target)
+  _, tgt = capture(cfg, params, target, taps=("resid_pre",))
+  masks = component_masks(cfg, site, src.shape[1:], granularity)
+
+  def per_layer(layer):
+    x0 = tgt["resid_pre"][layer]
+    return jax.lax.map(lambda m: _run_from(cfg, params, target, layer, x0, site, src, m), masks, batch_size=chunk)
+
+  return jax.lax.map(per_layer, jnp.arange(cfg.num_layers))
+
+
+def _check_pair(src: jax.Array, target: Batch) -> None:
+  if src.shape[1:3] != target.tokens.shape:
+    raise ValueError(f"source activations cover (batch, tokens) {src.shape[1:3]} but the target batch is "
+                     f"{target.tokens.shape}: prompt pairs must have the same batch size and token length")
+
+
+def normalized_effect(patched: jax.Array, target: jax.Array, source: jax.Array) -> jax.Array:
+  """(E[patched] - E[target]) / (E[source] - E[target]), means over the last (batch) axis."""
+  t, s = jnp.mean(target), jnp.mean(source)
+  return (jnp.mean(patched, axis=-1) - t) / (s - t)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sites"))
+def attribution_patch(cfg: ModelConfig, params: Params, target: Batch, source_cache: dict, sites: tuple[str, ...]):
+  """First-order estimate of every patch at once: (src - tgt) * dMetric/da at each site, [L, B, ...].
+
+  One forward with taps and one backward with respect to zero perturbations ``delta`` on the target run
+  (Syed et al., 2023). Sum over the axes a component spans (e.g. the last for heads) to get its effect.
+  """
+  for s in sites:
+    _check_pair(source_cache[s], target)
+  _, tgt = capture(cfg, params, target, taps=sites)
+
+  def metric(delta):
+    logits, _, _ = run(cfg, params, target.tokens, target.positions, target.valid, hooks=Hooks(delta=delta),
+                       logits_at=target.answer_pos[:, None])
+    return jnp.sum(logit_diff(logits, target))
+
+  grads = jax.grad(metric)({s: jnp.zeros_like(tgt[s]) for s in sites})
+  return {s: (source_cache[s] - tgt[s]) * grads[s] for s in sites}

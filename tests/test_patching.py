@@ -1,0 +1,171 @@
+"""Patching transforms and sweeps against PyTorch forward hooks on the transformers model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from icl_ft import loading, patching
+from icl_ft.model import Hooks, run
+
+T, B = 10, 3
+
+
+@pytest.fixture(scope="module")
+def setup(hf_dir_factory):
+  d, ref = hf_dir_factory("qwen2", 2, False)
+  m = loading.load(str(d), use_cache=False)
+  rng = np.random.default_rng(0)
+  clean = rng.integers(0, 96, (B, T)).astype(np.int32)
+  corrupt = clean.copy()
+  corrupt[:, 3] = (clean[:, 3] + 7) % 96
+  corrupt[:, 6] = (clean[:, 6] + 11) % 96
+  gold, foil = rng.integers(0, 96, B).astype(np.int32), rng.integers(0, 96, B).astype(np.int32)
+  mk = lambda ids: patching.Batch(jnp.asarray(ids), jnp.ones((B, T), bool), jnp.full((B,), T - 1), jnp.asarray(gold),
+                                  jnp.asarray(foil))
+  return m, ref, mk(clean), mk(corrupt), (clean, corrupt, gold, foil)
+
+
+def _torch_ld(ref, ids, gold, foil, hooks=()):
+  import torch
+  handles = [mod.register_forward_pre_hook(fn, with_kwargs=True) if pre else mod.register_forward_hook(fn)
+             for mod, fn, pre in hooks]
+  try:
+    with torch.no_grad():
+      logits = ref(torch.tensor(ids, dtype=torch.long)).logits[:, -1].numpy()
+  finally:
+    for h in handles:
+      h.remove()
+  return logits[np.arange(len(ids)), gold] - logits[np.arange(len(ids)), foil]
+
+
+def _torch_capture(ref, ids, module, pre):
+  store = {}
+
+  def fn(mod, args, *rest):
+    store["x"] = (args[0] if args else rest[0]["hidden_states"]) if pre else rest[0]
+    store["x"] = store["x"].clone()
+  _torch_ld(ref, ids, np.zeros(len(ids), int), np.zeros(len(ids), int), [(module, fn, pre)])
+  return store["x"]
+
+
+def _replace_pre(value_fn):
+  def fn(mod, args, kwargs):
+    if args:
+      return (value_fn(args[0]),) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs, hidden_states=value_fn(kwargs["hidden_states"]))
+    return args, kwargs
+  return fn
+
+
+def test_head_sweep_matches_torch_hooks(setup):
+  m, ref, clean, corrupt, (c_ids, x_ids, gold, foil) = setup
+  _, cache = patching.capture(m.config, m.params, clean, taps=("attn_z",))
+  effects = np.asarray(patching.patch_sweep(m.config, m.params, corrupt, cache, "attn_z", ("layer", "head"), chunk=3))
+  H, dh = m.config.num_heads, m.config.head_dim
+  assert effects.shape == (m.config.num_layers, H, B)
+  for layer in range(m.config.num_layers):
+    o_proj = ref.model.layers[layer].self_attn.o_proj
+    src = _torch_capture(ref, c_ids, o_proj, pre=True)
+    for h in range(H):
+      def patch(x, h=h, src=src):
+        x = x.clone()
+        x[..., h * dh:(h + 1) * dh] = src[..., h * dh:(h + 1) * dh]
+        return x
+      expected = _torch_ld(ref, x_ids, gold, foil, [(o_proj, _replace_pre(patch), True)])
+      np.testing.assert_allclose(effects[layer, h], expected, atol=1e-4)
+
+
+def test_residual_position_sweep_matches_torch_hooks(setup):
+  m, ref, clean, corrupt, (c_ids, x_ids, gold, foil) = setup
+  _, cache = patching.capture(m.config, m.params, clean, taps=("resid_pre",))
+  effects = np.asarray(patching.patch_sweep(m.config, m.params, corrupt, cache, "resid_pre", ("layer", "pos"), chunk=4))
+  assert effects.shape == (m.config.num_layers, T, B)
+  for layer in range(m.config.num_layers):
+    mod = ref.model.layers[layer]
+    src = _torch_capture(ref, c_ids, mod, pre=True)
+    for pos in (0, 3, 6, T - 1):
+      def patch(x, pos=pos, src=src):
+        x = x.clone()
+        x[:, pos] = src[:, pos]
+        return x
+      expected = _torch_ld(ref, x_ids, gold, foil, [(mod, _replace_pre(patch), True)])
+      np.testing.assert_allclose(effects[layer, pos], expected, atol=1e-4)
+
+
+def test_mlp_layer_sweep_matches_torch_hooks(setup):
+  m, ref, clean, corrupt, (c_ids, x_ids, gold, foil) = setup
+  _, cache = patching.capture(m.config, m.params, clean, taps=("mlp_out",))
+  effects = np.asarray(patching.patch_sweep(m.config, m.params, corrupt, cache, "mlp_out", ("layer",)))
+  for layer in range(m.config.num_layers):
+    mlp = ref.model.layers[layer].mlp
+    src = _torch_capture(ref, c_ids, mlp, pre=False)
+    expected = _torch_ld(ref, x_ids, gold, foil, [(mlp, lambda mod, a, out, src=src: src, False)])
+    np.testing.assert_allclose(effects[layer, 0], expected, atol=1e-4)
+
+
+def test_sweep_equals_patches_one_by_one(setup):
+  m, _, clean, corrupt, _ = setup
+  _, cache = patching.capture(m.config, m.params, clean, taps=("attn_z",))
+  swept = np.asarray(patching.patch_sweep(m.config, m.params, corrupt, cache, "attn_z", ("layer", "head", "pos"), chunk=7))
+  L, H = m.config.num_layers, m.config.num_heads
+  assert swept.shape == (L, H * T, B)
+  for layer, h, pos in ((0, 0, 3), (1, 2, 6), (1, 3, T - 1), (0, 1, 0)):
+    mask = np.zeros((L, 1, T, H, 1), np.float32)
+    mask[layer, 0, pos, h] = 1
+    one = patching.patched_metric(m.config, m.params, corrupt, "attn_z", cache["attn_z"], jnp.asarray(mask))
+    np.testing.assert_allclose(swept[layer, h * T + pos], np.asarray(one), atol=1e-5)
+
+
+def test_per_head_outputs_sum_to_attention_output(setup):
+  m, _, clean, _, _ = setup
+  _, cache = patching.capture(m.config, m.params, clean, taps=("attn_z", "attn_out"))
+  per_head = jnp.einsum("lbthk,lhkd->lbthd", cache["attn_z"], m.params["layers"]["o"])
+  np.testing.assert_allclose(np.asarray(per_head.sum(3)), np.asarray(cache["attn_out"]), atol=1e-5)
+
+
+def test_full_residual_patch_recovers_and_empty_patch_does_nothing(setup):
+  m, _, clean, corrupt, _ = setup
+  clean_ld, cache = patching.capture(m.config, m.params, clean, taps=("resid_post",))
+  corrupt_ld, _ = patching.capture(m.config, m.params, corrupt)
+  L = m.config.num_layers
+  full = np.zeros((L, 1, 1, 1), np.float32)
+  full[L - 1] = 1
+  for mask, expected in ((full, 1.0), (np.zeros_like(full), 0.0)):
+    ld = patching.patched_metric(m.config, m.params, corrupt, "resid_post", cache["resid_post"], jnp.asarray(mask))
+    assert abs(float(patching.normalized_effect(ld, corrupt_ld, clean_ld)) - expected) < 1e-5
+
+
+def test_attribution_equals_exact_effect_to_first_order(setup):
+  m, _, clean, corrupt, _ = setup
+  L = m.config.num_layers
+  _, tgt = patching.capture(m.config, m.params, corrupt, taps=("resid_mid", "attn_z"))
+  base, _ = patching.capture(m.config, m.params, corrupt)
+  rng = np.random.default_rng(1)
+  for site in ("resid_mid", "attn_z"):
+    d = jnp.asarray(rng.normal(size=tgt[site].shape).astype(np.float32))
+    for eps in (1e-3,):
+      src = {site: tgt[site] + eps * d}
+      est = patching.attribution_patch(m.config, m.params, corrupt, src, (site,))[site]
+      for layer in range(L):
+        mask = np.zeros((L,) + (1,) * (tgt[site].ndim - 1), np.float32)
+        mask[layer] = 1
+        exact = patching.patched_metric(m.config, m.params, corrupt, site, src[site], jnp.asarray(mask)) - base
+        approx = est[layer].reshape(B, -1).sum(-1)
+        np.testing.assert_allclose(np.asarray(approx), np.asarray(exact), rtol=2e-2, atol=1e-4)
+
+
+def test_bad_input(setup):
+  m, _, clean, corrupt, _ = setup
+  with pytest.raises(ValueError, match="valid sites: resid_pre, q, k, v"):
+    patching.capture(m.config, m.params, clean, taps=("resid",))
+  with pytest.raises(ValueError, match="valid sites"):
+    run(m.config, m.params, clean.tokens, clean.positions, clean.valid, hooks=Hooks(taps=("mlp_in",)))
+  _, cache = patching.capture(m.config, m.params, clean, taps=("attn_z",))
+  with pytest.raises(ValueError, match="does not broadcast"):
+    patching.patched_metric(m.config, m.params, corrupt, "attn_z", cache["attn_z"], jnp.ones((2, 1, T, 5, 1)))
+  short = patching.Batch(corrupt.tokens[:, :-2], corrupt.valid[:, :-2], corrupt.answer_pos - 2, corrupt.gold, corrupt.foil)
+  with pytest.raises(ValueError, match="same batch size and token length"):
+    patching.patch_sweep(m.config, m.params, short, cache, "attn_z")
+  with pytest.raises(ValueError, match="no head axis"):
+    patching.patch_sweep(m.config, m.params, corrupt, {"mlp_out": cache["attn_z"]}, "mlp_out", ("layer", "head"))
