@@ -59,7 +59,7 @@ def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int
   return out
 
 
-def _continuation_ids(tokenizer, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
+def continuation_ids(tokenizer, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
   """Token ids of ``answer`` as the model would continue ``prompt`` (tokenized jointly when it splits cleanly)."""
   joint = tokenizer(prompt + answer).input_ids
   if joint[:len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
@@ -75,7 +75,7 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
     raise ValueError(f"on_too_long must be 'error' or 'skip', got {engine.on_too_long!r}")
   tok, cfg = model.tokenizer, model.config
   prompt_ids = tok([q.prompt for q in queries]).input_ids
-  answers = [[_continuation_ids(tok, q.prompt, ids, a) for a in (q.gold, q.foil or q.gold)]
+  answers = [[continuation_ids(tok, q.prompt, ids, a) for a in (q.gold, q.foil or q.gold)]
              for q, ids in zip(queries, prompt_ids)]
   n_new = max(engine.strict_tokens, max(q.lenient_tokens for q in queries))
   answer_len = max(len(a) for pair in answers for a in pair)
