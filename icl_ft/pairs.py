@@ -222,13 +222,18 @@ class PairSet:
 
   def slice(self, start: int, stop: int) -> PairSet:
     """Pairs [start, stop) (same T, same drop statistics)."""
-    sel = slice(start, stop)
+    return self.take(np.arange(start, min(stop, len(self))))
+
+  def take(self, index) -> PairSet:
+    """The pairs at ``index`` (an int array), in that order (same T, same drop statistics)."""
+    index = np.asarray(index, dtype=np.int64)
+    pick = lambda seq: [seq[i] for i in index]
     return dataclasses.replace(
-        self, clean_ids=self.clean_ids[sel], corrupt_ids=self.corrupt_ids[sel], valid=self.valid[sel],
-        answer_pos=self.answer_pos[sel], clean_answer=self.clean_answer[sel],
-        corrupt_answer=self.corrupt_answer[sel], changed=self.changed[sel],
-        roles={k: v[sel] for k, v in self.roles.items()}, prompts=self.prompts[sel], answers=self.answers[sel],
-        query_index=self.query_index[sel], meta=self.meta[sel], dropped=dict(self.dropped))
+        self, clean_ids=self.clean_ids[index], corrupt_ids=self.corrupt_ids[index], valid=self.valid[index],
+        answer_pos=self.answer_pos[index], clean_answer=self.clean_answer[index],
+        corrupt_answer=self.corrupt_answer[index], changed=pick(self.changed),
+        roles={k: v[index] for k, v in self.roles.items()}, prompts=pick(self.prompts), answers=pick(self.answers),
+        query_index=self.query_index[index], meta=pick(self.meta), dropped=dict(self.dropped))
 
   def batches(self, size: int) -> Iterator[PairSet]:
     """Consecutive slices of at most ``size`` pairs."""

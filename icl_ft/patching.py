@@ -78,9 +78,11 @@ def patched_metric(cfg: ModelConfig, params: Params, batch: Batch, site: str, sr
   return logit_diff(logits, batch)
 
 
-def component_masks(cfg: ModelConfig, site: str, shape: tuple[int, ...], granularity: tuple[str, ...]) -> jax.Array:
+def component_masks(cfg: ModelConfig, site: str, shape: tuple[int, ...], granularity: tuple[str, ...],
+                    positions: jax.Array | None = None) -> jax.Array:
   """One-hot masks [M, 1, T or 1, H or 1(, 1)] for the components of one layer, broadcastable to the
-  per-layer activation ``shape`` [B, T, ...]; M is 1, H, T or H*T (component m = head * T + pos).
+  per-layer activation ``shape`` [B, T, ...]; M is 1, H, P or H*P (component m = head * P + p), where the
+  P positions are all T, or ``positions`` (e.g. the query segment) when given.
   """
   if tuple(granularity) not in GRANULARITIES:
     raise ValueError(f"granularity {granularity} is not one of {sorted(GRANULARITIES)}")
@@ -91,8 +93,14 @@ def component_masks(cfg: ModelConfig, site: str, shape: tuple[int, ...], granula
   if by_head and site not in _HEAD_SITES:
     raise ValueError(f"site {site!r} has no head axis; per-head sweeps need one of {sorted(_HEAD_SITES)}")
   H = getattr(cfg, _HEAD_SITES[site]) if by_head else 1
-  P = shape[1] if "pos" in granularity else 1
+  if "pos" not in granularity:
+    pos_onehot = jnp.ones((1, 1))  # [P=1, T=1]: all positions together
+  else:
+    pos = jnp.arange(shape[1]) if positions is None else jnp.asarray(positions)
+    pos_onehot = (pos[:, None] == jnp.arange(shape[1])[None, :]).astype(jnp.float32)  # [P, T]
+  P = pos_onehot.shape[0]
   eye = jnp.eye(H * P).reshape(H * P, H, P).transpose(0, 2, 1)  # [M, P, H], component m = h * P + p
+  eye = jnp.einsum("mph,pt->mth", eye, pos_onehot)  # [M, T or 1, H]
   if site in _HEAD_SITES:
     return eye[:, None, :, :, None]  # broadcasts against [B, T, H, dh]
   return eye[:, None, :, :]  # H == 1: broadcasts against [B, T, D]
@@ -117,18 +125,19 @@ def _run_from(cfg, params, batch, layer, x, site, src, mask):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "site", "granularity", "chunk"))
 def patch_sweep(cfg: ModelConfig, params: Params, target: Batch, source_cache: dict, site: str,
-                granularity: tuple[str, ...] = ("layer", "head"), chunk: int = 16):
+                granularity: tuple[str, ...] = ("layer", "head"), chunk: int = 16, positions=None):
   """Metric [L, M, B] of every single-component patch of ``site`` from ``source_cache`` into ``target``.
 
   ``source_cache`` holds ``site`` [L, B, ...] from ``capture`` of the source batch. M enumerates the
-  components of a layer (see ``component_masks``); reshape to [L, H, T, B] etc. ``chunk`` (the only
-  memory knob) bounds how many patched runs are evaluated together.
+  components of a layer (see ``component_masks``; ``positions`` restricts per-position sweeps, e.g. to
+  the query segment); reshape to [L, H, P, B] etc. ``chunk`` (the only memory knob) bounds how many
+  patched runs are evaluated together.
   """
   _check_site(site)
   src = source_cache[site]
   _check_pair(src, target)
   _, tgt = capture(cfg, params, target, taps=("resid_pre",))
-  masks = component_masks(cfg, site, src.shape[1:], granularity)
+  masks = component_masks(cfg, site, src.shape[1:], granularity, positions)
 
   def per_layer(layer):
     x0 = tgt["resid_pre"][layer]

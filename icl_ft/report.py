@@ -12,6 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
   """Writes ``text`` to ``path`` through a temporary file and ``os.replace``: readers never see half a file."""
@@ -28,8 +30,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
   return path
 
 
+def json_safe(obj: Any) -> Any:
+  """Nested containers with numpy scalars/arrays converted and NaN/inf replaced by None (strict JSON)."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return json_safe(obj.tolist())
+  if isinstance(obj, np.generic):
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
 def write_json(path, obj: Any) -> Path:
-  return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+  return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def write_jsonl(path, rows: Iterable[dict]) -> Path:
