@@ -56,3 +56,42 @@ def test_logits_and_greedy_continuation_match(models, prompt):
   new, _ = inference.greedy_generate(ours.config, ours.params, x, valid, 6)
   theirs = ref.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=2)[0, len(ids):]
   assert list(np.asarray(new[0])) == theirs.tolist()
+
+
+def test_patching_on_real_pairs_matches_torch_hooks(models):
+  """Head sweep on expression pairs (clean -> corrupted) vs a PyTorch o_proj pre-hook, for sampled heads."""
+  import torch
+  from icl_ft import pairs, patching
+  ours, ref = models
+  p = pairs.build_pairs("expression", ours.tokenizer, 2, seed=0, fmt="fixed")
+  mk = lambda ids: patching.Batch(jnp.asarray(ids), jnp.asarray(p.valid), jnp.asarray(p.answer_pos),
+                                  jnp.asarray(p.clean_answer), jnp.asarray(p.corrupt_answer))
+  clean, corrupt = mk(p.clean_ids), mk(p.corrupt_ids)
+  _, cache = patching.capture(ours.config, ours.params, clean, taps=("attn_z",))
+  swept = np.asarray(patching.patch_sweep(ours.config, ours.params, corrupt, cache, "attn_z", ("layer", "head")))
+  dh = ours.config.head_dim
+  mask = torch.tensor(p.valid.astype(np.int64))
+  for layer, head in ((0, 0), (14, 4), (29, 8)):
+    o_proj = ref.model.layers[layer].self_attn.o_proj
+    store = {}
+
+    def keep(mod, args):
+      store["z"] = args[0].clone()
+
+    h = o_proj.register_forward_pre_hook(keep)
+    with torch.no_grad():
+      ref(torch.tensor(p.clean_ids, dtype=torch.long), attention_mask=mask)
+    h.remove()
+
+    def patch(mod, args):
+      z = args[0].clone()
+      z[..., head * dh:(head + 1) * dh] = store["z"][..., head * dh:(head + 1) * dh]
+      return (z,)
+
+    h = o_proj.register_forward_pre_hook(patch)
+    with torch.no_grad():
+      logits = ref(torch.tensor(p.corrupt_ids, dtype=torch.long), attention_mask=mask).logits[:, -1].numpy()
+    h.remove()
+    rows = np.arange(len(p))
+    expected = logits[rows, p.clean_answer] - logits[rows, p.corrupt_answer]
+    np.testing.assert_allclose(swept[layer, head], expected, atol=1e-4)
