@@ -4,6 +4,11 @@
             same CPU, one process; tokens/s, GFLOP/s, MFU against the measured matmul ceiling, logits diff.
   icl       the release's 199-query k-shot cell: our engine vs transformers generate one query at a time
             (the release's method) vs transformers batched left-padded generate; queries/s, agreement, MFU.
+  patching  the full (layer, head) sweep on SmolLM2 pairs: our one-compile sweep vs a serial PyTorch hook loop
+            (identical effects checked), and attribution patching with its top-k verified exactly.
+  train     full fine-tuning steps (AdamW, clip 1.0, float32, loss on every token; B=8 x T=128 unless --batch /
+            --seq are given): our jitted, state-donating ``make_train_step`` vs a transformers + torch.optim.AdamW
+            loop on the same packed FT-data batch, same CPU, one process; tokens/s, ratio, MFU, first-step losses.
 
 FLOPs convention: 2 x matmul params (incl. the LM head) per token, plus 4*T*D per layer per token for
 attention (QK^T and PV, causal masking NOT halved); see ``icl_ft.flops``.
@@ -37,6 +42,8 @@ flags.DEFINE_bool("torch", True, "Also time the transformers PyTorch reference."
 flags.DEFINE_string("task", "expression", "icl: task of the evaluation.")
 flags.DEFINE_integer("shots", 8, "icl: demonstrations per prompt.")
 flags.DEFINE_integer("queries", 199, "icl: number of queries (the release's 199).")
+flags.DEFINE_integer("pairs", 4, "patching: clean/corrupted prompt pairs per batch.")
+flags.DEFINE_integer("chunk", 16, "patching: patched runs evaluated together.")
 FLAGS = flags.FLAGS
 
 
@@ -163,7 +170,183 @@ def _icl(argv):
         f"accuracy (lenient) {np.mean([r['correct_lenient'] for r in records]):.3f}")
 
 
-SUBCOMMANDS: dict[str, Callable] = {"forward": _forward, "icl": _icl}
+def _train(argv):
+  """Training steps on the embedded model: ours (jit, donated state) vs a PyTorch AdamW loop, same batch."""
+  del argv
+  import torch
+  from icl_ft import ft_data, loading, training
+  B = FLAGS.batch
+  T = FLAGS.seq if FLAGS["seq"].present else 128
+  R = FLAGS.repeats if FLAGS["repeats"].present else 5
+  tcfg = training.TrainConfig(steps=R + 1, batch_size=B, lr=1e-5, warmup_steps=0, weight_decay=0.01, clip_norm=1.0,
+                              compute_dtype="float32", remat=False)
+
+  ceiling = flops.matmul_ceiling()
+  m = loading.load(FLAGS.model)
+  cfg = m.config
+  # Real token ids: the study's FT examples (all four tasks), concatenated and packed into B rows of T tokens.
+  ds = ft_data.build(ft_data.FTDataConfig(n_per_task=max(8, B * T // 100)), m.tokenizer)
+  stream = np.concatenate([np.asarray(s, np.int32) for s in ds.ids])
+  if stream.size < B * T:
+    stream = np.resize(stream, B * T)
+  ids = stream[:B * T].reshape(B, T)
+  batch = {"ids": ids[None], "valid": np.ones((1, B, T), bool), "loss_mask": np.ones((1, B, T), bool)}
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  total = B * T * flops.train_flops_per_token(cfg, T)
+
+  opt = training.optimizer(tcfg)
+  params = jax.jit(lambda t: jax.tree.map(lambda p: jnp.copy(p.astype(jnp.float32)), t))(m.params)
+  state = {"params": params, "opt": jax.jit(opt.init)(params), "step": jnp.zeros((), jnp.int32)}
+  t0 = time.perf_counter()
+  step = jax.jit(training.make_train_step(cfg, tcfg, opt), donate_argnums=0).lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  state, metrics = jax.block_until_ready(step(state, batch))
+  warmup = {"ours (JAX)": time.perf_counter() - t0}
+  losses = {"ours (JAX)": float(metrics["loss"])}
+
+  def ours():
+    nonlocal state
+    state, out = step(state, batch)
+    jax.block_until_ready((state, out))
+
+  results = {"ours (JAX)": flops.timeit(ours, R)}
+  del state, params
+
+  note = ""
+  if FLAGS.torch:
+    ref = _torch_reference(FLAGS.model).train()
+    opt_t = torch.optim.AdamW(ref.parameters(), lr=tcfg.lr, betas=(tcfg.b1, tcfg.b2), eps=tcfg.eps,
+                              weight_decay=tcfg.weight_decay)
+    x = torch.from_numpy(ids.astype(np.int64))
+
+    def theirs():
+      opt_t.zero_grad(set_to_none=True)
+      loss = ref(x, labels=x).loss  # mean CE over the B*(T-1) next tokens
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(ref.parameters(), tcfg.clip_norm)
+      opt_t.step()
+      return float(loss)
+
+    t0 = time.perf_counter()
+    losses["torch (eager)"] = theirs()
+    warmup["torch (eager)"] = time.perf_counter() - t0
+    results["torch (eager)"] = flops.timeit(theirs, R)
+    note = f"torch: {torch.get_num_threads()} threads, attention {ref.config._attn_implementation}"
+
+  print(f"\n== train: {cfg.arch} {FLAGS.model}, B={B} T={T}, full FT, AdamW + clip 1.0, float32, loss on all "
+        f"{B * (T - 1)} next tokens, {total / 1e12:.3f} TFLOP/step, {os.cpu_count()} CPUs, {R} timed steps ==")
+  print("FLOPs/step = B*T * 3 x forward; forward = 2 x matmul params (incl. LM head) + attention 4*T*D per layer "
+        "halved for causal (flops.train_flops_per_token)")
+  print(f"matmul ceiling (jit f32 2048^2 @ 2048^2): best {ceiling.best:.1f}, median {ceiling.median:.1f} GFLOP/s;"
+        f" MFU = FLOPs/step / median step time / median ceiling")
+  print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; ours: compile {compile_s:.1f} s; {note}")
+  print(f"{'':14} {'median s':>8} {'best s':>7} {'tok/s':>6} {'GFLOP/s':>7} {'MFU':>5} {'step-1 loss':>11}  first step s")
+  for name, times in results.items():
+    med = statistics.median(times)
+    print(f"{name:14} {med:8.2f} {min(times):7.2f} {B * T / med:6.0f} {total / med / 1e9:7.1f} "
+          f"{total / med / 1e9 / ceiling.median:5.2f} {losses[name]:11.5f}  {warmup[name]:.1f}")
+  if len(results) == 2:
+    ours_t, theirs_t = (statistics.median(t) for t in results.values())
+    print(f"ratio ours/torch tokens/s: {theirs_t / ours_t:.2f}")
+
+
+def _patching(argv):
+  """Full (layer, head) sweep on SmolLM2: our one-compile sweep vs a serial PyTorch hook loop, plus AtP."""
+  del argv
+  import torch
+  from icl_ft import loading, pairs, patching
+  ceiling = flops.matmul_ceiling()
+  m = loading.load(FLAGS.model)
+  cfg = m.config
+  p = pairs.build_pairs(FLAGS.task, m.tokenizer, FLAGS.pairs, seed=0, fmt="fixed")
+  mk = lambda ids: patching.Batch(jnp.asarray(ids), jnp.asarray(p.valid), jnp.asarray(p.answer_pos),
+                                  jnp.asarray(p.clean_answer), jnp.asarray(p.corrupt_answer))
+  clean, corrupt = mk(p.clean_ids), mk(p.corrupt_ids)
+  L, H, dh, N, T = cfg.num_layers, cfg.num_heads, cfg.head_dim, len(p), p.length
+  runs = L * H
+
+  def ours():
+    _, cache = patching.capture(cfg, m.params, clean, taps=("attn_z",))
+    return np.asarray(patching.patch_sweep(cfg, m.params, corrupt, cache, "attn_z", ("layer", "head"), FLAGS.chunk))
+
+  def atp():
+    _, cache = patching.capture(cfg, m.params, clean, taps=("attn_z",))
+    g = patching.attribution_patch(cfg, m.params, corrupt, cache, ("attn_z",))["attn_z"]
+    return np.asarray(g.sum(axis=(2, 4)))  # [L, N, H]: per head, all positions
+
+  t0 = time.perf_counter()
+  ours()
+  atp()
+  compile_s = time.perf_counter() - t0
+  t_ours = statistics.median(flops.timeit(ours, FLAGS.repeats))
+  t_atp = statistics.median(flops.timeit(atp, FLAGS.repeats))
+  swept, est = ours(), atp()
+
+  ref = _torch_reference(FLAGS.model)
+  ids_clean = torch.tensor(p.clean_ids, dtype=torch.long)
+  ids_corrupt = torch.tensor(p.corrupt_ids, dtype=torch.long)
+  mask = torch.tensor(p.valid.astype(np.int64))
+  rows = np.arange(N)
+
+  def torch_loop(components):
+    out = {}
+    with torch.inference_mode():
+      for layer in sorted({c[0] for c in components}):
+        o_proj = ref.model.layers[layer].self_attn.o_proj
+        store = {}
+
+        def keep(mod, args):
+          store["z"] = args[0].clone()
+
+        h = o_proj.register_forward_pre_hook(keep)
+        ref(ids_clean, attention_mask=mask)
+        h.remove()
+        for _, head in [c for c in components if c[0] == layer]:
+          def patch(mod, args, head=head):
+            z = args[0].clone()
+            z[..., head * dh:(head + 1) * dh] = store["z"][..., head * dh:(head + 1) * dh]
+            return (z,)
+          h = o_proj.register_forward_pre_hook(patch)
+          logits = ref(ids_corrupt, attention_mask=mask).logits[:, -1].numpy()
+          h.remove()
+          out[layer, head] = logits[rows, p.clean_answer] - logits[rows, p.corrupt_answer]
+    return out
+
+  grid = [(l, h) for l in range(L) for h in range(H)]
+  t0 = time.perf_counter()
+  exact = torch_loop(grid)
+  t_torch = time.perf_counter() - t0
+  diff = max(np.abs(swept[l, h] - exact[l, h]).max() for l, h in grid)
+  # AtP's top-k heads (by |mean estimated effect|), verified exactly.
+  k = 10
+  base = np.asarray(patching.capture(cfg, m.params, corrupt)[0])
+  est_mean = est.mean(axis=1)
+  true_mean = np.array([[np.mean(exact[l, h] - base) for h in range(H)] for l in range(L)])
+  top = np.argsort(-np.abs(est_mean).ravel())[:k]
+  top_true = set(np.argsort(-np.abs(true_mean).ravel())[:k])
+  from scipy.stats import spearmanr
+  rho = spearmanr(est_mean.ravel(), true_mean.ravel()).statistic
+  # FLOPs actually executed by our sweep: each patched run does layers l..L-1 on N*T tokens (+ the head at
+  # one position), plus the capture passes.
+  per_tok_layer = (flops.forward_flops_per_token(cfg, T, head=False)) / L
+  done = sum(H * (L - l) for l in range(L)) * N * T * per_tok_layer + 2 * N * T * per_tok_layer * L
+  print(f"\n== patching: {FLAGS.model}, {FLAGS.task} pairs (fixed), N={N} pairs x T={T} tokens, "
+        f"{runs} (layer, head) patched runs, chunk {FLAGS.chunk} ==")
+  print(f"matmul ceiling median {ceiling.median:.1f} GFLOP/s; our compile {compile_s:.1f}s (sweep + AtP)")
+  print(f"{'':40} {'time s':>7} {'runs/s':>7} {'vs hooks':>8}")
+  print(f"{'torch serial hook loop (exact)':40} {t_torch:7.2f} {runs / t_torch:7.1f} {1.0:8.2f}")
+  print(f"{'ours: one-compile exact sweep':40} {t_ours:7.2f} {runs / t_ours:7.1f} {t_torch / t_ours:8.2f}"
+        f"   max |effect diff| vs hooks {diff:.1e}; {done / t_ours / 1e9:.1f} GFLOP/s executed, "
+        f"MFU {done / t_ours / 1e9 / ceiling.median:.2f}")
+  print(f"{'ours: attribution patching (all l,h,pos)':40} {t_atp:7.2f} {runs / t_atp:7.1f} {t_torch / t_atp:8.2f}"
+        f"   Spearman vs exact {rho:.3f}; top-{k} overlap {len(set(top) & top_true) / k:.2f}")
+  print("AtP top-k verified exactly (layer, head, AtP estimate, exact effect):")
+  for i in top:
+    print(f"  L{i // H:02d}H{i % H}  {est_mean.ravel()[i]:+.4f}  {true_mean.ravel()[i]:+.4f}")
+
+
+SUBCOMMANDS: dict[str, Callable] = {"forward": _forward, "icl": _icl, "train": _train, "patching": _patching}
 
 
 def main(argv):

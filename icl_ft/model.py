@@ -15,6 +15,7 @@ RMSNorm, softmax and logits are computed in float32 whatever the parameter dtype
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
@@ -206,9 +207,38 @@ def attention(q, k, v, mask, site: _Site | None = None):
   return z.reshape(B, Hkv, G, T, dh).transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, dh)
 
 
+@jax.custom_vjp
+def _dense(h: jax.Array, kernel: jax.Array) -> jax.Array:
+  """h [B, T, *K] contracted with kernel [*K, *N] -> [B, T, *N]: the same product as autodiff's einsum,
+  with a hand-written backward.
+
+  The kernel gradient is one 2-D ``h^T @ g`` over the flattened B*T tokens. Left to autodiff, XLA CPU
+  computes it with the token axis contracted in place, which needs a transposed copy of the [B*T, F]
+  gradient (fused into the SwiGLU backward, an expensive strided write) and a non-YNN dot; this form
+  measured ~5% faster on a whole SmolLM2-135M train step.
+  """
+  n = h.ndim - 2
+  return jax.lax.dot_general(h, kernel, ((tuple(range(2, h.ndim)), tuple(range(n))), ((), ())))
+
+
+def _dense_fwd(h, kernel):
+  return _dense(h, kernel), (h, kernel)
+
+
+def _dense_bwd(res, g):
+  h, kernel = res
+  n, m = h.ndim - 2, g.ndim - 2
+  dh = jax.lax.dot_general(g, kernel, ((tuple(range(2, g.ndim)), tuple(range(n, n + m))), ((), ())))
+  dk = h.reshape(-1, math.prod(h.shape[2:])).T @ g.reshape(-1, math.prod(g.shape[2:]))
+  return dh.astype(h.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 def _proj(eq: str, h: jax.Array, w: Params, name: str) -> jax.Array:
   """``einsum(eq, h, w[name])`` plus the LoRA update ``(h @ a) @ b`` when adapters are attached."""
-  y = jnp.einsum(eq, h, w[name])
+  y = _dense(h, w[name]) if h.dtype == w[name].dtype else jnp.einsum(eq, h, w[name])
   if f"{name}_lora_a" in w:
     flat = h.reshape(*h.shape[:2], -1)
     y = y + ((flat @ w[f"{name}_lora_a"].astype(h.dtype)) @ w[f"{name}_lora_b"].astype(h.dtype)).reshape(y.shape)
@@ -280,8 +310,11 @@ def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: K
 
 
 def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Hooks | None = None,
-        cache: KVCache | None = None, logits_at=None, remat: bool = False):
-  """``forward`` with interventions: returns (logits, cache, captured sites stacked over layers [L, ...])."""
+        cache: KVCache | None = None, logits_at=None, remat: bool = False, unroll: int | bool = 1):
+  """``forward`` with interventions: returns (logits, cache, captured sites stacked over layers [L, ...]).
+
+  ``unroll`` is ``lax.scan``'s over the layers (True: fully unrolled; faster training steps on XLA CPU,
+  longer compiles)."""
   if hooks is not None:
     unknown = hooks.sites() - set(SITES)
     if unknown:
@@ -298,7 +331,7 @@ def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Ho
     return x, (new_kv, captured)
 
   x, ((k_all, v_all), captured) = jax.lax.scan(jax.checkpoint(body) if remat else body, x,
-                                               (params["layers"], layer_kv, hooks))
+                                               (params["layers"], layer_kv, hooks), unroll=unroll)
   logits = unembed(cfg, params, x, logits_at)
   if cache is not None:
     cache = KVCache(k_all, v_all, key_valid, cache.pos + valid.sum(-1).astype(jnp.int32), cache.index + T)

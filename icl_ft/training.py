@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from icl_ft import flops, ft_data, lora, report, sharding
 from icl_ft.config import ModelConfig
-from icl_ft.model import Params, forward
+from icl_ft.model import Params, run
 
 F32 = jnp.float32
 
@@ -82,9 +82,13 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 def token_loss(cfg: ModelConfig, params: Params, batch: dict, remat: bool = False) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token cross-entropies over ``loss_mask``, number of such tokens) for one batch."""
   ids, valid = batch["ids"], batch["valid"]
-  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-  logits, _ = forward(cfg, params, ids, positions, valid, remat=remat)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+  B, T = ids.shape
+  positions = jnp.broadcast_to(jnp.arange(T), ids.shape)
+  # Logits only where a next token is predicted (no [B, T, V] slice copy and pad in the backward), and
+  # the layers unrolled: both measured faster for the XLA CPU train step.
+  logits, _, _ = run(cfg, params, ids, positions, valid, logits_at=jnp.broadcast_to(jnp.arange(T - 1), (B, T - 1)),
+                     remat=remat, unroll=True)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
   mask = batch["loss_mask"][:, 1:].astype(F32)
   return jnp.sum(ce * mask), jnp.sum(mask)
 
