@@ -47,6 +47,14 @@ flags.DEFINE_integer("chunk", 16, "patching: patched runs evaluated together.")
 FLAGS = flags.FLAGS
 
 
+def _rates(results: dict[str, list[float]], tokens: int, total: float, ceiling: flops.Ceiling):
+  """(name, "median s, best s, tok/s, GFLOP/s, MFU" columns) per timed method."""
+  for name, times in results.items():
+    med = statistics.median(times)
+    yield name, (f"{med:8.2f} {min(times):7.2f} {tokens / med:6.0f} {total / med / 1e9:7.1f} "
+                 f"{total / med / 1e9 / ceiling.median:5.2f}")
+
+
 def _torch_reference(name: str):
   """The transformers PyTorch model of the same checkpoint (GGUF or HF directory), float32, default attention."""
   import torch
@@ -98,10 +106,8 @@ def _forward(argv):
         f" MFU = median GFLOP/s / median ceiling")
   print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; {note}")
   print(f"{'':13} {'median s':>8} {'best s':>7} {'tok/s':>6} {'GFLOP/s':>7} {'MFU':>5}  warm-up s (ours: compile)")
-  for name, times in results.items():
-    med = statistics.median(times)
-    print(f"{name:13} {med:8.2f} {min(times):7.2f} {B * T / med:6.0f} {total / med / 1e9:7.1f} "
-          f"{total / med / 1e9 / ceiling.median:5.2f}  {warmup[name]:.1f}")
+  for name, row in _rates(results, B * T, total, ceiling):
+    print(f"{name:13} {row}  {warmup[name]:.1f}")
   if diff is not None:
     ours, theirs = (statistics.median(t) for t in results.values())
     print(f"ratio ours/torch tokens/s: {theirs / ours:.2f}; max |logits ours - torch| = {diff:.2e} "
@@ -242,10 +248,8 @@ def _train(argv):
         f" MFU = FLOPs/step / median step time / median ceiling")
   print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; ours: compile {compile_s:.1f} s; {note}")
   print(f"{'':14} {'median s':>8} {'best s':>7} {'tok/s':>6} {'GFLOP/s':>7} {'MFU':>5} {'step-1 loss':>11}  first step s")
-  for name, times in results.items():
-    med = statistics.median(times)
-    print(f"{name:14} {med:8.2f} {min(times):7.2f} {B * T / med:6.0f} {total / med / 1e9:7.1f} "
-          f"{total / med / 1e9 / ceiling.median:5.2f} {losses[name]:11.5f}  {warmup[name]:.1f}")
+  for name, row in _rates(results, B * T, total, ceiling):
+    print(f"{name:14} {row} {losses[name]:11.5f}  {warmup[name]:.1f}")
   if len(results) == 2:
     ours_t, theirs_t = (statistics.median(t) for t in results.values())
     print(f"ratio ours/torch tokens/s: {theirs_t / ours_t:.2f}")

@@ -61,14 +61,19 @@ _LAST_TERM = re.compile(r"([+-])(\d+)$")
 _ARITH = re.compile(r"[0-9+\-*() ]+")
 
 
+def _restricted_eval(expr: str, allowed: re.Pattern, kind: type):
+  """Python's value of ``expr`` if it consists only of ``allowed`` tokens and is a ``kind``; else ValueError."""
+  if not allowed.fullmatch(expr):
+    raise ValueError(f"not a plain {kind.__name__} expression: {expr!r}")
+  value = eval(expr, {"__builtins__": {}}, {})  # noqa: S307 - validated above
+  if type(value) is not kind:
+    raise ValueError(f"{expr!r} evaluates to {value!r}, not a {kind.__name__}")
+  return value
+
+
 def eval_arithmetic(expr: str) -> int:
   """Python's value of an integer expression made of digits, + - * and parentheses (nothing else accepted)."""
-  if not _ARITH.fullmatch(expr):
-    raise ValueError(f"not a plain arithmetic expression: {expr!r}")
-  value = eval(expr, {"__builtins__": {}}, {})  # noqa: S307 - validated above
-  if not isinstance(value, int):
-    raise ValueError(f"{expr!r} evaluates to {value!r}, not an int")
-  return value
+  return _restricted_eval(expr, _ARITH, int)
 
 
 def _corrupt_expression(ex: Example, rng: random.Random) -> _Corruption | str:
@@ -153,12 +158,7 @@ _BOOL_SWAPS = {"and False": "and True", "or True": "or False"}  # absorbing clau
 
 def eval_boolean(expr: str) -> bool:
   """Python's value of an expression made of True/False/and/or and parentheses (nothing else accepted)."""
-  if not _BOOL.fullmatch(expr):
-    raise ValueError(f"not a plain boolean expression: {expr!r}")
-  value = eval(expr, {"__builtins__": {}}, {})  # noqa: S307 - validated above
-  if not isinstance(value, bool):
-    raise ValueError(f"{expr!r} evaluates to {value!r}")
-  return value
+  return _restricted_eval(expr, _BOOL, bool)
 
 
 def _corrupt_boolean(ex: Example, rng: random.Random) -> _Corruption | str:

@@ -58,6 +58,15 @@ def _replace_pre(value_fn):
   return fn
 
 
+def _splice(src, index):
+  """A pre-hook that replaces ``hidden[index]`` by ``src[index]``."""
+  def value(x):
+    x = x.clone()
+    x[index] = src[index]
+    return x
+  return _replace_pre(value)
+
+
 def test_head_sweep_matches_torch_hooks(setup):
   m, ref, clean, corrupt, (c_ids, x_ids, gold, foil) = setup
   _, cache = patching.capture(m.config, m.params, clean, taps=("attn_z",))
@@ -68,11 +77,8 @@ def test_head_sweep_matches_torch_hooks(setup):
     o_proj = ref.model.layers[layer].self_attn.o_proj
     src = _torch_capture(ref, c_ids, o_proj, pre=True)
     for h in range(H):
-      def patch(x, h=h, src=src):
-        x = x.clone()
-        x[..., h * dh:(h + 1) * dh] = src[..., h * dh:(h + 1) * dh]
-        return x
-      expected = _torch_ld(ref, x_ids, gold, foil, [(o_proj, _replace_pre(patch), True)])
+      index = (Ellipsis, slice(h * dh, (h + 1) * dh))
+      expected = _torch_ld(ref, x_ids, gold, foil, [(o_proj, _splice(src, index), True)])
       np.testing.assert_allclose(effects[layer, h], expected, atol=1e-4)
 
 
@@ -85,11 +91,7 @@ def test_residual_position_sweep_matches_torch_hooks(setup):
     mod = ref.model.layers[layer]
     src = _torch_capture(ref, c_ids, mod, pre=True)
     for pos in (0, 3, 6, T - 1):
-      def patch(x, pos=pos, src=src):
-        x = x.clone()
-        x[:, pos] = src[:, pos]
-        return x
-      expected = _torch_ld(ref, x_ids, gold, foil, [(mod, _replace_pre(patch), True)])
+      expected = _torch_ld(ref, x_ids, gold, foil, [(mod, _splice(src, (slice(None), pos)), True)])
       np.testing.assert_allclose(effects[layer, pos], expected, atol=1e-4)
 
 
