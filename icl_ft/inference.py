@@ -32,8 +32,10 @@ def _decode(cfg: ModelConfig, params: Params, logits, cache: KVCache, steps: int
     nxt, cache = forward(cfg, params, tok[:, None], cache.pos[:, None], jnp.ones((B, 1), bool), cache)
     return (nxt[:, 0], cache), (tok, logits)
 
-  _, (toks, all_logits) = jax.lax.scan(step, (logits, cache), None, length=steps)
-  return toks.T, all_logits.transpose(1, 0, 2)
+  # The last token needs no forward pass: its logits are the final carry.
+  (last, _), (toks, seen) = jax.lax.scan(step, (logits, cache), None, length=steps - 1)
+  toks = jnp.concatenate([toks, jnp.argmax(last, -1).astype(jnp.int32)[None]])
+  return toks.T, jnp.concatenate([seen, last[None]]).transpose(1, 0, 2)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
@@ -50,7 +52,11 @@ def greedy_generate(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def generate_and_score(cfg: ModelConfig, params: Params, tokens, valid, answers, answer_valid,
                        max_new_tokens: int) -> dict[str, jax.Array]:
-  """One prefill shared by greedy decoding and teacher-forced scoring of candidate answers.
+  """Teacher-forced scoring of candidate answers inside the prompt's prefill, then greedy decoding.
+
+  The C candidates are appended to the prompt as prefix-sharing segments (each sees the prompt and
+  itself, at the positions that follow the prompt), so one pass scores them all; their cache slots are
+  then hidden and greedy decoding continues from the prompt alone.
 
   Args:
     tokens, valid: [B, T] left-padded prompts.
@@ -60,19 +66,27 @@ def generate_and_score(cfg: ModelConfig, params: Params, tokens, valid, answers,
   """
   B, T = tokens.shape
   C, A = answers.shape[1:]
-  logits, cache = _prefill(cfg, params, tokens, valid, T + max(max_new_tokens, A))
-  first_logp = jax.nn.log_softmax(logits)
-
-  def score(ids, ok):
-    positions = cache.pos[:, None] + jnp.arange(A)
-    nxt, _ = forward(cfg, params, ids, positions, ok, cache, logits_at=jnp.tile(jnp.arange(A - 1), (B, 1)))
-    logp = jnp.concatenate([first_logp[:, None], jax.nn.log_softmax(nxt)], axis=1)
-    return jnp.sum(jnp.take_along_axis(logp, ids[..., None], -1)[..., 0] * ok, axis=-1)
-
-  logprob = jnp.stack([score(answers[:, c], answer_valid[:, c]) for c in range(C)], axis=1)
-  first_logit = jnp.take_along_axis(logits, answers[:, :, 0], axis=-1)
+  n_prompt = valid.sum(-1).astype(jnp.int32)
+  seq = jnp.concatenate([tokens, answers.reshape(B, C * A)], axis=1)
+  seq_valid = jnp.concatenate([valid, answer_valid.reshape(B, C * A)], axis=1)
+  positions = jnp.concatenate([positions_from_valid(valid),
+                               jnp.tile(n_prompt[:, None] + jnp.arange(A), (1, C))], axis=1)
+  segments = jnp.concatenate([jnp.zeros((B, T), jnp.int32), jnp.repeat(jnp.arange(1, C + 1), A)[None].repeat(B, 0)],
+                             axis=1)
+  # logits at the last prompt token (predicts each candidate's first token) and at each candidate's
+  # tokens but its last (predict the next)
+  at = jnp.concatenate([jnp.array([T - 1]), (T + jnp.arange(C)[:, None] * A + jnp.arange(A - 1)).reshape(-1)])
+  cache = KVCache.empty(cfg, B, T + C * A + max_new_tokens, params["embed"].dtype)
+  out, cache = forward(cfg, params, seq, positions, seq_valid, cache, logits_at=jnp.tile(at, (B, 1)),
+                       segments=segments)
+  logits = out[:, 0]
+  cand = jnp.concatenate([jnp.repeat(out[:, :1], C, 1)[:, :, None],
+                          out[:, 1:].reshape(B, C, A - 1, -1)], axis=2)  # [B, C, A, V]
+  token_logp = jnp.take_along_axis(jax.nn.log_softmax(cand), answers[..., None], -1)[..., 0]
+  cache = cache.replace(valid=cache.valid.at[:, T:].set(False), pos=n_prompt)
   new, _ = _decode(cfg, params, logits, cache, max_new_tokens)
-  return {"tokens": new, "logprob": logprob, "first_logit": first_logit}
+  return {"tokens": new, "logprob": jnp.sum(token_logp * answer_valid, axis=-1),
+          "first_logit": jnp.take_along_axis(logits, answers[:, :, 0], axis=-1)}
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

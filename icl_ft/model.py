@@ -105,15 +105,15 @@ class KVCache:
   (non-padding) slots and ``pos`` is each sequence's next position id, so sequences of different
   lengths decode together.
   """
-  k: jax.Array  # [L, B, S, Hkv, dh]
-  v: jax.Array  # [L, B, S, Hkv, dh]
+  k: jax.Array  # [L, B, Hkv, S, dh] (head-major: attention reads it without a transpose)
+  v: jax.Array  # [L, B, Hkv, S, dh]
   valid: jax.Array  # [B, S] bool
   pos: jax.Array  # [B] int32
   index: jax.Array  # [] int32
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = F32) -> "KVCache":
-    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool),
                jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -187,17 +187,17 @@ class _Site:
 
 
 def attention(q, k, v, mask, site: _Site | None = None):
-  """Grouped-query attention. q [B,T,Hq,dh], k/v [B,S,Hkv,dh], mask [B,T,S] -> z [B,T,Hq,dh].
+  """Grouped-query attention. q [B,T,Hq,dh], k/v [B,Hkv,S,dh] (head-major), mask [B,T,S] -> z [B,T,Hq,dh].
 
   Head-major layouts, with each KV head's query group stacked into one [G*T, dh] matrix, make both
-  products plain batched matmuls with no transposes of the [T, S] scores (~1.5x faster on XLA CPU).
+  products plain batched matmuls with no transposes of the [T, S] scores (~1.5x faster on XLA CPU);
+  head-major keys/values let a decode step read the cache in place.
   Query head h uses KV head h // G, as transformers' ``repeat_kv``.
   """
   B, T, Hq, dh = q.shape
-  S, Hkv = k.shape[1], k.shape[2]
+  Hkv, S = k.shape[1], k.shape[2]
   G = Hq // Hkv
   q = q.reshape(B, T, Hkv, G, dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, dh)
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, dh]
   scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=F32) * (dh ** -0.5)
   scores = jnp.where(mask[:, None, None], scores.reshape(B, Hkv, G, T, S), jnp.finfo(F32).min)
   probs = jax.nn.softmax(scores, axis=-1)
@@ -248,8 +248,9 @@ def _proj(eq: str, h: jax.Array, w: Params, name: str) -> jax.Array:
 def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks | None = None):
   """One pre-norm transformer layer with its activation sites.
 
-  ``w``/``hooks`` are this layer's slices; ``kv`` is None (no cache) or (k_cache, v_cache, index).
-  Returns (x, (k, v), captured sites).
+  ``w``/``hooks`` are this layer's slices; ``kv`` is None (no cache) or (k_cache, v_cache, index): the
+  tokens attend to the cache with their own keys/values written at ``index``.
+  Returns (x, (k, v) of these tokens after RoPE, head-major [B, Hkv, T, dh], captured sites).
   """
   site = _Site(hooks)
   x = site("resid_pre", x)
@@ -261,11 +262,13 @@ def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks
     q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
   q, k, v = site("q", q), site("k", k), site("v", v)
   q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  keys, values = k, v
   if kv is not None:
     k_cache, v_cache, index = kv
-    k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-  z = site("attn_z", attention(q, k, v, mask, site))
+    keys = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=2)
+    values = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=2)
+  z = site("attn_z", attention(q, keys, values, mask, site))
   x = site("resid_mid", x + site("attn_out", _proj("bthk,hkd->btd", z, w, "o")))
   h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
   act = site("mlp_post", jax.nn.silu(_proj("btd,df->btf", h, w, "gate")) * _proj("btd,df->btf", h, w, "up"))
@@ -273,14 +276,23 @@ def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks
   return x, (k, v), site.captured
 
 
-def attention_mask(valid, cache: KVCache | None, T: int):
-  """[B, T, S] causal mask over valid key slots, and the key-valid mask [B, S] after this step."""
+def attention_mask(valid, cache: KVCache | None, T: int, segments=None):
+  """[B, T, S] causal mask over valid key slots, and the key-valid mask [B, S] after this step.
+
+  ``segments`` [B, T] (optional, ints): a token sees earlier keys of segment 0 and of its own segment
+  only, so several continuations of one shared prefix are processed in a single pass (cached slots
+  count as segment 0)."""
   if cache is None:
     key_valid, q_slot, k_slot = valid, jnp.arange(T), jnp.arange(T)
   else:
     key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
     q_slot, k_slot = cache.index + jnp.arange(T), jnp.arange(cache.valid.shape[1])
-  return key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None]), key_valid
+  mask = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+  if segments is not None:
+    key_seg = segments if cache is None else jax.lax.dynamic_update_slice_in_dim(
+        jnp.zeros(cache.valid.shape, segments.dtype), segments, cache.index, axis=1)
+    mask &= (key_seg[:, None, :] == 0) | (key_seg[:, None, :] == segments[:, :, None])
+  return mask, key_valid
 
 
 def unembed(cfg: ModelConfig, params: Params, x, logits_at=None):
@@ -293,7 +305,7 @@ def unembed(cfg: ModelConfig, params: Params, x, logits_at=None):
 
 
 def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: KVCache | None = None,
-            logits_at=None, remat: bool = False):
+            logits_at=None, remat: bool = False, segments=None):
   """Runs the decoder on ``tokens`` [B, T].
 
   Args:
@@ -302,15 +314,18 @@ def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: K
     cache: if given, the tokens fill slots ``cache.index ...`` and attend to all valid earlier slots.
     logits_at: optional [B, N] indices into T; logits are computed only there (saves the vocab matmul).
     remat: recompute each layer's activations in the backward pass (saves memory when training).
+    segments: optional [B, T] prefix-sharing segments (see ``attention_mask``).
   Returns:
     (float32 logits [B, T or N, V], updated cache or None).
   """
-  logits, cache, _ = run(cfg, params, tokens, positions, valid, cache=cache, logits_at=logits_at, remat=remat)
+  logits, cache, _ = run(cfg, params, tokens, positions, valid, cache=cache, logits_at=logits_at, remat=remat,
+                         segments=segments)
   return logits, cache
 
 
 def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Hooks | None = None,
-        cache: KVCache | None = None, logits_at=None, remat: bool = False, unroll: int | bool = 1):
+        cache: KVCache | None = None, logits_at=None, remat: bool = False, unroll: int | bool = 1,
+        segments=None):
   """``forward`` with interventions: returns (logits, cache, captured sites stacked over layers [L, ...]).
 
   ``unroll`` is ``lax.scan``'s over the layers (True: fully unrolled; faster training steps on XLA CPU,
@@ -321,7 +336,7 @@ def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Ho
       raise ValueError(f"unknown activation site(s) {sorted(unknown)}; valid sites: {', '.join(SITES)}")
   T = tokens.shape[1]
   x = jnp.take(params["embed"], tokens, axis=0)
-  mask, key_valid = attention_mask(valid, cache, T)
+  mask, key_valid = attention_mask(valid, cache, T, segments)
   layer_kv = None if cache is None else (cache.k, cache.v)
 
   def body(x, layer):
@@ -333,6 +348,8 @@ def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Ho
   x, ((k_all, v_all), captured) = jax.lax.scan(jax.checkpoint(body) if remat else body, x,
                                                (params["layers"], layer_kv, hooks), unroll=unroll)
   logits = unembed(cfg, params, x, logits_at)
-  if cache is not None:
+  if cache is not None:  # only the new slots are written: in place when the cache is a loop carry or donated
+    k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k_all.astype(cache.k.dtype), cache.index, axis=3)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v_all.astype(cache.v.dtype), cache.index, axis=3)
     cache = KVCache(k_all, v_all, key_valid, cache.pos + valid.sum(-1).astype(jnp.int32), cache.index + T)
   return logits, cache, captured

@@ -35,11 +35,12 @@ def test_engine_equals_transformers_generate(model, tiny_lm):
     assert r["completion"] == tok.decode(out, skip_special_tokens=True)
     lenient = tok.decode(out[:q.lenient_tokens], skip_special_tokens=True)
     assert r["lenient_text"] == lenient  # the byte tokenizer round-trips, so slicing the prompt is exact
-    with torch.no_grad():  # teacher-forced log-probability of the gold answer
-      ans = tok(q.gold, add_special_tokens=False).input_ids
-      logp = torch.log_softmax(ref(torch.tensor([ids + ans])).logits[0], -1)
-      expected = sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(ans))
-    assert abs(r["logprob_gold"] - expected) < 1e-4
+    for answer, key in ((q.gold, "logprob_gold"), (q.foil, "logprob_foil")) if q.foil else ((q.gold, "logprob_gold"),):
+      with torch.no_grad():  # teacher-forced log-probability of each candidate, each alone after the prompt
+        ans = tok(answer, add_special_tokens=False).input_ids
+        logp = torch.log_softmax(ref(torch.tensor([ids + ans])).logits[0], -1)
+        expected = sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(ans))
+      assert abs(r[key] - expected) < 1e-4
 
 
 def test_padding_and_bucketing_never_change_a_prediction(model):

@@ -77,7 +77,7 @@ def test_decode_positions_continue_per_sequence():
   cache = KVCache.empty(ModelConfig.from_hf(dict(
       model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
       num_attention_heads=2, rope_theta=1e4)), 2, 6)
-  assert cache.k.shape == (1, 2, 6, 2, 4) and not cache.valid.any()
+  assert cache.k.shape == (1, 2, 2, 6, 4) and not cache.valid.any()
   np.testing.assert_array_equal(positions_from_valid(jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]], bool)),
                                 [[0, 0, 0, 1], [0, 1, 2, 3]])
 
