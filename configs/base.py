@@ -1,14 +1,70 @@
-"""Shared defaults for every study config."""
+"""Shared defaults of every study config: the embedded SmolLM2-135M on a laptop CPU, small but real samples.
+
+Lists are comma-separated strings so they can be overridden from the command line, e.g.
+``--config.icl.shots=0,4,16``; ``icl_ft.study.StudyConfig`` validates every value.
+"""
 
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.name = "study"
   c.model = "smollm2-135m"  # registry name, local HF directory, .gguf file, or hub id
   c.dtype = "float32"
-  c.workdir = "work"
-  c.seed = 114514
+  c.workdir = "work/study"
+  c.tasks = "parity"  # comma-separated: expression, parity, boolean, code, algebra
+  c.variants = "correct,misleading"
+  c.format = "paper"  # prompt format: paper (the release's templates) or fixed (its bugs corrected)
+  c.seed = 114514  # seed of the query sets and demo streams
+  c.stages = "all"  # or a comma-separated subset of: data, icl, finetune, ft_eval, circuits, report
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-  c.max_new_tokens = 4
+  c.progress = True
+  c.note = ("Laptop-CPU scale: 60 queries per cell (the paper: 199), shots up to 8, 60 fine-tuning steps of 8 "
+            "(480 samples; the paper: checkpoint-100 of batch 16-32) and 8 prompt pairs per circuit condition. "
+            "Intervals are wide at this size; configs/paper.py is the full grid.")
+
+  c.icl = ml_collections.ConfigDict()
+  c.icl.shots = "0,1,2,4,8"  # 0 is the base model's 0-shot baseline
+  c.icl.n = 60  # queries per (task, variant, shots) cell; the paper uses 199
+  c.icl.batch_size = 8
+  c.icl.on_too_long = "skip"  # prompts beyond the context window: skip (counted) or error
+
+  c.ft = ml_collections.ConfigDict()
+  c.ft.method = "full"  # full (the paper's) or lora
+  c.ft.tasks = ""  # fine-tuning mixture; empty: the config's tasks
+  c.ft.n_per_task = 400  # the paper's mixture uses 1000 of each of four tasks
+  c.ft.with_header = False  # the release trains on bare question + answer
+  c.ft.loss_on = "all"  # all (the release: every token) or answer
+  c.ft.steps = 60
+  c.ft.batch_size = 8
+  c.ft.grad_accum = 1
+  c.ft.lr = 1e-5
+  c.ft.warmup_steps = 6
+  c.ft.schedule = "constant_with_warmup"  # or cosine
+  c.ft.weight_decay = 0.0
+  c.ft.clip_norm = 1.0
+  c.ft.compute_dtype = "float32"
+  c.ft.remat = False
+  c.ft.save_every = 20
+  c.ft.keep = 5
+  c.ft.lora_rank = 8
+  c.ft.lora_alpha = 16.0
+  c.ft.lora_targets = "q,k,v,o,gate,up,down"
+  c.ft.seed = 42
+
+  c.ft_eval = ml_collections.ConfigDict()
+  c.ft_eval.shots = "0"  # the paper's FT condition is 0-shot
+  c.ft_eval.steps = ""  # checkpoints to evaluate; empty: every kept checkpoint
+
+  c.circuits = ml_collections.ConfigDict()
+  c.circuits.enabled = True
+  c.circuits.tasks = ""  # tasks to analyse; empty: the config's tasks that support prompt pairs
+  c.circuits.format = "fixed"
+  c.circuits.n_pairs = 8
+  c.circuits.icl_shots = "2"
+  c.circuits.chunk = 16
+  c.circuits.n_boot = 200
+  c.circuits.top_k = 10
+  c.circuits.tol = 1e-3  # a condition whose clean-corrupt logit-diff gap is below this has no effects
   return c

@@ -180,11 +180,4 @@ def write(outdir: str | Path, results: dict) -> dict[str, str]:
 
 
 def _save(fig, path: Path) -> str:
-  import matplotlib.pyplot as plt
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.tight_layout()
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  tmp.replace(path)
-  return str(path)
+  return str(report.save_figure(fig, path, dpi=110))

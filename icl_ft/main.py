@@ -1,42 +1,60 @@
-"""Entry point: ``python -m icl_ft.main --config=configs/parity.py``.
+"""Entry point: ``python -m icl_ft.main --config=configs/parity.py [--config.KEY=VALUE ...]``.
 
-The study pipeline (tasks, ICL, fine-tuning, circuits) is added stage by stage; today this loads the
-configured model and prints its greedy continuation of a few-shot prompt from the study.
+Runs the study's stages (data, icl, finetune, ft_eval, circuits, report; see ``icl_ft.study``) into
+``config.workdir``, skipping stages that are up to date, and prints where everything went. Examples:
+
+  python -m icl_ft.main --config=configs/parity.py
+  python -m icl_ft.main --config=configs/expression.py --config.model=qwen1.5-0.5b --config.icl.shots=0,4,16
+  python -m icl_ft.main --config=configs/parity.py --config.stages=icl,report
 """
 
+from __future__ import annotations
+
+import sys
 import time
 
 from absl import app
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/parity.py", "Study config file.")
-
-DEMO_PROMPT = (
-    "Here are some cities expressed as A, B, C, etc. I will show some connection relations, and you need to tell "
-    "me if city A and city Z are connected (Answer True or False). Here are some examples: \n"
-    "A is connected with C\nJ is connected with B\nB is connected with F\nF is connected with D\nD is connected "
-    "with H\nH is connected with I\nI is connected with G\nG is connected with C\nC is connected with E\n"
-    "C is connected with Z\n\n So 'the city A and Z is connected' is True\n"
-    "A is connected with D\nD is connected with B\nB is connected with C\nC is connected with E\nE is connected "
-    "with F\nF is connected with G\nG is connected with H\nH is connected with I\nI is connected with J\n\n"
-    " So 'the city A and Z is connected' is ")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/parity.py", "Study config file (configs/*.py).")
 
 
-def main(argv):
-  del argv
-  import jax.numpy as jnp
-  from icl_ft import inference, loading, sharding
-  cfg = _CONFIG.value
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.KEY=VALUE")
+  from icl_ft import config, convert, loading, sharding, study, training
   sharding.maybe_initialize_distributed()
+  try:
+    cfg = study.StudyConfig.from_dict(_CONFIG.value)
+    runner = study.Study(cfg)
+  except study.ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  note = cfg.raw.get("note")
+  print(f"icl_ft study {cfg.name!r}: model {cfg.model}, tasks {', '.join(cfg.tasks)}, stages {', '.join(cfg.stages)}, "
+        f"work directory {cfg.workdir}")
+  if note:
+    print(f"note: {note}")
   t0 = time.time()
-  m = loading.load(cfg.model, dtype=cfg.dtype, mesh=sharding.make_mesh(dict(cfg.mesh)))
-  print(f"loaded {cfg.model} ({m.config.arch}, {m.config.num_params() / 1e6:.1f}M params) in {time.time() - t0:.1f}s")
-  ids = m.tokenizer(DEMO_PROMPT).input_ids
-  new, _ = inference.greedy_generate(m.config, m.params, jnp.asarray([ids]), jnp.ones((1, len(ids)), bool),
-                                     cfg.max_new_tokens)
-  print(f"model: {cfg.model}  prompt tokens: {len(ids)}")
-  print(f"greedy continuation: {m.tokenizer.decode(list(new[0]))!r}")
+  try:
+    done = runner.run()
+  except (study.MissingInputError, study.ConfigError, loading.ModelNotFoundError, convert.CheckpointError,
+          config.UnsupportedModelError, sharding.MeshError, training.TrainingDivergedError,
+          training.CheckpointMismatchError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"\nfinished in {(time.time() - t0) / 60:.1f} min. Outputs:")
+  for stage, rec in done.items():
+    for key, path in rec["outputs"].items():
+      if isinstance(path, str) and ("/" in path or "\\" in path):
+        print(f"  {stage:9} {key:14} {path}")
+  if "report" in done:
+    print(f"\nreport: {done['report']['outputs']['report']}")
+  return 0
+
+
+def run() -> None:
+  app.run(lambda argv: sys.exit(main(argv)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()
