@@ -81,7 +81,7 @@ def generate_and_score(cfg: ModelConfig, params: Params, tokens, valid, answers,
                        segments=segments)
   logits = out[:, 0]
   cand = jnp.concatenate([jnp.repeat(out[:, :1], C, 1)[:, :, None],
-                          out[:, 1:].reshape(B, C, A - 1, -1)], axis=2)  # [B, C, A, V]
+                          out[:, 1:].reshape(B, C, A - 1, out.shape[-1])], axis=2)  # [B, C, A, V]
   token_logp = jnp.take_along_axis(jax.nn.log_softmax(cand), answers[..., None], -1)[..., 0]
   cache = cache.replace(valid=cache.valid.at[:, T:].set(False), pos=n_prompt)
   new, _ = _decode(cfg, params, logits, cache, max_new_tokens)

@@ -119,3 +119,30 @@ def test_summary_wilson_best_of_shots_and_plot(tmp_path):
   assert png.read_bytes()[:4] == b"\x89PNG"
   report.write_jsonl(tmp_path / "r.jsonl", rows)
   assert report.read_jsonl(tmp_path / "r.jsonl") == rows
+
+
+@pytest.mark.parametrize("answer_len", [1, 3])
+def test_candidate_scoring_equals_separate_forward_passes(model, answer_len):
+  """Candidates scored as prefix-sharing segments of the prefill equal each candidate run alone."""
+  import jax
+  import jax.numpy as jnp
+  from icl_ft import inference
+  from icl_ft.model import forward, positions_from_valid
+  rng = np.random.default_rng(answer_len)
+  prompts = [list(rng.integers(0, 200, n)) for n in (7, 12)]
+  ids, valid = inference.left_pad(prompts, 0)
+  answers = rng.integers(0, 200, (2, 2, answer_len)).astype(np.int32)
+  answer_valid = np.ones_like(answers, bool)
+  answer_valid[1, 0, 1:] = False  # a shorter candidate, right-padded
+  out = inference.generate_and_score(model.config, model.params, jnp.asarray(ids), jnp.asarray(valid),
+                                     jnp.asarray(answers), jnp.asarray(answer_valid), 2)
+  for b, prompt in enumerate(prompts):
+    for c in range(2):
+      ans = [int(t) for t, ok in zip(answers[b, c], answer_valid[b, c]) if ok]
+      seq = jnp.asarray([prompt + ans])
+      ok = jnp.ones(seq.shape, bool)
+      logits = forward(model.config, model.params, seq, positions_from_valid(ok), ok)[0][0]
+      logp, logits = np.asarray(jax.nn.log_softmax(logits)), np.asarray(logits)
+      expected = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(ans))
+      assert abs(float(out["logprob"][b, c]) - expected) < 1e-4
+      assert abs(float(out["first_logit"][b, c]) - logits[len(prompt) - 1, ans[0]]) < 1e-4
