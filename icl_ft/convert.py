@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from icl_ft.config import ModelConfig
-from icl_ft.model import Params, param_axes
+from icl_ft.model import Params, constant_leaves, param_axes
 
 
 class CheckpointError(ValueError):
@@ -137,32 +137,79 @@ class GGUFSource(TensorSource):
     return w
 
 
+# Our leaf path -> its HF tensor name ({i}: the layer), per family. A name listed for several leaves is a
+# fused tensor (GPT-NeoX's query_key_value, [H, 3, dh] on its output dim): each leaf is one slice of it.
+_LLAMA_NAMES = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "layers/attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "layers/mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    **{f"layers/{n}": f"model.layers.{{i}}.self_attn.{n}_proj.weight" for n in "qkvo"},
+    **{f"layers/{n}_bias": f"model.layers.{{i}}.self_attn.{n}_proj.bias" for n in "qkv"},
+    **{f"layers/{n}": f"model.layers.{{i}}.mlp.{n}_proj.weight" for n in ("gate", "up", "down")},
+    "lm_head": "lm_head.weight",
+}
+_NEOX_QKV = "gpt_neox.layers.{i}.attention.query_key_value."
+_HF_NAMES = {
+    "gpt_neox": {
+        "embed": "gpt_neox.embed_in.weight",
+        "final_norm": "gpt_neox.final_layer_norm.weight",
+        "layers/attn_norm": "gpt_neox.layers.{i}.input_layernorm.weight",
+        "layers/mlp_norm": "gpt_neox.layers.{i}.post_attention_layernorm.weight",
+        **{f"layers/{n}": _NEOX_QKV + "weight" for n in "qkv"},
+        **{f"layers/{n}_bias": _NEOX_QKV + "bias" for n in "qkv"},
+        "layers/o": "gpt_neox.layers.{i}.attention.dense.weight",
+        "layers/up": "gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight",
+        "layers/down": "gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight",
+        "lm_head": "embed_out.weight",
+    },
+    "gpt_neo": {
+        "embed": "transformer.wte.weight",
+        "pos_embed": "transformer.wpe.weight",
+        "final_norm": "transformer.ln_f.weight",
+        "layers/attn_norm": "transformer.h.{i}.ln_1.weight",
+        "layers/mlp_norm": "transformer.h.{i}.ln_2.weight",
+        **{f"layers/{n}": f"transformer.h.{{i}}.attn.attention.{n}_proj.weight" for n in "qkv"},
+        "layers/o": "transformer.h.{i}.attn.attention.out_proj.weight",
+        "layers/up": "transformer.h.{i}.mlp.c_fc.weight",
+        "layers/down": "transformer.h.{i}.mlp.c_proj.weight",
+        "lm_head": "lm_head.weight",
+    },
+}
+# Names that transformers may also save a tensor under (>= 5 renames GPT-NeoX's embed_out to lm_head).
+_ALIASES = {"embed_out.weight": "lm_head.weight"}
+
+
+def _hf_names(cfg: ModelConfig) -> dict[str, str]:
+  names = dict(_HF_NAMES.get(cfg.arch, _LLAMA_NAMES))
+  for path in ("final_norm", "layers/attn_norm", "layers/mlp_norm", "layers/o", "layers/up", "layers/down"):
+    names.setdefault(f"{path}_bias", names[path].replace(".weight", ".bias"))
+  return names
+
+
 def _hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
-  """Our leaf path -> (HF name, {i} for the layer; HF->ours transform; ours->HF transform)."""
+  """Our leaf path -> (HF name, {i} for the layer; HF->ours transform; ours->HF transform).
+
+  A fused tensor's ours->HF transforms give per-leaf slices that ``iter_hf_tensors`` joins."""
   D, Hq, Hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   ident = lambda w: w
   T = lambda w: w.T
   heads_in = lambda h: (lambda w: w.T.reshape(D, h, dh), lambda w: w.reshape(D, h * dh).T)
   bias = lambda h: (lambda w: w.reshape(h, dh), lambda w: w.reshape(h * dh))
-  attn = "model.layers.{i}.self_attn."
-  mlp = "model.layers.{i}.mlp."
+  fused = lambda j: (lambda w: w.reshape(Hq, 3, dh, D)[:, j].transpose(2, 0, 1), lambda w: w.transpose(1, 2, 0))
+  fused_bias = lambda j: (lambda w: w.reshape(Hq, 3, dh)[:, j], ident)
   table = {
-      "embed": ("model.embed_tokens.weight", ident, ident),
-      "final_norm": ("model.norm.weight", ident, ident),
-      "layers/attn_norm": ("model.layers.{i}.input_layernorm.weight", ident, ident),
-      "layers/mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", ident, ident),
-      "layers/q": (attn + "q_proj.weight", *heads_in(Hq)),
-      "layers/k": (attn + "k_proj.weight", *heads_in(Hkv)),
-      "layers/v": (attn + "v_proj.weight", *heads_in(Hkv)),
-      "layers/o": (attn + "o_proj.weight", lambda w: w.T.reshape(Hq, dh, D), lambda w: w.reshape(Hq * dh, D).T),
-      "layers/gate": (mlp + "gate_proj.weight", T, T),
-      "layers/up": (mlp + "up_proj.weight", T, T),
-      "layers/down": (mlp + "down_proj.weight", T, T),
-      "lm_head": ("lm_head.weight", T, T),
+      "layers/o": (lambda w: w.T.reshape(Hq, dh, D), lambda w: w.reshape(Hq * dh, D).T),
+      **{f"layers/{n}": (T, T) for n in ("gate", "up", "down")},
+      "lm_head": (T, T),
   }
-  for n, h in (("q", Hq), ("k", Hkv), ("v", Hkv)):
-    table[f"layers/{n}_bias"] = (attn + f"{n}_proj.bias", *bias(h))
-  return {path: table[path] for path in param_axes(cfg)}
+  for j, (n, h) in enumerate((("q", Hq), ("k", Hkv), ("v", Hkv))):
+    is_fused = cfg.arch == "gpt_neox"
+    table[f"layers/{n}"] = fused(j) if is_fused else heads_in(h)
+    table[f"layers/{n}_bias"] = fused_bias(j) if is_fused else bias(h)
+  names = _hf_names(cfg)
+  constants = constant_leaves(cfg)
+  return {path: (names[path], *table.get(path, (ident, ident))) for path in param_axes(cfg) if path not in constants}
 
 
 def _set(tree: dict, path: str, value) -> None:
@@ -176,13 +223,17 @@ def load_params(cfg: ModelConfig, source: TensorSource, shardings: Mapping[str, 
                 dtype: Any) -> Params:
   """Streams ``source`` into a parameter tree whose leaf ``path`` lives on ``shardings[path]``."""
   available = source.keys()
-  layout = _hf_layout(cfg)
+  layout = {path: (_ALIASES[name] if name not in available and name in _ALIASES else name, *rest)
+            for path, (name, *rest) in _hf_layout(cfg).items()}
   missing = sorted(name.format(i=0) for name, _, _ in layout.values() if name.format(i=0) not in available)
   if missing:
     raise CheckpointError(f"checkpoint lacks tensors the {cfg.arch} config needs: {missing[:5]}")
   params: dict = {}
-  for path, (shape, _) in param_axes(cfg).items():
-    name, to_ours, _ = layout[path]
+  axes = param_axes(cfg)
+  for path, value in constant_leaves(cfg).items():
+    _set(params, path, jax.make_array_from_callback(value.shape, shardings[path], lambda i, v=value: v[i].astype(dtype)))
+  for path, (name, to_ours, _) in layout.items():
+    shape = axes[path][0]
     layered = path.startswith("layers/")
 
     def read(i, name=name, to_ours=to_ours, path=path, shape=shape, layered=layered):
@@ -205,17 +256,19 @@ def load_params(cfg: ModelConfig, source: TensorSource, shardings: Mapping[str, 
 
 
 def iter_hf_tensors(cfg: ModelConfig, params: Params) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (HF name, HF-layout float array) for every tensor of ``params``."""
+  """Yields (HF name, HF-layout float array) for every tensor of ``params``; the slices of a fused
+  tensor are stacked on axis 1 and merged with axis 0 (GPT-NeoX's [H, 3, dh, ...])."""
+  groups: dict[str, list] = {}
   for path, (name, _, to_hf) in _hf_layout(cfg).items():
     leaf = params
     for p in path.split("/"):
       leaf = leaf[p]
-    leaf = np.asarray(jax.device_get(leaf), dtype=np.float32)
-    if path.startswith("layers/"):
-      for i in range(cfg.num_layers):
-        yield name.format(i=i), np.ascontiguousarray(to_hf(leaf[i]))
-    else:
-      yield name, np.ascontiguousarray(to_hf(leaf))
+    groups.setdefault(name, []).append((np.asarray(jax.device_get(leaf), dtype=np.float32), to_hf))
+  for name, leaves in groups.items():
+    for i in range(cfg.num_layers) if "{i}" in name else (None,):
+      parts = [to_hf(leaf if i is None else leaf[i]) for leaf, to_hf in leaves]
+      w = parts[0] if len(parts) == 1 else np.stack(parts, axis=1).reshape(-1, *parts[0].shape[2:])
+      yield name.format(i=i), np.ascontiguousarray(w)
 
 
 def export_hf(cfg: ModelConfig, params: Params, directory: str | os.PathLike, tokenizer=None) -> Path:

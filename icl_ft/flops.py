@@ -47,12 +47,12 @@ def matmul_ceiling(n: int = 2048, runs: int = 10, dtype=jnp.float32) -> Ceiling:
 def matmul_params(cfg: ModelConfig, head: bool = True) -> int:
   """Parameters that take part in matmuls per token (embedding gathers excluded)."""
   D, L = cfg.hidden_size, cfg.num_layers
-  per_layer = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * D * cfg.intermediate_size
+  per_layer = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.mlp_kernels * D * cfg.intermediate_size
   return L * per_layer + (D * cfg.vocab_size if head else 0)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq: int, head: bool = True, causal: bool = False) -> float:
-  attention = 4 * seq * cfg.hidden_size * cfg.num_layers
+  attention = 4 * seq * cfg.num_heads * cfg.head_dim * cfg.num_layers
   return 2 * matmul_params(cfg, head) + (attention / 2 if causal else attention)
 
 

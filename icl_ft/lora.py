@@ -46,6 +46,11 @@ def _in_out(cfg: ModelConfig, target: str) -> tuple[int, int, tuple[int, ...]]:
 
 def init(cfg: ModelConfig, lcfg: LoRAConfig, key: jax.Array) -> Params:
   """A ~ N(0, 1/in) and B = 0, so training starts from the base model exactly."""
+  have = [t for t in TARGETS if f"layers/{t}" in param_axes(cfg)]
+  absent = [t for t in lcfg.targets if t not in have]
+  if absent:
+    raise ValueError(f"the {cfg.arch} model has no {', '.join(absent)} projection (e.g. no gate in a non-gated "
+                     f"MLP); LoRA targets it has: {', '.join(have)}")
   out = {}
   for target, k in zip(lcfg.targets, jax.random.split(key, len(lcfg.targets))):
     d_in, d_out, _ = _in_out(cfg, target)

@@ -5,22 +5,27 @@ head-split attention kernels, so they work directly with ``jax.jit``, ``jax.vmap
 optax and Orbax:
 
   embed       [V, D]            layers/q  [L, D, Hq, dh]   layers/o     [L, Hq, dh, D]
-  final_norm  [D]               layers/k  [L, D, Hkv, dh]  layers/gate  [L, D, F]
+  final_norm  [D]               layers/k  [L, D, Hkv, dh]  layers/gate  [L, D, F] (gated MLPs)
   lm_head     [D, V] (untied)   layers/v  [L, D, Hkv, dh]  layers/up    [L, D, F]
-  layers/{attn_norm,mlp_norm} [L, D]   layers/{q,k,v}_bias [L, H, dh] (qwen2)   layers/down [L, F, D]
+  layers/{attn_norm,mlp_norm} [L, D]   layers/{q,k,v}_bias [L, H, dh]   layers/down [L, F, D]
+  pos_embed   [P, D] (gpt_neo)  layers/{o,up,down}_bias [L, D or F]   {final,attn,mlp}_norm_bias (LayerNorm)
+  layers/windowed [L] (constant: +1 where the layer uses ``cfg.sliding_window``, else -1; ``constant_leaves``)
 
-``Decoder`` declares each leaf once with its logical sharding axes; ``forward`` is the math.
-RMSNorm, softmax and logits are computed in float32 whatever the parameter dtype.
+One decoder covers every family (Llama, Mistral, Qwen2, Gemma, GPT-NeoX, GPT-Neo): their differences
+are ``ModelConfig`` fields. ``Decoder`` declares each leaf once with its logical sharding axes;
+``forward`` is the math. Norms, softmax and logits are computed in float32 whatever the parameter dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from icl_ft.config import ModelConfig
@@ -30,7 +35,9 @@ F32 = jnp.float32
 
 
 def param_axes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-  """Every parameter's shape and logical axes, keyed by '/'-joined path: the one table of leaves."""
+  """Every parameter's shape and logical axes, keyed by '/'-joined path: the one table of leaves.
+
+  D-sized vectors (norm weights and biases, output biases) use the replicated ``norm`` axis."""
   L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
   Hq, Hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   table = {
@@ -46,13 +53,37 @@ def param_axes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, 
       "layers/down": ((L, F, D), ("layers", "mlp", "embed")),
       "final_norm": ((D,), ("norm",)),
   }
+  if not cfg.gated_mlp:
+    del table["layers/gate"]
+  if cfg.learned_positions:
+    table["pos_embed"] = ((cfg.max_position_embeddings, D), ("length", "embed"))
+  if cfg.norm == "layer":
+    for name in ("layers/attn_norm", "layers/mlp_norm", "final_norm"):
+      table[f"{name}_bias"] = table[name]
   if cfg.qkv_bias:
     table["layers/q_bias"] = ((L, Hq, dh), ("layers", "q_heads", "head_dim"))
     table["layers/k_bias"] = ((L, Hkv, dh), ("layers", "kv_heads", "head_dim"))
     table["layers/v_bias"] = ((L, Hkv, dh), ("layers", "kv_heads", "head_dim"))
+  if cfg.o_bias:
+    table["layers/o_bias"] = ((L, D), ("layers", "norm"))
+  if cfg.mlp_bias:
+    table["layers/up_bias"] = ((L, F), ("layers", "mlp"))
+    table["layers/down_bias"] = ((L, D), ("layers", "norm"))
+  table.update({path: (value.shape, ("layers",)) for path, value in constant_leaves(cfg).items()})
   if not cfg.tie_embeddings:
     table["lm_head"] = ((D, V), ("embed", "vocab"))
   return table
+
+
+def constant_leaves(cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Leaves fixed by the config rather than the checkpoint: ``layers/windowed`` [L] (+1 where a layer uses
+  the sliding window, -1 where it attends globally), when the config has one. It lives in the tree so that
+  anything slicing the stacked layers (the scan, ``patching``) sees it. ``block`` reads only its sign: its
+  gradient is zero, so training changes it only by decoupled weight decay, which shrinks it but never flips
+  the sign, and perturbations smaller than 1 (e.g. noise added to every leaf) leave it too."""
+  if not cfg.sliding_window:
+    return {}
+  return {"layers/windowed": np.where(np.isin(np.arange(cfg.num_layers), cfg.window_layers), 1.0, -1.0).astype(np.float32)}
 
 
 class _Group(nnx.Module):
@@ -60,7 +91,7 @@ class _Group(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """Llama/Qwen2-family decoder. Holds ``nnx.Param`` leaves tagged with logical ``axes``.
+  """The decoder of every supported family. Holds ``nnx.Param`` leaves tagged with logical ``axes``.
 
   ``Decoder(cfg, rngs=nnx.Rngs(0))`` initialises randomly; ``nnx.eval_shape`` of that gives the
   abstract tree used to load checkpoints straight into their shardings.
@@ -69,9 +100,12 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = F32):
     self.config = cfg
     self.layers = _Group()
+    constants = constant_leaves(cfg)
     for path, (shape, axes) in param_axes(cfg).items():
-      if path.endswith("norm"):
-        value = jnp.ones(shape, dtype)
+      if path in constants:
+        value = jnp.asarray(constants[path], dtype)
+      elif path.endswith("norm"):
+        value = jnp.full(shape, 0.0 if cfg.norm == "rms_1p" else 1.0, dtype)
       elif path.endswith("bias"):
         value = jnp.zeros(shape, dtype)
       else:
@@ -110,12 +144,13 @@ class KVCache:
   valid: jax.Array  # [B, S] bool
   pos: jax.Array  # [B] int32
   index: jax.Array  # [] int32
+  positions: jax.Array  # [B, S] int32: each slot's position id (sliding windows are measured in positions)
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = F32) -> "KVCache":
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool),
-               jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
+               jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((batch, size), jnp.int32))
 
 
 def positions_from_valid(valid: jax.Array) -> jax.Array:
@@ -123,20 +158,32 @@ def positions_from_valid(valid: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def norm(cfg: ModelConfig, x: jax.Array, w: Params, name: str) -> jax.Array:
+  """The family's norm of ``x`` with weight ``w[name]`` in float32: RMSNorm (Gemma: weight ``1 + w``) or
+  LayerNorm (bias ``w[name + '_bias']``)."""
   xf = x.astype(F32)
-  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (y * weight.astype(F32)).astype(x.dtype)
+  if cfg.norm == "layer":
+    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+  y = y * ((1.0 + w[name].astype(F32)) if cfg.norm == "rms_1p" else w[name].astype(F32))
+  if cfg.norm == "layer":
+    y = y + w[f"{name}_bias"].astype(F32)
+  return y.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding in the rotate-half layout (dim i pairs with i + dh/2); x is [B, T, H, dh]."""
-  dh = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=F32) / dh))
-  angles = positions.astype(F32)[..., None] * inv_freq  # [B, T, dh/2]
+def rope(x: jax.Array, positions: jax.Array, theta: float, dim: int) -> jax.Array:
+  """Rotary embedding of the first ``dim`` dims of each head in the rotate-half layout (dim i pairs with
+  i + dim/2; the rest pass through); x is [B, T, H, dh]."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=F32) / dim))
+  angles = positions.astype(F32)[..., None] * inv_freq  # [B, T, dim/2]
   cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  x1, x2 = jnp.split(x[..., :dim].astype(F32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  return jnp.concatenate([rotated, x[..., dim:]], axis=-1) if dim < x.shape[-1] else rotated
+
+
+_ACT = {"silu": jax.nn.silu, "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 SITES = ("resid_pre", "q", "k", "v", "pattern", "attn_z", "attn_out", "resid_mid", "mlp_post", "mlp_out",
@@ -144,7 +191,10 @@ SITES = ("resid_pre", "q", "k", "v", "pattern", "attn_z", "attn_out", "resid_mid
 """Activation sites of every layer (shapes per layer; L is prepended when stacked over layers):
 resid_pre/resid_mid/resid_post/attn_out/mlp_out [B, T, D]; q and attn_z (the o_proj input) [B, T, Hq, dh];
 k, v [B, T, Hkv, dh] (projections, before RoPE); pattern [B, Hq, T, S] (post-softmax, opt-in: it is large);
-mlp_post [B, T, F] (the down_proj input)."""
+mlp_post [B, T, F] (the down_proj input).
+With GPT-NeoX's parallel residual the MLP reads ``norm(resid_pre)``, not ``resid_mid``: there
+resid_mid = resid_pre + attn_out is only the partial sum before mlp_out is added (patching it changes
+resid_post, never this layer's MLP)."""
 
 
 @flax.struct.dataclass
@@ -186,9 +236,10 @@ class _Site:
     return a
 
 
-def attention(q, k, v, mask, site: _Site | None = None):
-  """Grouped-query attention. q [B,T,Hq,dh], k/v [B,Hkv,S,dh] (head-major), mask [B,T,S] -> z [B,T,Hq,dh].
+def attention(q, k, v, mask, site: _Site | None = None, scale: float | None = None):
+  """Grouped-query attention. q [B,T,Hq,dh], k/v [B,Hkv,S,dh] (head-major), mask [B,T,S] bool -> z [B,T,Hq,dh].
 
+  Scores are scaled by ``scale`` (default dh^-0.5; GPT-Neo uses 1).
   Head-major layouts, with each KV head's query group stacked into one [G*T, dh] matrix, make both
   products plain batched matmuls with no transposes of the [T, S] scores (~1.5x faster on XLA CPU);
   head-major keys/values let a decode step read the cache in place.
@@ -198,7 +249,7 @@ def attention(q, k, v, mask, site: _Site | None = None):
   Hkv, S = k.shape[1], k.shape[2]
   G = Hq // Hkv
   q = q.reshape(B, T, Hkv, G, dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, dh)
-  scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=F32) * (dh ** -0.5)
+  scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=F32) * (dh ** -0.5 if scale is None else scale)
   scores = jnp.where(mask[:, None, None], scores.reshape(B, Hkv, G, T, S), jnp.finfo(F32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   if site is not None and site.wants("pattern"):
@@ -237,8 +288,11 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def _proj(eq: str, h: jax.Array, w: Params, name: str) -> jax.Array:
-  """``einsum(eq, h, w[name])`` plus the LoRA update ``(h @ a) @ b`` when adapters are attached."""
+  """``einsum(eq, h, w[name])``, plus ``w[name + '_bias']`` where the family has it, plus the LoRA update
+  ``(h @ a) @ b`` when adapters are attached."""
   y = _dense(h, w[name]) if h.dtype == w[name].dtype else jnp.einsum(eq, h, w[name])
+  if f"{name}_bias" in w:
+    y = y + w[f"{name}_bias"]
   if f"{name}_lora_a" in w:
     flat = h.reshape(*h.shape[:2], -1)
     y = y + ((flat @ w[f"{name}_lora_a"].astype(h.dtype)) @ w[f"{name}_lora_b"].astype(h.dtype)).reshape(y.shape)
@@ -248,56 +302,70 @@ def _proj(eq: str, h: jax.Array, w: Params, name: str) -> jax.Array:
 def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks | None = None):
   """One pre-norm transformer layer with its activation sites.
 
-  ``w``/``hooks`` are this layer's slices; ``kv`` is None (no cache) or (k_cache, v_cache, index): the
-  tokens attend to the cache with their own keys/values written at ``index``.
-  Returns (x, (k, v) of these tokens after RoPE, head-major [B, Hkv, T, dh], captured sites).
+  ``w``/``hooks`` are this layer's slices; ``mask`` comes from ``attention_mask``; ``kv`` is None (no
+  cache) or (k_cache, v_cache, index): the tokens attend to the cache with their own keys/values written
+  at ``index``. Returns (x, (k, v) of these tokens after RoPE, head-major [B, Hkv, T, dh], captured sites).
   """
   site = _Site(hooks)
   x = site("resid_pre", x)
-  h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+  h = norm(cfg, x, w, "attn_norm")
   q = _proj("btd,dhk->bthk", h, w, "q")
   k = _proj("btd,dhk->bthk", h, w, "k")
   v = _proj("btd,dhk->bthk", h, w, "v")
-  if cfg.qkv_bias:
-    q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
   q, k, v = site("q", q), site("k", k), site("v", v)
-  q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+  if cfg.rotary_dim:
+    q, k = rope(q, positions, cfg.rope_theta, cfg.rotary_dim), rope(k, positions, cfg.rope_theta, cfg.rotary_dim)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   keys, values = k, v
   if kv is not None:
     k_cache, v_cache, index = kv
     keys = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=2)
     values = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=2)
-  z = site("attn_z", attention(q, keys, values, mask, site))
-  x = site("resid_mid", x + site("attn_out", _proj("bthk,hkd->btd", z, w, "o")))
-  h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-  act = site("mlp_post", jax.nn.silu(_proj("btd,df->btf", h, w, "gate")) * _proj("btd,df->btf", h, w, "up"))
-  x = site("resid_post", x + site("mlp_out", _proj("btf,fd->btd", act, w, "down")))
+  allowed = mask >= 0
+  if cfg.sliding_window:
+    allowed &= (mask < cfg.sliding_window) | (w["windowed"] < 0)
+  z = site("attn_z", attention(q, keys, values, allowed, site, cfg.attn_scale))
+  mid = site("resid_mid", x + site("attn_out", _proj("bthk,hkd->btd", z, w, "o")))
+  h = norm(cfg, x if cfg.parallel_residual else mid, w, "mlp_norm")
+  fn = _ACT[cfg.act]
+  if cfg.gated_mlp:
+    act = site("mlp_post", fn(_proj("btd,df->btf", h, w, "gate")) * _proj("btd,df->btf", h, w, "up"))
+  else:
+    act = site("mlp_post", fn(_proj("btd,df->btf", h, w, "up")))
+  x = site("resid_post", mid + site("mlp_out", _proj("btf,fd->btd", act, w, "down")))
   return x, (k, v), site.captured
 
 
-def attention_mask(valid, cache: KVCache | None, T: int, segments=None):
-  """[B, T, S] causal mask over valid key slots, and the key-valid mask [B, S] after this step.
+def attention_mask(valid, cache: KVCache | None, T: int, segments=None, positions=None):
+  """The [B, T, S] int32 attention mask, and the key-valid mask [B, S] after this step.
 
-  ``segments`` [B, T] (optional, ints): a token sees earlier keys of segment 0 and of its own segment
-  only, so several continuations of one shared prefix are processed in a single pass (cached slots
-  count as segment 0)."""
+  ``mask[b, t, s]`` is how many positions key slot ``s`` lies before query ``t`` (by position ids:
+  windowed layers, see ``block``, attend where it is below ``cfg.sliding_window``), or -1 where ``t``
+  may not attend ``s`` at all: causal over valid key slots. ``segments`` [B, T] (optional, ints): a
+  token sees earlier keys of segment 0 and of its own segment only, so several continuations of one
+  shared prefix are processed in a single pass (cached slots count as segment 0). ``positions``
+  [B, T] defaults to consecutive ids after each sequence's valid tokens (``positions_from_valid``).
+  """
+  if positions is None:
+    positions = positions_from_valid(valid) + (0 if cache is None else cache.pos[:, None])
   if cache is None:
-    key_valid, q_slot, k_slot = valid, jnp.arange(T), jnp.arange(T)
+    key_valid, key_pos, key_seg = valid, positions, segments
+    q_slot, k_slot = jnp.arange(T), jnp.arange(T)
   else:
-    key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
+    write = lambda cached, new: jax.lax.dynamic_update_slice_in_dim(cached, new, cache.index, axis=1)
+    key_valid, key_pos = write(cache.valid, valid), write(cache.positions, positions.astype(jnp.int32))
+    key_seg = None if segments is None else write(jnp.zeros(cache.valid.shape, segments.dtype), segments)
     q_slot, k_slot = cache.index + jnp.arange(T), jnp.arange(cache.valid.shape[1])
-  mask = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+  allowed = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
   if segments is not None:
-    key_seg = segments if cache is None else jax.lax.dynamic_update_slice_in_dim(
-        jnp.zeros(cache.valid.shape, segments.dtype), segments, cache.index, axis=1)
-    mask &= (key_seg[:, None, :] == 0) | (key_seg[:, None, :] == segments[:, :, None])
-  return mask, key_valid
+    allowed &= (key_seg[:, None, :] == 0) | (key_seg[:, None, :] == segments[:, :, None])
+  distance = jnp.maximum(positions[:, :, None] - key_pos[:, None, :], 0).astype(jnp.int32)
+  return jnp.where(allowed, distance, -1), key_valid
 
 
 def unembed(cfg: ModelConfig, params: Params, x, logits_at=None):
   """Final norm and LM head (float32 logits), only at ``logits_at`` [B, N] positions when given."""
-  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  x = norm(cfg, x, params, "final_norm")
   if logits_at is not None:
     x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
   head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
@@ -336,7 +404,11 @@ def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Ho
       raise ValueError(f"unknown activation site(s) {sorted(unknown)}; valid sites: {', '.join(SITES)}")
   T = tokens.shape[1]
   x = jnp.take(params["embed"], tokens, axis=0)
-  mask, key_valid = attention_mask(valid, cache, T, segments)
+  if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the embedding dtype first, as transformers
+    x = x * jnp.asarray(math.sqrt(cfg.hidden_size), F32).astype(x.dtype)
+  if cfg.learned_positions:
+    x = x + jnp.take(params["pos_embed"], positions, axis=0)
+  mask, key_valid = attention_mask(valid, cache, T, segments, positions)
   layer_kv = None if cache is None else (cache.k, cache.v)
 
   def body(x, layer):
@@ -351,5 +423,6 @@ def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Ho
   if cache is not None:  # only the new slots are written: in place when the cache is a loop carry or donated
     k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k_all.astype(cache.k.dtype), cache.index, axis=3)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v_all.astype(cache.v.dtype), cache.index, axis=3)
-    cache = KVCache(k_all, v_all, key_valid, cache.pos + valid.sum(-1).astype(jnp.int32), cache.index + T)
+    key_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), cache.index, axis=1)
+    cache = KVCache(k_all, v_all, key_valid, cache.pos + valid.sum(-1).astype(jnp.int32), cache.index + T, key_pos)
   return logits, cache, captured

@@ -15,19 +15,40 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
             max_position_embeddings=128, rms_norm_eps=1e-6)
 
 
+# Tiny settings of each family that exercise what sets it apart (window 8 < the tested lengths).
+FAMILY = {
+    "llama": {}, "qwen2": {},
+    "mistral": dict(sliding_window=8),
+    "gemma": dict(head_dim=16, hidden_act="gelu_pytorch_tanh"),  # 4 heads x 16 != hidden 32, as Gemma-7B
+    "gpt_neox": dict(rotary_pct=0.5, hidden_act="gelu"),
+    "gpt_neo": dict(window_size=8, attention_types=[[["global", "local"], 1]], activation_function="gelu_new",
+                    bos_token_id=0, eos_token_id=0),
+}
+_RENAME = {"gpt_neo": {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+                       "rms_norm_eps": "layer_norm_epsilon"},
+           "gpt_neox": {"rms_norm_eps": "layer_norm_eps", "rope_theta": "rotary_emb_base"}}
+
+
 def build_hf_model(arch="llama", kv_heads=2, tied=False, seed=0, **overrides):
   """A tiny random transformers model (biases and norm weights randomised too), float32, eager."""
   import torch
-  from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+  import transformers
   torch.manual_seed(seed)
-  kw = dict(TINY, num_key_value_heads=kv_heads, tie_word_embeddings=tied, rope_theta=10000.0 + 17 * seed,
-            attn_implementation="eager", **overrides)
-  config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
-  model = model_cls(config_cls(**kw)).float().eval()
+  kw = dict(TINY, num_key_value_heads=kv_heads, tie_word_embeddings=tied, rope_theta=10000.0 + 17 * seed)
+  if arch in ("gpt_neo", "gpt_neox"):  # multi-head attention only
+    assert kv_heads == TINY["num_attention_heads"], arch
+    del kw["num_key_value_heads"]
+  if arch == "gpt_neo":
+    del kw["rope_theta"]
+  kw = {_RENAME.get(arch, {}).get(k, k): v for k, v in kw.items()}
+  kw.update(FAMILY[arch], attn_implementation="eager", **overrides)
+  config = transformers.AutoConfig.for_model(arch, **kw)
+  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("bias") or "norm" in name:
-        p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+      norm = "norm" in name or ".ln_" in name
+      if name.endswith("bias") or norm:
+        p.copy_(torch.randn_like(p) * 0.5 + (1.0 if norm and name.endswith("weight") else 0.0))
   return model
 
 
@@ -53,10 +74,11 @@ def _isolated_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("ICL_FT_CACHE", str(tmp_path / "icl_ft_cache"))
 
 
-def torch_logits(model, ids, attention_mask=None):
+def torch_logits(model, ids, attention_mask=None, position_ids=None):
   import torch
+  kw = {k: torch.tensor(np.asarray(v), dtype=torch.long) for k, v in
+        (("attention_mask", attention_mask), ("position_ids", position_ids)) if v is not None}
   with torch.no_grad():
-    kw = {} if attention_mask is None else {"attention_mask": torch.tensor(np.asarray(attention_mask), dtype=torch.long)}
     return model(torch.tensor(np.asarray(ids), dtype=torch.long), **kw).logits.numpy()
 
 

@@ -16,18 +16,21 @@ CHECK = textwrap.dedent("""
     from icl_ft import loading, sharding
     from icl_ft.model import forward, positions_from_valid
     assert jax.device_count() == 8, jax.devices()
-    directory, mesh_spec = sys.argv[1], eval(sys.argv[2])
+    directories, mesh_spec = sys.argv[1].split(","), eval(sys.argv[2])
     mesh = sharding.make_mesh(mesh_spec)
-    m = loading.load(directory, mesh=mesh, use_cache=False)
-    q = m.params["layers"]["q"]
-    assert q.sharding.mesh.shape == mesh.shape, q.sharding
-    print("SPEC", q.sharding.spec, m.params["embed"].sharding.spec)
-    ids = (np.arange(8 * 24).reshape(8, 24) * 7) % 96
-    valid = np.ones(ids.shape, bool)
-    ids_s = jax.device_put(ids, sharding.batch_sharding(mesh))
-    f = jax.jit(forward, static_argnums=0)
-    logits, _ = f(m.config, m.params, ids_s, positions_from_valid(valid), valid)
-    np.save(sys.argv[3], np.asarray(logits))
+    out = {}
+    for n, directory in enumerate(directories):
+      m = loading.load(directory, mesh=mesh, use_cache=False)
+      q = m.params["layers"]["q"]
+      assert q.sharding.mesh.shape == mesh.shape, q.sharding
+      print("SPEC", q.sharding.spec, m.params["embed"].sharding.spec)
+      ids = (np.arange(8 * 24).reshape(8, 24) * 7) % 96
+      valid = np.ones(ids.shape, bool)
+      ids_s = jax.device_put(ids, sharding.batch_sharding(mesh))
+      f = jax.jit(forward, static_argnums=0)
+      logits, _ = f(m.config, m.params, ids_s, positions_from_valid(valid), valid)
+      out[str(n)] = np.asarray(logits)
+    np.savez(sys.argv[3], **out)
 """)
 
 
@@ -40,16 +43,28 @@ def _run(args, tmp_path):
 @pytest.mark.parametrize("mesh", ["{'fsdp': 8}", "{'data': 2, 'fsdp': 2, 'tensor': 2}", "{'data': 4, 'tensor': 2}"])
 def test_sharded_forward_equals_unsharded(hf_dir_factory, tmp_path, mesh):
   d, ref = hf_dir_factory("qwen2", 2, False)
-  out = tmp_path / "logits.npy"
+  out = tmp_path / "logits.npz"
   r = _run([str(d), mesh, str(out)], tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   ids = (np.arange(8 * 24).reshape(8, 24) * 7) % 96
-  assert np.abs(np.load(out) - torch_logits(ref, ids)).max() <= 1e-5
+  assert np.abs(np.load(out)["0"] - torch_logits(ref, ids)).max() <= 1e-5
+
+
+def test_sharded_forward_equals_unsharded_for_every_family(hf_dir_factory, tmp_path):
+  """GPT-NeoX, GPT-Neo (24 tokens: three local windows), Gemma, sliding-window Mistral on data x fsdp x tensor."""
+  made = [hf_dir_factory("gpt_neox", 4), hf_dir_factory("gpt_neo", 4, True), hf_dir_factory("gemma", 4, True),
+          hf_dir_factory("mistral", 2)]
+  out = tmp_path / "logits.npz"
+  r = _run([",".join(str(d) for d, _ in made), "{'data': 2, 'fsdp': 2, 'tensor': 2}", str(out)], tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  ids = (np.arange(8 * 24).reshape(8, 24) * 7) % 96
+  for n, (_, ref) in enumerate(made):
+    assert np.abs(np.load(out)[str(n)] - torch_logits(ref, ids)).max() <= 1e-5, made[n][0]
 
 
 def test_mesh_that_does_not_divide_the_model_is_rejected(hf_dir_factory, tmp_path):
   d, _ = hf_dir_factory("qwen2", 2, False)  # 2 KV heads cannot be split over tensor=4
-  r = _run([str(d), "{'fsdp': 2, 'tensor': 4}", str(tmp_path / "x.npy")], tmp_path)
+  r = _run([str(d), "{'fsdp': 2, 'tensor': 4}", str(tmp_path / "x.npz")], tmp_path)
   assert r.returncode != 0
   assert "MeshError" in r.stderr and "layers/k dim 2 (kv_heads=2) over tensor=4" in r.stderr, r.stderr[-2000:]
 
