@@ -82,6 +82,16 @@ def torch_logits(model, ids, attention_mask=None, position_ids=None):
     return model(torch.tensor(np.asarray(ids), dtype=torch.long), **kw).logits.numpy()
 
 
+def jax_logits(m, ids, valid=None):
+  """Our jitted float32 logits of a loaded model for (left-padded) ``ids``."""
+  import jax.numpy as jnp
+  from icl_ft.model import forward, positions_from_valid
+  ids = jnp.asarray(ids)
+  valid = jnp.ones(ids.shape, bool) if valid is None else jnp.asarray(valid)
+  logits, _ = jax.jit(forward, static_argnums=0)(m.config, m.params, ids, positions_from_valid(valid), valid)
+  return np.asarray(logits)
+
+
 def build_byte_tokenizer():
   """A byte-level tokenizer (256 byte tokens + <eos>) built offline: exact round trip of any text."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers

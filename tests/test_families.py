@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import build_byte_tokenizer, build_hf_model, torch_logits
+from conftest import build_byte_tokenizer, build_hf_model, jax_logits as _logits, torch_logits
 from icl_ft import convert, ft_data, icl, inference, loading, lora, patching, training
 from icl_ft.config import ModelConfig
-from icl_ft.model import forward, positions_from_valid
+from icl_ft.model import positions_from_valid
 
 CASES = {  # id -> (arch, kv_heads, tied, overrides); windows are 8 tokens (conftest.FAMILY)
     "gpt_neox": ("gpt_neox", 4, False, {}),
@@ -29,13 +29,6 @@ def _load(hf_dir_factory, case):
   arch, kv, tied, overrides = CASES[case]
   d, ref = hf_dir_factory(arch, kv, tied, **overrides)
   return loading.load(str(d), use_cache=False), ref
-
-
-def _logits(m, ids, valid=None):
-  ids = jnp.asarray(ids)
-  valid = jnp.ones(ids.shape, bool) if valid is None else jnp.asarray(valid)
-  logits, _ = jax.jit(forward, static_argnums=0)(m.config, m.params, ids, positions_from_valid(valid), valid)
-  return np.asarray(logits)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,24 +1,16 @@
 """Parity of the JAX decoder with transformers' PyTorch models at random weights (float32)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import torch_logits
+from conftest import jax_logits as _jax_logits, torch_logits
 from icl_ft import inference, loading
 from icl_ft.config import ModelConfig
-from icl_ft.model import KVCache, forward, positions_from_valid
+from icl_ft.model import KVCache, positions_from_valid
 
 CASES = [  # (arch, kv_heads, tied): GQA, MHA, tied and untied heads, with and without q/k/v biases
     ("llama", 2, False), ("llama", 4, True), ("qwen2", 2, True), ("qwen2", 1, False)]
-
-
-def _jax_logits(m, ids, valid=None):
-  ids = jnp.asarray(ids)
-  valid = jnp.ones(ids.shape, bool) if valid is None else jnp.asarray(valid)
-  logits, _ = jax.jit(forward, static_argnums=0)(m.config, m.params, ids, positions_from_valid(valid), valid)
-  return np.asarray(logits)
 
 
 @pytest.mark.parametrize("arch,kv_heads,tied", CASES)
