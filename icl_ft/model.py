@@ -321,9 +321,9 @@ def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks
     k_cache, v_cache, index = kv
     keys = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=2)
     values = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=2)
-  allowed = mask >= 0
+  allowed = mask.allowed
   if cfg.sliding_window:
-    allowed &= (mask < cfg.sliding_window) | (w["windowed"] < 0)
+    allowed &= (mask.distance < cfg.sliding_window) | (w["windowed"] < 0)
   z = site("attn_z", attention(q, keys, values, allowed, site, cfg.attn_scale))
   mid = site("resid_mid", x + site("attn_out", _proj("bthk,hkd->btd", z, w, "o")))
   h = norm(cfg, x if cfg.parallel_residual else mid, w, "mlp_norm")
@@ -336,15 +336,23 @@ def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks
   return x, (k, v), site.captured
 
 
-def attention_mask(valid, cache: KVCache | None, T: int, segments=None, positions=None):
-  """The [B, T, S] int32 attention mask, and the key-valid mask [B, S] after this step.
+@flax.struct.dataclass
+class AttentionMask:
+  """Which key slots each query may attend, shared by all layers; windowed layers (``block``) further
+  require ``distance < cfg.sliding_window``."""
+  allowed: jax.Array  # [B, T, S] bool: causal over valid key slots (and segments)
+  distance: jax.Array  # [B, T, S] int32: how many positions (by position id) the key lies before the query
 
-  ``mask[b, t, s]`` is how many positions key slot ``s`` lies before query ``t`` (by position ids:
-  windowed layers, see ``block``, attend where it is below ``cfg.sliding_window``), or -1 where ``t``
-  may not attend ``s`` at all: causal over valid key slots. ``segments`` [B, T] (optional, ints): a
-  token sees earlier keys of segment 0 and of its own segment only, so several continuations of one
-  shared prefix are processed in a single pass (cached slots count as segment 0). ``positions``
-  [B, T] defaults to consecutive ids after each sequence's valid tokens (``positions_from_valid``).
+
+def attention_mask(valid, cache: KVCache | None, T: int, segments=None, positions=None):
+  """The ``AttentionMask`` of ``T`` new tokens, and the key-valid mask [B, S] after this step.
+
+  ``segments`` [B, T] (optional, ints): a token sees earlier keys of segment 0 and of its own segment
+  only, so several continuations of one shared prefix are processed in a single pass (cached slots
+  count as segment 0). ``positions`` [B, T] defaults to consecutive ids after each sequence's valid
+  tokens (``positions_from_valid``). Windows are measured in position ids, not slots, so prefix-sharing
+  segments and hidden cache slots do not shift them; for left-padded sequences this equals
+  transformers' slot-based windows.
   """
   if positions is None:
     positions = positions_from_valid(valid) + (0 if cache is None else cache.pos[:, None])
@@ -359,8 +367,7 @@ def attention_mask(valid, cache: KVCache | None, T: int, segments=None, position
   allowed = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
   if segments is not None:
     allowed &= (key_seg[:, None, :] == 0) | (key_seg[:, None, :] == segments[:, :, None])
-  distance = jnp.maximum(positions[:, :, None] - key_pos[:, None, :], 0).astype(jnp.int32)
-  return jnp.where(allowed, distance, -1), key_valid
+  return AttentionMask(allowed, (positions[:, :, None] - key_pos[:, None, :]).astype(jnp.int32)), key_valid
 
 
 def unembed(cfg: ModelConfig, params: Params, x, logits_at=None):
