@@ -72,7 +72,7 @@ class ModelConfig:
     norm = 2 * d if self.norm == "layer" else d
     attn = d * dh * (2 * self.num_heads + 2 * self.num_kv_heads)
     bias = (dh * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0) + (d if self.o_bias else 0)
-    mlp = self.mlp_kernels * d * f + ((f + d) * (self.mlp_kernels - 1) if self.mlp_bias else 0)
+    mlp = self.mlp_kernels * d * f + (f + d if self.mlp_bias else 0)  # biases: non-gated MLPs only
     layer = attn + bias + mlp + 2 * norm
     head = 0 if self.tie_embeddings else self.vocab_size * d
     pos = self.max_position_embeddings * d if self.learned_positions else 0
