@@ -15,13 +15,13 @@ import dataclasses
 from pathlib import Path
 from typing import Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from icl_ft import pairs as pairs_lib
 from icl_ft import patching, report, shift
 from icl_ft.config import ModelConfig
 from icl_ft.model import Params
+from icl_ft.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,30 +32,30 @@ class CircuitConfig:
   seed: int = 0
   icl_shots: tuple[int, ...] = (4,)
   chunk: int = 16
+  resid_last: int = 0  # residual (layer, position) sweep over the query's last N positions; 0: the whole query
   n_boot: int = 200
   top_k: int = 10
   tol: float = 1e-3  # conditions whose clean-corrupt logit-diff gap is below this are not separated (no effects)
 
 
 def _batches(p: pairs_lib.PairSet) -> tuple[patching.Batch, patching.Batch]:
-  mk = lambda ids: patching.Batch(jnp.asarray(ids), jnp.asarray(p.valid), jnp.asarray(p.answer_pos),
-                                  jnp.asarray(p.clean_answer), jnp.asarray(p.corrupt_answer))
+  mk = lambda ids: patching.Batch(ids, p.valid, p.answer_pos, p.clean_answer, p.corrupt_answer)
   return mk(p.clean_ids), mk(p.corrupt_ids)
 
 
-def condition_runs(cfg: ModelConfig, params: Params, p: pairs_lib.PairSet, chunk: int = 16) -> dict:
+def condition_runs(cfg: ModelConfig, params: Params, p: pairs_lib.PairSet, chunk: int = 16,
+                   resid_last: int = 0) -> dict:
   """Denoising sweeps of one condition: per-pair metrics for heads [N, L, H], MLPs [N, L] and the residual
   stream over the query segment [N, L, P] (positions ``min(query_first)`` .. T-1, shared by all pairs;
   demo positions are not patched), with the unpatched corrupted (target) and clean (source) metrics [N]."""
   clean, corrupt = _batches(p)
   clean_ld, cache = patching.capture(cfg, params, clean, taps=("attn_z", "mlp_out", "resid_pre"))
   corrupt_ld, _ = patching.capture(cfg, params, corrupt)
-  sweep = lambda site, gran, pos=None: np.asarray(patching.patch_sweep(cfg, params, corrupt, cache, site, gran,
-                                                                       chunk, pos))
-  query = np.arange(int(p.roles["query_first"].min()), p.length)
+  sweep = lambda site, gran, pos=None: to_host(patching.patch_sweep(cfg, params, corrupt, cache, site, gran, chunk, pos))
+  query = np.arange(int(p.roles["query_first"].min()), p.length)[-resid_last:]  # [-0:] keeps all
   runs = {"heads": sweep("attn_z", ("layer", "head")), "mlps": sweep("mlp_out", ("layer",))[:, 0],
-          "resid": sweep("resid_pre", ("layer", "pos"), jnp.asarray(query))}
-  target, source = np.asarray(corrupt_ld), np.asarray(clean_ld)
+          "resid": sweep("resid_pre", ("layer", "pos"), query)}
+  target, source = to_host((corrupt_ld, clean_ld))
   return {name: shift.PatchRuns(np.moveaxis(v, -1, 0), target, source) for name, v in runs.items()}
 
 
@@ -65,8 +65,9 @@ def transfer_runs(cfg: ModelConfig, base: Params, tuned: Params, p: pairs_lib.Pa
   clean, _ = _batches(p)
   tuned_ld, cache = patching.capture(cfg, tuned, clean, taps=("attn_z",))
   base_ld, _ = patching.capture(cfg, base, clean)
-  swept = np.asarray(patching.patch_sweep(cfg, base, clean, cache, "attn_z", ("layer", "head"), chunk))
-  return shift.PatchRuns(np.moveaxis(swept, -1, 0), np.asarray(base_ld), np.asarray(tuned_ld))
+  swept, base_ld, tuned_ld = to_host((patching.patch_sweep(cfg, base, clean, cache, "attn_z", ("layer", "head"), chunk),
+                                      base_ld, tuned_ld))
+  return shift.PatchRuns(np.moveaxis(swept, -1, 0), base_ld, tuned_ld)
 
 
 def attribution_check(cfg: ModelConfig, params: Params, p: pairs_lib.PairSet, exact: shift.PatchRuns, k: int) -> dict:
@@ -74,7 +75,7 @@ def attribution_check(cfg: ModelConfig, params: Params, p: pairs_lib.PairSet, ex
   the exact head sweep: Spearman correlation and the exact effects of AtP's top-k heads."""
   clean, corrupt = _batches(p)
   _, cache = patching.capture(cfg, params, clean, taps=("attn_z",))
-  atp = np.asarray(patching.attribution_patch(cfg, params, corrupt, cache, ("attn_z",))["attn_z"])
+  atp = to_host(patching.attribution_patch(cfg, params, corrupt, cache, ("attn_z",))["attn_z"])
   grid = atp.sum(axis=-1)  # [L, N, T, H]: per (layer, head, position)
   est = grid.sum(axis=2).mean(axis=1)  # [L, H]: estimated E[patched] - E[target] per head
   true = exact.patched.mean(axis=0) - exact.target.mean()
@@ -110,7 +111,7 @@ def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,
   params_of = {name: base for name in sets}
   for name, params in tuned.items():
     sets[name], params_of[name] = sets["base"], params
-  runs = {name: condition_runs(cfg, params_of[name], p, ccfg.chunk) for name, p in sets.items()}
+  runs = {name: condition_runs(cfg, params_of[name], p, ccfg.chunk, ccfg.resid_last) for name, p in sets.items()}
   out = {"config": dataclasses.asdict(ccfg), "pairs": {n: p.summary() for n, p in sets.items()},
          "example_pair": {"clean": sets["base"].prompts[0][0], "corrupt": sets["base"].prompts[0][1],
                           "answers": sets["base"].answers[0]}}

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from icl_ft import scoring, tasks
+from icl_ft import scoring, sharding, tasks
 from icl_ft.inference import generate_and_score, left_pad, right_pad
 from icl_ft.loading import LoadedModel
 
@@ -102,9 +102,9 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
     ids, valid = left_pad([prompt_ids[i] for i in rows], pad, T)
     flat = [a for i in rows for a in answers[i]]
     ans, ans_valid = right_pad(flat, pad, answer_len)
-    out = generate_and_score(cfg, model.params, jnp.asarray(ids), jnp.asarray(valid),
-                             jnp.asarray(ans.reshape(B, 2, -1)), jnp.asarray(ans_valid.reshape(B, 2, -1)), n_new)
-    new, logprob, first = (np.asarray(out[k]) for k in ("tokens", "logprob", "first_logit"))
+    out = sharding.to_host(generate_and_score(cfg, model.params, ids, valid, ans.reshape(B, 2, -1),
+                                              ans_valid.reshape(B, 2, -1), n_new))
+    new, logprob, first = (out[k] for k in ("tokens", "logprob", "first_logit"))
     for r, i in enumerate(batch):
       records[i] = _record(queries[i], prompt_ids[i], list(new[r]), logprob[r], first[r], tok, eos, engine)
   return [records[i] for i in sorted(records)], skipped

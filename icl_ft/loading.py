@@ -182,13 +182,18 @@ def _auto_tokenizer(directory: Path):
 def _write_cache(entry: Path, cfg: ModelConfig, params: Params, tokenizer) -> None:
   """Writes the converted model; the ``COMPLETE`` marker is written last, so a crash leaves no half entry."""
   import orbax.checkpoint as ocp
-  if entry.exists():
-    shutil.rmtree(entry)
-  entry.mkdir(parents=True)
+  writer = jax.process_index() == 0  # multi-host: one process prepares the directory, all save their shards
+  if writer:
+    if entry.exists():
+      shutil.rmtree(entry)
+    entry.mkdir(parents=True)
+  sharding.barrier("icl_ft cache directory")
   with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
     ckptr.save((entry / "params").resolve(), params)
     ckptr.wait_until_finished()
-  (entry / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, default=str))
-  if tokenizer is not None:
-    tokenizer.save_pretrained(str(entry / "tokenizer"))
-  (entry / "COMPLETE").write_text("ok\n")
+  if writer:
+    (entry / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, default=str))
+    if tokenizer is not None:
+      tokenizer.save_pretrained(str(entry / "tokenizer"))
+    (entry / "COMPLETE").write_text("ok\n")
+  sharding.barrier("icl_ft cache complete")

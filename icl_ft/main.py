@@ -22,6 +22,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/parity.py", "Study 
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go through --config.KEY=VALUE")
+  from absl import logging
+  if logging.get_verbosity() == logging.INFO:  # default: keep library INFO chatter (backend probing) off the console
+    logging.set_verbosity(logging.WARNING)
   from icl_ft import config, convert, loading, sharding, study, training
   sharding.maybe_initialize_distributed()
   try:

@@ -125,6 +125,8 @@ def maybe_initialize_distributed() -> bool:
   tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
   if not (explicit or slurm or tpu_pod):
     return False
+  # CPU processes (tests, simulated multi-host) need a cross-process collectives backend.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if explicit:
     jax.distributed.initialize(
         coordinator_address=explicit,
@@ -133,3 +135,18 @@ def maybe_initialize_distributed() -> bool:
   else:
     jax.distributed.initialize()  # cluster auto-detection (SLURM, Cloud TPU)
   return True
+
+
+def barrier(name: str) -> None:
+  """Waits for every process of a multi-host run (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+  """Device arrays -> numpy on every process (a multi-host all-gather where arrays span processes)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from icl_ft import report, tasks
+from icl_ft import report, sharding, tasks
 
 STAGES = ("data", "icl", "finetune", "ft_eval", "circuits", "report")
 NEEDS = {"data": (), "icl": (), "finetune": (), "ft_eval": ("finetune",), "circuits": ("finetune",),
@@ -214,13 +214,15 @@ class Study:
     """Prepares the stage directory: kept when started under this fingerprint (resume), else cleared."""
     d, fp = self.dir(stage), self.cfg.fingerprint(stage)
     started = d / "STARTED.json"
-    if d.exists() and not (started.exists() and json.loads(started.read_text()).get("fingerprint") == fp):
-      self.log(f"[{stage}] outputs from another config in {d}: clearing them")
-      shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
-    if not started.exists():
-      report.write_json(started, {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    (d / "DONE.json").unlink(missing_ok=True)
+    if report.is_writer():
+      if d.exists() and not (started.exists() and json.loads(started.read_text()).get("fingerprint") == fp):
+        self.log(f"[{stage}] outputs from another config in {d}: clearing them")
+        shutil.rmtree(d)
+      d.mkdir(parents=True, exist_ok=True)
+      if not started.exists():
+        report.write_json(started, {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+      (d / "DONE.json").unlink(missing_ok=True)
+    sharding.barrier(f"icl_ft start {stage}")
     return d
 
   def run(self) -> dict[str, dict]:
@@ -251,7 +253,9 @@ class Study:
         report.write_json(d / "DONE.json", rec)
         self.log(f"[{stage}] done in {rec['seconds']:.0f}s")
         for later in self._downstream(stage):  # their outputs were computed from the previous run of this stage
-          (self.dir(later) / "DONE.json").unlink(missing_ok=True)
+          if report.is_writer():
+            (self.dir(later) / "DONE.json").unlink(missing_ok=True)
+        sharding.barrier(f"icl_ft done {stage}")
       records[stage] = rec
     return records
 
@@ -263,7 +267,7 @@ class Study:
   @property
   def model(self):
     if self._model is None:
-      from icl_ft import loading, sharding
+      from icl_ft import loading
       self._mesh = sharding.make_mesh(self.cfg.mesh)
       t0 = time.time()
       self._model = loading.load(self.cfg.model, dtype=self.cfg.dtype, mesh=self._mesh)
