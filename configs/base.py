@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.progress = True
   c.note = ("Laptop-CPU scale: 60 queries per cell (the paper: 199), shots up to 8, 60 fine-tuning steps of 8 "
-            "(480 samples; the paper: checkpoint-100 of batch 16-32) and 8 prompt pairs per circuit condition. "
+            "(480 samples; the paper: checkpoint-100 of batch 16-32), 6 prompt pairs per circuit condition with 1-shot ICL "
+            "and the residual sweep over the last 8 query positions. "
             "Intervals are wide at this size; configs/paper.py is the full grid.")
 
   c.icl = ml_collections.ConfigDict()
@@ -61,9 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.circuits.enabled = True
   c.circuits.tasks = ""  # tasks to analyse; empty: the config's tasks that support prompt pairs
   c.circuits.format = "fixed"
-  c.circuits.n_pairs = 8
-  c.circuits.icl_shots = "2"
+  c.circuits.n_pairs = 6
+  c.circuits.icl_shots = "1"
   c.circuits.chunk = 16
+  c.circuits.resid_last = 8  # residual-stream sweep over the query's last 8 positions (0: the whole query)
   c.circuits.n_boot = 200
   c.circuits.top_k = 10
   c.circuits.tol = 1e-3  # a condition whose clean-corrupt logit-diff gap is below this has no effects

@@ -138,6 +138,7 @@ class StudyConfig:
         n_pairs=_positive("circuits.n_pairs", cc["n_pairs"]), seed=raw["seed"],
         icl_shots=_ints("circuits.icl_shots", cc["icl_shots"], lo=1), chunk=_positive("circuits.chunk", cc["chunk"]),
         n_boot=_positive("circuits.n_boot", cc["n_boot"]), top_k=_positive("circuits.top_k", cc["top_k"]),
+        resid_last=_ints("circuits.resid_last", [cc["resid_last"]])[0],
         tol=float(cc["tol"]))
         for t in circuit_tasks)
     return cls(
