@@ -20,14 +20,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.stages = "all"  # or a comma-separated subset of: data, icl, finetune, ft_eval, circuits, report
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.progress = True
-  c.note = ("Laptop-CPU scale: 60 queries per cell (the paper: 199), shots up to 8, 60 fine-tuning steps of 8 "
-            "(480 samples; the paper: checkpoint-100 of batch 16-32), 6 prompt pairs per circuit condition with 1-shot ICL "
-            "and the residual sweep over the last 8 query positions. "
-            "Intervals are wide at this size; configs/paper.py is the full grid.")
+  c.note = ("Laptop-CPU scale: 50 queries per cell (the paper: 199), shots up to 8, 40 fine-tuning steps of 8 "
+            "(320 samples; the paper: checkpoint-100 of batch 16-32), 4 prompt pairs per circuit condition with "
+            "1-shot ICL and the residual sweep over the last 2 query positions. Intervals are wide at this size; "
+            "configs/paper.py is the full grid.")
 
   c.icl = ml_collections.ConfigDict()
   c.icl.shots = "0,1,2,4,8"  # 0 is the base model's 0-shot baseline
-  c.icl.n = 60  # queries per (task, variant, shots) cell; the paper uses 199
+  c.icl.n = 50  # queries per (task, variant, shots) cell; the paper uses 199
   c.icl.batch_size = 8
   c.icl.on_too_long = "skip"  # prompts beyond the context window: skip (counted) or error
 
@@ -37,11 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.ft.n_per_task = 400  # the paper's mixture uses 1000 of each of four tasks
   c.ft.with_header = False  # the release trains on bare question + answer
   c.ft.loss_on = "all"  # all (the release: every token) or answer
-  c.ft.steps = 60
+  c.ft.steps = 40
   c.ft.batch_size = 8
   c.ft.grad_accum = 1
   c.ft.lr = 1e-5
-  c.ft.warmup_steps = 6
+  c.ft.warmup_steps = 4
   c.ft.schedule = "constant_with_warmup"  # or cosine
   c.ft.weight_decay = 0.0
   c.ft.clip_norm = 1.0
@@ -62,10 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.circuits.enabled = True
   c.circuits.tasks = ""  # tasks to analyse; empty: the config's tasks that support prompt pairs
   c.circuits.format = "fixed"
-  c.circuits.n_pairs = 6
+  c.circuits.n_pairs = 4
   c.circuits.icl_shots = "1"
   c.circuits.chunk = 16
-  c.circuits.resid_last = 8  # residual-stream sweep over the query's last 8 positions (0: the whole query)
+  c.circuits.resid_last = 2  # residual-stream sweep over the query's last 2 positions (0: the whole query)
   c.circuits.n_boot = 200
   c.circuits.top_k = 10
   c.circuits.tol = 1e-3  # a condition whose clean-corrupt logit-diff gap is below this has no effects

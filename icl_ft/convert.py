@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from icl_ft.config import ModelConfig
-from icl_ft.model import Params, constant_leaves, param_axes
+from icl_ft.model import Params, param_axes
 
 
 class CheckpointError(ValueError):
@@ -208,8 +208,7 @@ def _hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
     table[f"layers/{n}"] = fused(j) if is_fused else heads_in(h)
     table[f"layers/{n}_bias"] = fused_bias(j) if is_fused else bias(h)
   names = _hf_names(cfg)
-  constants = constant_leaves(cfg)
-  return {path: (names[path], *table.get(path, (ident, ident))) for path in param_axes(cfg) if path not in constants}
+  return {path: (names[path], *table.get(path, (ident, ident))) for path in param_axes(cfg)}
 
 
 def _set(tree: dict, path: str, value) -> None:
@@ -230,8 +229,6 @@ def load_params(cfg: ModelConfig, source: TensorSource, shardings: Mapping[str, 
     raise CheckpointError(f"checkpoint lacks tensors the {cfg.arch} config needs: {missing[:5]}")
   params: dict = {}
   axes = param_axes(cfg)
-  for path, value in constant_leaves(cfg).items():
-    _set(params, path, jax.make_array_from_callback(value.shape, shardings[path], lambda i, v=value: v[i].astype(dtype)))
   for path, (name, to_ours, _) in layout.items():
     shape = axes[path][0]
     layered = path.startswith("layers/")

@@ -9,7 +9,6 @@ optax and Orbax:
   lm_head     [D, V] (untied)   layers/v  [L, D, Hkv, dh]  layers/up    [L, D, F]
   layers/{attn_norm,mlp_norm} [L, D]   layers/{q,k,v}_bias [L, H, dh]   layers/down [L, F, D]
   pos_embed   [P, D] (gpt_neo)  layers/{o,up,down}_bias [L, D or F]   {final,attn,mlp}_norm_bias (LayerNorm)
-  layers/windowed [L] (constant: +1 where the layer uses ``cfg.sliding_window``, else -1; ``constant_leaves``)
 
 One decoder covers every family (Llama, Mistral, Qwen2, Gemma, GPT-NeoX, GPT-Neo): their differences
 are ``ModelConfig`` fields. ``Decoder`` declares each leaf once with its logical sharding axes;
@@ -69,21 +68,15 @@ def param_axes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, 
   if cfg.mlp_bias:
     table["layers/up_bias"] = ((L, F), ("layers", "mlp"))
     table["layers/down_bias"] = ((L, D), ("layers", "norm"))
-  table.update({path: (value.shape, ("layers",)) for path, value in constant_leaves(cfg).items()})
   if not cfg.tie_embeddings:
     table["lm_head"] = ((D, V), ("embed", "vocab"))
   return table
 
 
-def constant_leaves(cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """Leaves fixed by the config rather than the checkpoint: ``layers/windowed`` [L] (+1 where a layer uses
-  the sliding window, -1 where it attends globally), when the config has one. It lives in the tree so that
-  anything slicing the stacked layers (the scan, ``patching``) sees it. ``block`` reads only its sign: its
-  gradient is zero, so training changes it only by decoupled weight decay, which shrinks it but never flips
-  the sign, and perturbations smaller than 1 (e.g. noise added to every leaf) leave it too."""
-  if not cfg.sliding_window:
-    return {}
-  return {"layers/windowed": np.where(np.isin(np.arange(cfg.num_layers), cfg.window_layers), 1.0, -1.0).astype(np.float32)}
+def windowed_layers(cfg: ModelConfig) -> np.ndarray:
+  """[L] bool: which layers attend within ``cfg.sliding_window`` (scanned alongside the stacked layers;
+  config, not parameters, so training and export never see it)."""
+  return np.isin(np.arange(cfg.num_layers), cfg.window_layers)
 
 
 class _Group(nnx.Module):
@@ -100,11 +93,8 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = F32):
     self.config = cfg
     self.layers = _Group()
-    constants = constant_leaves(cfg)
     for path, (shape, axes) in param_axes(cfg).items():
-      if path in constants:
-        value = jnp.asarray(constants[path], dtype)
-      elif path.endswith("norm"):
+      if path.endswith("norm"):
         value = jnp.full(shape, 0.0 if cfg.norm == "rms_1p" else 1.0, dtype)
       elif path.endswith("bias"):
         value = jnp.zeros(shape, dtype)
@@ -299,10 +289,11 @@ def _proj(eq: str, h: jax.Array, w: Params, name: str) -> jax.Array:
   return y
 
 
-def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks | None = None):
+def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks | None = None, windowed=False):
   """One pre-norm transformer layer with its activation sites.
 
-  ``w``/``hooks`` are this layer's slices; ``mask`` comes from ``attention_mask``; ``kv`` is None (no
+  ``w``/``hooks`` are this layer's slices; ``mask`` comes from ``attention_mask``; ``windowed`` (this
+  layer's entry of ``windowed_layers``) limits attention to ``cfg.sliding_window``; ``kv`` is None (no
   cache) or (k_cache, v_cache, index): the tokens attend to the cache with their own keys/values written
   at ``index``. Returns (x, (k, v) of these tokens after RoPE, head-major [B, Hkv, T, dh], captured sites).
   """
@@ -323,7 +314,7 @@ def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks
     values = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=2)
   allowed = mask.allowed
   if cfg.sliding_window:
-    allowed &= (mask.distance < cfg.sliding_window) | (w["windowed"] < 0)
+    allowed &= (mask.distance < cfg.sliding_window) | ~windowed
   z = site("attn_z", attention(q, keys, values, allowed, site, cfg.attn_scale))
   mid = site("resid_mid", x + site("attn_out", _proj("bthk,hkd->btd", z, w, "o")))
   h = norm(cfg, x if cfg.parallel_residual else mid, w, "mlp_norm")
@@ -419,13 +410,14 @@ def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Ho
   layer_kv = None if cache is None else (cache.k, cache.v)
 
   def body(x, layer):
-    w, kv, h = layer
+    w, kv, h, windowed = layer
     kv = None if kv is None else (*kv, cache.index)
-    x, new_kv, captured = block(cfg, w, x, positions, mask, kv, h)
+    x, new_kv, captured = block(cfg, w, x, positions, mask, kv, h, windowed)
     return x, (new_kv, captured)
 
   x, ((k_all, v_all), captured) = jax.lax.scan(jax.checkpoint(body) if remat else body, x,
-                                               (params["layers"], layer_kv, hooks), unroll=unroll)
+                                               (params["layers"], layer_kv, hooks, windowed_layers(cfg)),
+                                               unroll=unroll)
   logits = unembed(cfg, params, x, logits_at)
   if cache is not None:  # only the new slots are written: in place when the cache is a loop carry or donated
     k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k_all.astype(cache.k.dtype), cache.index, axis=3)

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from icl_ft.config import ModelConfig
-from icl_ft.model import SITES, Hooks, Params, attention_mask, block, positions_from_valid, run, unembed
+from icl_ft.model import (SITES, Hooks, Params, attention_mask, block, positions_from_valid, run, unembed,
+                          windowed_layers)
 
 GRANULARITIES = {("layer",), ("layer", "head"), ("layer", "pos"), ("layer", "head", "pos")}
 _HEAD_SITES = {"q": "num_heads", "attn_z": "num_heads", "k": "num_kv_heads", "v": "num_kv_heads"}
@@ -116,7 +117,8 @@ def _run_from(cfg, params, batch, layer, x, site, src, mask):
     w = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params["layers"])
     here = (i == layer).astype(src.dtype)
     src_i = jax.lax.dynamic_index_in_dim(src, i, keepdims=False)
-    x, _, _ = block(cfg, w, x, positions, att_mask, None, Hooks(patch={site: (src_i, mask * here)}))
+    x, _, _ = block(cfg, w, x, positions, att_mask, None, Hooks(patch={site: (src_i, mask * here)}),
+                    jnp.asarray(windowed_layers(cfg))[i])
     return x
 
   x = jax.lax.fori_loop(layer, L, body, x)

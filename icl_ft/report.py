@@ -238,7 +238,7 @@ def render_study(results: dict, figures: dict[str, str]) -> str:
     lines += [f"> {cfg['note']}", ""]
   lines += ["## ICL vs fine-tuning", "",
             "Accuracy with 95% Wilson intervals. Base and fine-tuned models are evaluated 0-shot (the paper's "
-            "FT condition, last checkpoint); ICL is the paper's best of the shot counts > 0 (shots in parentheses). "
+            "FT condition, last checkpoint); ICL is the paper's best of the shot counts k > 0 (the best k in parentheses). "
             "Lenient: the gold answer is a substring of the continuation (the release's rule); strict: the first "
             "answer-typed span equals the gold answer.", "",
             "| task | variant | rule | base 0-shot | fine-tuned 0-shot | ICL best of shots |",
@@ -248,7 +248,7 @@ def render_study(results: dict, figures: dict[str, str]) -> str:
       c = row[rule]
       icl = c["icl_best"]
       lines.append(f"| {row['task']} | {row['variant']} | {rule} | {_fmt(c['base_0shot'])} | {_fmt(c['ft_0shot'])} | "
-                   f"{_fmt(icl, ' ({} shots)'.format(icl['shots']) if icl else '')} |")
+                   f"{_fmt(icl, ' (k = {})'.format(icl['shots']) if icl else '')} |")
   samples = results["table"][0]["ft_samples"] if results["table"] else None
   t = results["training"]
   lines += ["", f"Fine-tuned on {samples} samples ({t['steps']} steps); loss {t['first_loss']:.3f} -> "

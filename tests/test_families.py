@@ -206,17 +206,12 @@ TRAIN = training.TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, wei
                              peak_flops=1e9)
 
 
-def test_full_fine_tuning_keeps_the_window_layout(family_lm, tmp_path):
+def test_full_fine_tuning_of_a_windowed_family(family_lm, tmp_path):
   *_, tok, m = family_lm("gpt_neo")
   ds = ft_data.build(ft_data.FTDataConfig(tasks=("parity",), n_per_task=4, length_multiple=32), tok)
   res = training.train(m.config, m.params, ds, TRAIN, tmp_path, progress=False)
   assert all(np.isfinite(r["loss"]) for r in res.metrics)
-  # weight decay shrinks the constant layout leaf but never flips its sign, which is all the model reads
-  np.testing.assert_array_equal(np.sign(np.asarray(res.params["layers"]["windowed"])), [-1.0, 1.0])
-  ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 30)))
-  exact = {**res.params, "layers": {**res.params["layers"], "windowed": m.params["layers"]["windowed"]}}
-  np.testing.assert_array_equal(_logits(dataclasses.replace(m, params=res.params), ids),
-                                _logits(dataclasses.replace(m, params=exact), ids))
+  assert set(res.params["layers"]) == set(m.params["layers"])  # the window layout is config, not a parameter
   assert not np.allclose(np.asarray(res.params["layers"]["q"]), np.asarray(m.params["layers"]["q"]))
 
 
