@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.ft.clip_norm = 1.0
   c.ft.compute_dtype = "float32"
   c.ft.remat = False
+  c.ft.unroll_layers = True  # faster on one CPU; sharded 7B runs want False with remat (see BUILD_NOTES)
   c.ft.save_every = 20
   c.ft.keep = 5
   c.ft.lora_rank = 8

@@ -35,6 +35,7 @@ def get_config(model: str = "qwen1.5-0.5b"):
   c.ft.keep = 30
   c.ft.compute_dtype = "bfloat16"
   c.ft.remat = True
+  c.ft.unroll_layers = False  # scan + remat: XLA gathers one layer's weights at a time
   c.ft_eval.steps = "50,100,200,300"
   c.circuits.tasks = "expression,parity,boolean"
   c.circuits.n_pairs = 64

@@ -131,8 +131,9 @@ def plot_accuracy(summary: Sequence[dict], path, x: str = "shots", rule: str = "
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   lines: dict[str, list[dict]] = defaultdict(list)
+  hidden = {x, "method"} if x == "shots" else {x}  # 0-shot (method "base") starts each ICL curve
   for row in summary:
-    label = " / ".join(str(row[k]) for k in GROUP_KEYS if k in row and k != x)
+    label = " / ".join(str(row[k]) for k in GROUP_KEYS if k in row and k not in hidden)
     lines[label].append(row)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for label, rows in sorted(lines.items()):
@@ -142,6 +143,8 @@ def plot_accuracy(summary: Sequence[dict], path, x: str = "shots", rule: str = "
     err = [[yy - r[f"ci_{rule}_lo"] for yy, r in zip(y, rows)], [r[f"ci_{rule}_hi"] - yy for yy, r in zip(y, rows)]]
     ax.errorbar(xs, y, yerr=err, marker="o", capsize=3, label=label)
   ax.set_xscale("symlog", linthresh=1)
+  ticks = sorted({r[x] for r in summary})
+  ax.set_xticks(ticks, [str(t) for t in ticks])
   ax.set_xlabel({"shots": "shots (demonstrations)", "samples": "fine-tuning samples seen"}.get(x, x))
   ax.set_ylabel(f"accuracy ({rule})")
   ax.set_ylim(-0.02, 1.02)

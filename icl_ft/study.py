@@ -125,7 +125,7 @@ class StudyConfig:
         schedule=_choice("ft.schedule", ft["schedule"], ("constant_with_warmup", "cosine")),
         weight_decay=float(ft["weight_decay"]), clip_norm=float(ft["clip_norm"]),
         compute_dtype=_choice("ft.compute_dtype", ft["compute_dtype"], ("float32", "bfloat16")),
-        remat=bool(ft["remat"]), save_every=_positive("ft.save_every", ft["save_every"]),
+        remat=bool(ft["remat"]), unroll_layers=bool(ft["unroll_layers"]), save_every=_positive("ft.save_every", ft["save_every"]),
         keep=_positive("ft.keep", ft["keep"]), seed=ft["seed"],
         lora=lora.LoRAConfig(ft["lora_rank"], float(ft["lora_alpha"]), targets) if method == "lora" else None)
     cc = raw["circuits"]
