@@ -7,9 +7,6 @@ from configs import base
 
 
 def get_config():
-  c = base.get_config()
-  c.name = "algebra"
-  c.tasks = "algebra"
-  c.workdir = "work/algebra"
+  c = base.for_task("algebra")
   c.circuits.enabled = False
   return c

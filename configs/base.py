@@ -71,3 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.circuits.top_k = 10
   c.circuits.tol = 1e-3  # a condition whose clean-corrupt logit-diff gap is below this has no effects
   return c
+
+
+def for_task(task: str) -> ml_collections.ConfigDict:
+  """The defaults for one task: named after it, writing to ``work/<task>``."""
+  c = get_config()
+  c.name, c.tasks, c.workdir = task, task, f"work/{task}"
+  return c

@@ -4,8 +4,4 @@ from configs import base
 
 
 def get_config():
-  c = base.get_config()
-  c.name = "boolean"
-  c.tasks = "boolean"
-  c.workdir = "work/boolean"
-  return c
+  return base.for_task("boolean")

@@ -8,10 +8,7 @@ from configs import base
 
 
 def get_config():
-  c = base.get_config()
-  c.name = "code"
-  c.tasks = "code"
-  c.workdir = "work/code"
+  c = base.for_task("code")
   c.icl.shots = "0,1,2,4"
   c.circuits.enabled = False
   return c

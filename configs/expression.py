@@ -4,8 +4,4 @@ from configs import base
 
 
 def get_config():
-  c = base.get_config()
-  c.name = "expression"
-  c.tasks = "expression"
-  c.workdir = "work/expression"
-  return c
+  return base.for_task("expression")

@@ -8,8 +8,4 @@ from configs import base
 
 
 def get_config():
-  c = base.get_config()
-  c.name = "parity"
-  c.tasks = "parity"
-  c.workdir = "work/parity"
-  return c
+  return base.for_task("parity")
