@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.workdir = "work/study"
   c.tasks = "parity"  # comma-separated: expression, parity, boolean, code, algebra
-  c.variants = "correct,misleading"
+  c.variants = "correct,misleading"  # any variant of the tasks, e.g. misleading-z for parity
   c.format = "paper"  # prompt format: paper (the release's templates) or fixed (its bugs corrected)
   c.seed = 114514  # seed of the query sets and demo streams
   c.stages = "all"  # or a comma-separated subset of: data, icl, finetune, ft_eval, circuits, report
@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.icl = ml_collections.ConfigDict()
   c.icl.shots = "0,1,2,4,8"  # 0 is the base model's 0-shot baseline
   c.icl.n = 50  # queries per (task, variant, shots) cell; the paper uses 199
+  c.icl.n_dev = 20  # dev queries per cell with shots > 0, disjoint from the test set, to choose k (0: none)
   c.icl.batch_size = 8
   c.icl.on_too_long = "skip"  # prompts beyond the context window: skip (counted) or error
 
@@ -58,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.ft_eval = ml_collections.ConfigDict()
   c.ft_eval.shots = "0"  # the paper's FT condition is 0-shot
   c.ft_eval.steps = ""  # checkpoints to evaluate; empty: every kept checkpoint
+  c.ft_eval.report_step = 0  # checkpoint of the table's fine-tuned column; 0: the last step
 
   c.circuits = ml_collections.ConfigDict()
   c.circuits.enabled = True

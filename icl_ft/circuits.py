@@ -12,13 +12,12 @@ the exact sweep on its top-k.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from icl_ft import pairs as pairs_lib
-from icl_ft import patching, report, shift
+from icl_ft import files, patching, shift
 from icl_ft.config import ModelConfig
 from icl_ft.model import Params
 from icl_ft.sharding import to_host
@@ -130,15 +129,15 @@ def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,
   return out
 
 
-def write(outdir: str | Path, results: dict) -> dict[str, str]:
+def write(outdir: files.PathLike, results: dict) -> dict[str, str]:
   """``circuits.json`` (every number) and the figures: head and residual heatmaps per condition, MLP
   profiles, and shift bars with 95% CIs against the noise floor."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  out = Path(outdir)
+  out = files.as_path(outdir)
   effects = results.pop("_effects")
-  paths = {"json": str(report.write_json(out / "circuits.json", results))}
+  paths = {"json": str(files.write_json(out / "circuits.json", results))}
   names = list(effects)
   fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 7), squeeze=False)
   for j, name in enumerate(names):
@@ -180,5 +179,5 @@ def write(outdir: str | Path, results: dict) -> dict[str, str]:
   return paths
 
 
-def _save(fig, path: Path) -> str:
-  return str(report.save_figure(fig, path, dpi=110))
+def _save(fig, path) -> str:
+  return str(files.save_figure(fig, path, dpi=110))

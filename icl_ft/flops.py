@@ -57,7 +57,22 @@ def forward_flops_per_token(cfg: ModelConfig, seq: int, head: bool = True, causa
 
 
 def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+  """Full fine-tuning FLOPs per token of a ``seq``-token sequence (3 x the causal forward)."""
   return 3 * forward_flops_per_token(cfg, seq, head=True, causal=True)
+
+
+def train_flops(cfg: ModelConfig, tokens: float, tokens_sq: float, adapter_params: int | None = None) -> float:
+  """Useful FLOPs of one training step over sequences of real (unpadded) lengths n_i, given Σn_i (``tokens``)
+  and Σn_i² (``tokens_sq``; causal attention costs 2·n²·H·dh per layer forward).
+
+  Full fine-tuning: 3 x forward (activation and weight gradients). LoRA (``adapter_params`` given): frozen
+  matmuls need only activation gradients (2 x their forward), attention 3 x, adapters 6 x their parameters.
+  """
+  matmul = 2 * matmul_params(cfg, head=True) * tokens
+  attention = 2 * cfg.num_heads * cfg.head_dim * cfg.num_layers * tokens_sq
+  if adapter_params is None:
+    return 3 * (matmul + attention)
+  return 2 * matmul + 3 * attention + 6 * adapter_params * tokens
 
 
 def train_memory_per_device(cfg: ModelConfig, shards: int, micro_batch: int, seq: int, remat: bool = True,

@@ -52,18 +52,29 @@ def build(cfg: FTDataConfig, tokenizer) -> FTDataset:
   for name in cfg.tasks:
     for ex in tasks.make_ft_examples(name, cfg.n_per_task, cfg.seed, cfg.format):
       text = tasks.ft_text(ex, cfg.format, cfg.with_header)
-      seq = tokenizer(text).input_ids[:cfg.max_len]
+      seq, mask = tokenize_with_answer_mask(tokenizer, text, len(ex.answer), cfg.max_len)
       if cfg.loss_on == "all":
         mask = [True] * len(seq)
-      else:
-        prefix = len(tokenizer(text[:len(text) - len(ex.answer)]).input_ids)
-        mask = [i >= prefix for i in range(len(seq))]
       mask[0] = False  # the first token has no prediction
+      if not any(mask):
+        raise ValueError(f"fine-tuning example {len(ids)} ({name}) has no token to score: {text[-80:]!r} "
+                         f"({len(seq)} tokens, max_len {cfg.max_len})")
       ids.append(seq)
       masks.append(mask)
       texts.append(text)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   return FTDataset(ids, masks, texts, pad)
+
+
+def tokenize_with_answer_mask(tokenizer, text: str, answer_chars: int, max_len: int) -> tuple[list[int], list[bool]]:
+  """Token ids of ``text`` (truncated to ``max_len``) and, per token, whether it covers any of the last
+  ``answer_chars`` characters (the answer), from the tokenizer's character offsets of the full text: a token
+  that merges the answer with the space before it (``" True"``) counts as an answer token."""
+  enc = tokenizer(text, return_offsets_mapping=True)
+  start = len(text) - answer_chars
+  ids = list(enc.input_ids)[:max_len]
+  mask = [end > start and end > s for s, end in enc.offset_mapping][:max_len]  # special tokens span (0, 0)
+  return ids, mask
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from icl_ft import scoring, sharding, tasks
+from icl_ft import files, scoring, sharding, tasks
 from icl_ft.inference import generate_and_score, left_pad, right_pad
 from icl_ft.loading import LoadedModel
 
@@ -26,11 +26,13 @@ class PromptTooLongError(ValueError):
   """A prompt does not fit the model's context window."""
 
 
+ON_TOO_LONG = ("error", "skip")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
   batch_size: int = 8
   length_multiple: int = 16  # bucket granularity of padded prompt lengths
-  strict_tokens: int = 8  # new-token budget of the strict scorer (it stops at a newline)
   on_too_long: str = "error"  # "error" or "skip" (skipped queries are counted)
   progress: bool = True
 
@@ -43,19 +45,23 @@ class Query:
   foil: str | None
   task: str
   lenient_tokens: int  # the release's generation_len
+  strict_tokens: int  # the strict scorer's budget (the task's; it stops at a newline)
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int) -> list[Query]:
-  """The fixed query set of (task, variant, seed) with ``shots`` correct-variant demos each."""
+def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int, split: str = "test",
+                exclude: Collection[str] = ()) -> list[Query]:
+  """The fixed query set of (task, variant, seed, split) with ``shots`` correct-variant demos each; every
+  query's meta carries what the item's shortcut cues predict (``tasks.shortcut_record``)."""
   if n < 1:
     raise ValueError(f"the number of queries must be at least 1, got {n}")
   out = []
-  for i, ex in enumerate(tasks.make_queries(task, variant, n, seed, fmt)):
-    demos = tasks.make_demos(task, shots, seed, i, fmt)
+  for i, ex in enumerate(tasks.make_queries(task, variant, n, seed, fmt, split, exclude)):
+    demos = tasks.make_demos(task, shots, seed, i, fmt, split)
     out.append(Query(tasks.build_prompt(task, fmt, demos, ex), ex.answer, ex.foil, task,
-                     tasks.generation_len(task, fmt),
-                     dict(task=task, variant=variant, format=fmt, shots=shots, seed=seed, index=i)))
+                     tasks.generation_len(task, fmt), tasks.strict_len(task, fmt),
+                     dict(task=task, variant=variant, format=fmt, shots=shots, seed=seed, split=split, index=i,
+                          question=ex.question, **tasks.shortcut_record(ex))))
   return out
 
 
@@ -67,25 +73,27 @@ def continuation_ids(tokenizer, prompt: str, prompt_ids: list[int], answer: str)
   return tokenizer(answer, add_special_tokens=False).input_ids
 
 
-def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = EngineConfig()) -> tuple[list[dict], int]:
-  """Evaluates ``queries``; returns (one record per evaluated query, number skipped as too long)."""
+def run(model: LoadedModel, queries: Sequence[Query],
+        engine: EngineConfig = EngineConfig()) -> tuple[list[dict], list[dict]]:
+  """Evaluates ``queries``; returns (one record per evaluated query, the meta of each query skipped as too
+  long)."""
   if not queries:
     raise ValueError("no queries to evaluate")
-  if engine.on_too_long not in ("error", "skip"):
+  if engine.on_too_long not in ON_TOO_LONG:
     raise ValueError(f"on_too_long must be 'error' or 'skip', got {engine.on_too_long!r}")
   tok, cfg = model.tokenizer, model.config
   prompt_ids = tok([q.prompt for q in queries]).input_ids
   answers = [[continuation_ids(tok, q.prompt, ids, a) for a in (q.gold, q.foil or q.gold)]
              for q, ids in zip(queries, prompt_ids)]
-  n_new = max(engine.strict_tokens, max(q.lenient_tokens for q in queries))
+  n_new = max(max(q.strict_tokens, q.lenient_tokens) for q in queries)
   answer_len = max(len(a) for pair in answers for a in pair)
-  keep, skipped = [], 0
+  keep, skipped = [], []
   for i, ids in enumerate(prompt_ids):
     need = len(ids) + max(n_new, answer_len)
     if need <= cfg.max_position_embeddings:
       keep.append(i)
     elif engine.on_too_long == "skip":
-      skipped += 1
+      skipped.append(dict(queries[i].meta, prompt_tokens=len(ids)))
     else:
       raise PromptTooLongError(
           f"query {i} has {len(ids)} prompt tokens; with {max(n_new, answer_len)} answer tokens it exceeds the "
@@ -106,16 +114,19 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
                                               ans_valid.reshape(B, 2, -1), n_new))
     new, logprob, first = (out[k] for k in ("tokens", "logprob", "first_logit"))
     for r, i in enumerate(batch):
-      records[i] = _record(queries[i], prompt_ids[i], list(new[r]), logprob[r], first[r], tok, eos, engine)
+      records[i] = record(queries[i], prompt_ids[i], list(new[r]), logprob[r], first[r], tok)
   return [records[i] for i in sorted(records)], skipped
 
 
-def _record(q: Query, prompt_ids, new_ids, logprob, first_logit, tok, eos, engine) -> dict:
+def record(q: Query, prompt_ids: list[int], new_ids: list[int], logprob, first_logit, tok) -> dict:
+  """One query's result: the greedy continuation ``new_ids`` scored by both rules within the query's budgets,
+  the gold/foil log-probabilities ``logprob`` [2] and first-token logits ``first_logit`` [2]."""
+  eos = tok.eos_token_id
   if eos is not None and eos in new_ids:  # generation stops at EOS, as transformers' generate does
     new_ids = new_ids[:new_ids.index(eos) + 1]
   # Lenient (release): decode prompt + budgeted new tokens, slice the prompt's characters off.
   lenient_text = tok.decode(prompt_ids + new_ids[:q.lenient_tokens], skip_special_tokens=True)[len(q.prompt):]
-  completion = tok.decode(new_ids[:engine.strict_tokens], skip_special_tokens=True)
+  completion = tok.decode(new_ids[:q.strict_tokens], skip_special_tokens=True)
   kind = tasks.answer_kind(q.task)
   has_foil = q.foil is not None
   return dict(
@@ -130,34 +141,48 @@ def _record(q: Query, prompt_ids, new_ids, logprob, first_logit, tok, eos, engin
 DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
 
 
+def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str], shots: Sequence[int],
+                  n: int, seed: int, n_dev: int = 0) -> list[Query]:
+  """Every (task, variant, format, shots) cell's queries, for the variants each task has; with ``n_dev``,
+  also ``n_dev`` dev-split queries per cell with shots > 0 (disjoint from the test questions) for choosing k."""
+  out = []
+  for t in task_names:
+    for v in [v for v in variants if v in tasks.get_task(t).variants]:
+      for f in formats:
+        test = {ex.question for ex in tasks.make_queries(t, v, n, seed, f)}
+        for k in shots:
+          out += icl_queries(t, v, f, k, n, seed)
+          if n_dev and k:
+            out += icl_queries(t, v, f, k, n_dev, seed, "dev", exclude=test)
+  return out
+
+
 def sweep(model: LoadedModel, task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str],
           shots: Sequence[int] = DEFAULT_SHOTS, n: int = 199, seed: int = 114514,
-          engine: EngineConfig = EngineConfig(), model_name: str = "") -> tuple[list[dict], int]:
-  """Every (task, variant, format, shots) cell on the same fixed query sets, in one batched run.
-
-  All cells are evaluated together so length buckets are shared; returns (records, skipped count).
-  """
-  queries = [q for t in task_names for v in variants for f in formats for k in shots
-             for q in icl_queries(t, v, f, k, n, seed)]
-  records, skipped = run(model, queries, engine)
-  for r in records:
+          engine: EngineConfig = EngineConfig(), model_name: str = "", n_dev: int = 0) -> tuple[list[dict], list[dict]]:
+  """Every cell of ``sweep_queries`` in one batched run (length buckets shared across cells); returns
+  (records tagged with ``model`` and ``method``, skipped queries)."""
+  records, skipped = run(model, sweep_queries(task_names, variants, formats, shots, n, seed, n_dev), engine)
+  for r in records + skipped:
     r.update(model=model_name or model.source, method="icl" if r["shots"] else "base")
   return records, skipped
 
 
-def write_results(outdir, records: Sequence[dict], skipped: int = 0, title: str = "") -> dict[str, str]:
-  """Per-query JSONL, summary JSON/CSV (with best-of-shots) and the accuracy-vs-shots plot."""
-  from pathlib import Path
+def write_results(outdir, records: Sequence[dict], skipped: Sequence[dict] = (), title: str = "") -> dict[str, str]:
+  """Per-query JSONL, summary JSON/CSV (per cell; with best-of-shots and dev-chosen k) and the
+  accuracy-vs-shots plot (test split)."""
   from icl_ft import report
-  out = Path(outdir)
-  summary = report.summarize(records)
+  out = files.as_path(outdir)
+  summary = report.summarize(records, skipped)
+  test = [row for row in summary if row.get("split", "test") == "test"]
   paths = {
-      "records": report.write_jsonl(out / "records.jsonl", records),
-      "summary_json": report.write_json(out / "summary.json", dict(
-          cells=summary, best_of_shots=report.best_of_shots(summary, "lenient"),
-          best_of_shots_strict=report.best_of_shots(summary, "strict"), skipped_too_long=skipped)),
-      "summary_csv": report.write_csv(out / "summary.csv", summary),
-      "plot": report.plot_accuracy(summary, out / "accuracy_vs_shots.png", title=title),
+      "records": files.write_jsonl(out / "records.jsonl", records),
+      "summary_json": files.write_json(out / "summary.json", dict(
+          cells=summary, best_of_shots={rule: report.best_of_shots(summary, rule) for rule in report.RULES},
+          dev_chosen={rule: report.dev_chosen_shots(summary, rule) for rule in report.RULES},
+          skipped_too_long=len(skipped))),
+      "summary_csv": files.write_csv(out / "summary.csv", summary),
+      "plot": report.plot_accuracy(test, out / "accuracy_vs_shots.png", title=title),
   }
   return {k: str(v) for k, v in paths.items()}
 
@@ -177,7 +202,7 @@ def main(argv):
     print(f"{row['task']:>10} {row['variant']:>10} {row['format']:>5} k={row['shots']:<2} n={row['n']:<4} "
           f"lenient={row['acc_lenient']:.3f} strict={row['acc_strict']:.3f} "
           f"[{row['ci_strict_lo']:.2f}, {row['ci_strict_hi']:.2f}]")
-  print("skipped (too long):", skipped)
+  print("skipped (too long):", len(skipped))
   for k, v in paths.items():
     print(f"{k}: {v}")
 

@@ -45,7 +45,7 @@ REGISTRY: dict[str, str] = {
     "mistral-7b": "mistral-community/Mistral-7B-v0.2",
     "mistral-7b-v0.1": "mistralai/Mistral-7B-v0.1",
     "gemma-7b": "google/gemma-7b",
-    "pythia-1.4b": "EleutherAI/pythia-1.4b",
+    "pythia-1.4b": "EleutherAI/pythia-1.4b-v0",
     "gpt-neo-1.3b": "EleutherAI/gpt-neo-1.3B",
 }
 DEFAULT_MODEL = "smollm2-135m"

@@ -44,6 +44,11 @@ def _in_out(cfg: ModelConfig, target: str) -> tuple[int, int, tuple[int, ...]]:
   return math.prod(shape[1:1 + n_in]), math.prod(shape[1 + n_in:]), shape
 
 
+def num_params(cfg: ModelConfig, lcfg: LoRAConfig) -> int:
+  """Adapter parameters (A and B of every target in every layer)."""
+  return cfg.num_layers * lcfg.rank * sum(sum(_in_out(cfg, t)[:2]) for t in lcfg.targets)
+
+
 def init(cfg: ModelConfig, lcfg: LoRAConfig, key: jax.Array) -> Params:
   """A ~ N(0, 1/in) and B = 0, so training starts from the base model exactly."""
   have = [t for t in TARGETS if f"layers/{t}" in param_axes(cfg)]

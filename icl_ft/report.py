@@ -1,80 +1,15 @@
-"""Results: atomic JSON/JSONL/CSV writers, accuracy summaries with Wilson intervals, and plots."""
+"""Results: accuracy summaries with Wilson intervals, best-of-shots and dev-chosen k, plots, the study report."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import os
-import tempfile
 from collections import defaultdict
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-
-def is_writer() -> bool:
-  """Whether this process writes result files: only process 0 of a multi-host run (all compute the same)."""
-  import jax
-  return jax.process_index() == 0
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-  """Writes ``text`` to ``path`` through a temporary file and ``os.replace``: readers never see half a file.
-
-  On multi-host runs only process 0 writes."""
-  path = Path(path)
-  if not is_writer():
-    return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-  return path
-
-
-def json_safe(obj: Any) -> Any:
-  """Nested containers with numpy scalars/arrays converted and NaN/inf replaced by None (strict JSON)."""
-  if isinstance(obj, dict):
-    return {k: json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_safe(v) for v in obj]
-  if isinstance(obj, np.ndarray):
-    return json_safe(obj.tolist())
-  if isinstance(obj, np.generic):
-    obj = obj.item()
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  return obj
-
-
-def write_json(path, obj: Any) -> Path:
-  return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
-
-
-def write_jsonl(path, rows: Iterable[dict]) -> Path:
-  return atomic_write_text(path, "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def write_csv(path, rows: Sequence[dict]) -> Path:
-  buf = io.StringIO()
-  if rows:
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-  return atomic_write_text(path, buf.getvalue())
+from icl_ft.files import json_safe, save_figure
 
 
 def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -87,42 +22,97 @@ def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
   return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-GROUP_KEYS = ("model", "method", "samples", "task", "variant", "format", "shots")
+GROUP_KEYS = ("model", "method", "step", "samples", "task", "variant", "format", "split", "shots")
+RULES = ("lenient", "strict")
 
 
-def summarize(records: Sequence[dict]) -> list[dict]:
-  """Accuracy (lenient and strict) with 95% Wilson intervals per group of ``GROUP_KEYS`` present."""
-  keys = [k for k in GROUP_KEYS if records and k in records[0]]
+def _sort_key(values: tuple) -> tuple:
+  """Orders numbers numerically (2 before 16) and everything else as text."""
+  return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+               for v in values)
+
+
+def _accuracy(rs: Sequence[dict], suffix: str = "") -> dict:
+  out = {}
+  for rule in RULES:
+    hits = sum(bool(r[f"correct_{rule}"]) for r in rs)
+    lo, hi = wilson(hits, len(rs))
+    out.update({f"acc_{rule}{suffix}": hits / len(rs) if rs else None, f"ci_{rule}{suffix}_lo": lo,
+                f"ci_{rule}{suffix}_hi": hi})
+  return out
+
+
+def summarize(records: Sequence[dict], skipped: Sequence[dict] = ()) -> list[dict]:
+  """Per group of ``GROUP_KEYS`` present: accuracy (lenient and strict) with 95% Wilson intervals, the mean
+  first-token logit difference, the number of skipped (too long) queries, and the shortcut statistics:
+  ``shortcut_breaking`` (share of items whose target cue disagrees with the gold), ``shortcut_holding`` (share
+  where it agrees) and the accuracy on the shortcut-breaking items alone (``acc_*_breaking``)."""
+  first = records[0] if records else skipped[0] if skipped else {}
+  keys = [k for k in GROUP_KEYS if k in first]
   groups: dict[tuple, list[dict]] = defaultdict(list)
   for r in records:
-    groups[tuple(r[k] for k in keys)].append(r)
+    groups[tuple(r.get(k) for k in keys)].append(r)
+  n_skipped = defaultdict(int)
+  for r in skipped:  # a cell whose every query was skipped still gets a row (n = 0)
+    n_skipped[key := tuple(r.get(k) for k in keys)] += 1
+    groups.setdefault(key, [])
   rows = []
-  for key, rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-    row = dict(zip(keys, key), n=len(rs))
-    for rule in ("lenient", "strict"):
-      hits = sum(bool(r[f"correct_{rule}"]) for r in rs)
-      lo, hi = wilson(hits, len(rs))
-      row.update({f"acc_{rule}": hits / len(rs), f"ci_{rule}_lo": lo, f"ci_{rule}_hi": hi})
+  for key, rs in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
+    row = dict(zip(keys, key), n=len(rs), n_skipped=n_skipped[key], **_accuracy(rs))
     diffs = [r["logit_diff"] for r in rs if r.get("logit_diff") is not None]
     row["mean_logit_diff"] = sum(diffs) / len(diffs) if diffs else None
+    if any("shortcut_right" in r for r in rs):
+      breaking = [r for r in rs if r.get("shortcut_right") is False]
+      row.update(shortcut_cue=rs[0].get("shortcut_cue"), shortcut_breaking=len(breaking) / len(rs),
+                 shortcut_holding=sum(r.get("shortcut_right") is True for r in rs) / len(rs),
+                 n_breaking=len(breaking), **_accuracy(breaking, "_breaking"))
     rows.append(row)
   return rows
 
 
-def best_of_shots(summary: Sequence[dict], rule: str = "lenient") -> list[dict]:
-  """The release's ICL score: max accuracy over shot counts (> 0), per group without ``shots``."""
+def _ungrouped(row: dict, drop: tuple[str, ...]) -> tuple:
+  return tuple((k, row[k]) for k in GROUP_KEYS if k in row and k not in drop)
+
+
+def _best_rows(rows: Sequence[dict], rule: str) -> dict[tuple, dict]:
+  """Per group without ``shots``/``split``: the row with the highest accuracy under ``rule`` (ties: fewest
+  shots)."""
   best: dict[tuple, dict] = {}
-  for row in summary:
-    if row.get("shots", 0) == 0:
-      continue
-    key = tuple((k, row[k]) for k in GROUP_KEYS if k in row and k != "shots")
+  for row in sorted(rows, key=lambda r: r["shots"]):
+    key = _ungrouped(row, ("shots", "split"))
     if key not in best or row[f"acc_{rule}"] > best[key][f"acc_{rule}"]:
       best[key] = row
-  return [dict(k, best_shots=v["shots"], **{c: v[c] for c in v if c.startswith(("acc_", "ci_"))}, n=v["n"])
-          for k, v in best.items()]
+  return best
 
 
-def plot_accuracy(summary: Sequence[dict], path, x: str = "shots", rule: str = "strict", title: str = "") -> Path:
+def _icl_rows(summary: Sequence[dict], split: str) -> list[dict]:
+  return [r for r in summary if r.get("shots", 0) > 0 and r.get("split", "test") == split]
+
+
+def _cell_stats(row: dict) -> dict:
+  return {c: row[c] for c in row if c.startswith(("acc_", "ci_")) or c in ("n", "n_skipped", "n_breaking")}
+
+
+def best_of_shots(summary: Sequence[dict], rule: str = "lenient") -> list[dict]:
+  """The release's ICL score: the test accuracy at the best shot count > 0, chosen on the test set itself
+  (optimistic: the choice and the estimate use the same items). Ties go to the fewest shots."""
+  return [dict(k, best_shots=v["shots"], **_cell_stats(v))
+          for k, v in _best_rows(_icl_rows(summary, "test"), rule).items()]
+
+
+def dev_chosen_shots(summary: Sequence[dict], rule: str = "lenient") -> list[dict]:
+  """The unbiased ICL score: the shot count > 0 with the best accuracy on the dev split (ties: fewest shots),
+  reported with its test accuracy. Empty when no dev split was evaluated."""
+  test = {(_ungrouped(r, ("split",))): r for r in _icl_rows(summary, "test")}
+  out = []
+  for key, dev in _best_rows(_icl_rows(summary, "dev"), rule).items():
+    row = test.get(_ungrouped(dev, ("split",)))
+    if row is not None:
+      out.append(dict(key, dev_shots=dev["shots"], dev_acc=dev[f"acc_{rule}"], dev_n=dev["n"], **_cell_stats(row)))
+  return out
+
+
+def plot_accuracy(summary: Sequence[dict], path, x: str = "shots", rule: str = "strict", title: str = ""):
   """Accuracy vs ``x`` ("shots": demonstrations; "samples": fine-tuning examples seen) with 95% intervals.
 
   One line per combination of the other grouping keys present.
@@ -131,7 +121,7 @@ def plot_accuracy(summary: Sequence[dict], path, x: str = "shots", rule: str = "
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   lines: dict[str, list[dict]] = defaultdict(list)
-  hidden = {x, "method"} if x == "shots" else {x}  # 0-shot (method "base") starts each ICL curve
+  hidden = ({x, "method"} if x == "shots" else {x}) | {"split"}  # 0-shot (method "base") starts each ICL curve
   for row in summary:
     label = " / ".join(str(row[k]) for k in GROUP_KEYS if k in row and k not in hidden)
     lines[label].append(row)
@@ -154,25 +144,13 @@ def plot_accuracy(summary: Sequence[dict], path, x: str = "shots", rule: str = "
   return save_figure(fig, path)
 
 
-def save_figure(fig, path, dpi: int = 120) -> Path:
-  """Saves and closes a matplotlib figure atomically (process 0 only on multi-host runs)."""
-  import matplotlib.pyplot as plt
-  path = Path(path)
-  if is_writer():
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
-  plt.close(fig)
-  return path
-
-
 # -- the study report -------------------------------------------------------------------------------------
 
-def _cell(row: dict | None, rule: str) -> dict | None:
-  return None if row is None else dict(acc=row[f"acc_{rule}"], lo=row[f"ci_{rule}_lo"], hi=row[f"ci_{rule}_hi"],
-                                       n=row["n"])
+def _cell(row: dict | None, rule: str, suffix: str = "") -> dict | None:
+  if row is None or row.get(f"acc_{rule}{suffix}") is None:
+    return None
+  n = row["n_breaking"] if suffix else row["n"]
+  return dict(acc=row[f"acc_{rule}{suffix}"], lo=row[f"ci_{rule}{suffix}_lo"], hi=row[f"ci_{rule}{suffix}_hi"], n=n)
 
 
 def package_versions() -> dict[str, str]:
@@ -188,23 +166,36 @@ def package_versions() -> dict[str, str]:
   return out
 
 
+def _find(rows: Sequence[dict], **match) -> dict | None:
+  return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
 def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], metrics: Sequence[dict],
-                  circuits: dict, timings: dict) -> dict:
-  """Every number of a study run: the comparison table (base 0-shot / fine-tuned 0-shot at the last
-  checkpoint / ICL best of shots, per task and variant, lenient and strict), the per-cell summaries,
-  training statistics, circuit-shift results per task, timings, the config and package versions."""
-  cells = icl_summary["cells"]
-  last = max((r["samples"] for r in ft_summary if r.get("shots") == 0), default=None)
+                  circuits: dict, timings: dict, report_step: int | None = None) -> dict:
+  """Every number of a study run: the comparison table (per task and variant, lenient and strict: base
+  0-shot, fine-tuned 0-shot at ``report_step`` (default: the last checkpoint), ICL at the best shot count on the
+  test set (the release's, optimistic) and at the shot count chosen on the dev split; with the variant's
+  shortcut-breaking share and skipped counts), the per-cell summaries, training statistics, circuit-shift results
+  per task, timings, the config and package versions."""
+  cells = [r for r in icl_summary["cells"] if r.get("split", "test") == "test"]
+  steps = sorted({r["step"] for r in ft_summary if r.get("shots") == 0})
+  step = report_step if report_step is not None else (steps[-1] if steps else None)
   table = []
   for task, variant in sorted({(r["task"], r["variant"]) for r in cells}):
-    base = next((r for r in cells if (r["task"], r["variant"], r["shots"]) == (task, variant, 0)), None)
-    ft = next((r for r in ft_summary if (r["task"], r["variant"], r.get("shots"), r.get("samples"))
-               == (task, variant, 0, last)), None)
-    row = dict(task=task, variant=variant, ft_samples=last)
-    for rule in ("lenient", "strict"):
-      best = [r for r in best_of_shots(cells, rule) if (r["task"], r["variant"]) == (task, variant)]
+    base = _find(cells, task=task, variant=variant, shots=0)
+    ft = _find(ft_summary, task=task, variant=variant, shots=0, step=step)
+    row = dict(task=task, variant=variant, ft_step=step, ft_samples=ft["samples"] if ft else None,
+               shortcut_cue=base.get("shortcut_cue") if base else None,
+               shortcut_breaking=base.get("shortcut_breaking") if base else None,
+               n_skipped=sum(r.get("n_skipped", 0) for r in cells if (r["task"], r["variant"]) == (task, variant)))
+    for rule in RULES:
+      best = _find(best_of_shots(icl_summary["cells"], rule), task=task, variant=variant)
+      dev = _find(dev_chosen_shots(icl_summary["cells"], rule), task=task, variant=variant)
       row[rule] = dict(base_0shot=_cell(base, rule), ft_0shot=_cell(ft, rule),
-                       icl_best=dict(_cell(best[0], rule), shots=best[0]["best_shots"]) if best else None)
+                       icl_best=dict(_cell(best, rule), shots=best["best_shots"]) if best else None,
+                       icl_dev=dict(_cell(dev, rule), shots=dev["dev_shots"], dev_acc=dev["dev_acc"]) if dev else None,
+                       base_breaking=_cell(base, rule, "_breaking"), ft_breaking=_cell(ft, rule, "_breaking"),
+                       icl_dev_breaking=_cell(dev, rule, "_breaking"))
     table.append(row)
   steady = list(metrics[1:] or metrics)  # the first step includes compilation
   train = dict(steps=len(metrics), samples=metrics[-1]["samples"] if metrics else 0,
@@ -212,7 +203,8 @@ def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], m
                median_tokens_per_s=float(np.median([m["tokens_per_s"] for m in steady])) if steady else None,
                median_mfu=float(np.median([m["mfu"] for m in steady])) if steady else None)
   return json_safe(dict(config=config, versions=package_versions(), table=table, icl=icl_summary,
-                        ft_eval=list(ft_summary), training=train, circuits=circuits, timings_s=timings))
+                        ft_eval=list(ft_summary), ft_report_step=step, training=train, circuits=circuits,
+                        timings_s=timings))
 
 
 def _fmt(cell: dict | None, extra: str = "") -> str:
@@ -239,22 +231,38 @@ def render_study(results: dict, figures: dict[str, str]) -> str:
            f"{cfg['ft']['steps']} steps x {cfg['ft']['batch_size']} examples.", ""]
   if cfg.get("note"):
     lines += [f"> {cfg['note']}", ""]
+  step = results.get("ft_report_step")
   lines += ["## ICL vs fine-tuning", "",
-            "Accuracy with 95% Wilson intervals. Base and fine-tuned models are evaluated 0-shot (the paper's "
-            "FT condition, last checkpoint); ICL is the paper's best of the shot counts k > 0 (the best k in parentheses). "
-            "Lenient: the gold answer is a substring of the continuation (the release's rule); strict: the first "
-            "answer-typed span equals the gold answer.", "",
-            "| task | variant | rule | base 0-shot | fine-tuned 0-shot | ICL best of shots |",
-            "|---|---|---|---|---|---|"]
+            f"Accuracy with 95% Wilson intervals. Base and fine-tuned models are evaluated 0-shot (the paper's FT "
+            f"condition; the fine-tuned column is checkpoint step {step}). ICL, best k on test: the release's score, "
+            "the best of the shot counts k > 0 chosen on the test items themselves (optimistic). ICL, k from dev: k "
+            "chosen on a disjoint dev query set, reported on the test items (unbiased). Lenient: the gold answer is "
+            "a substring of the continuation (the release's rule); strict: the first answer-typed span equals the "
+            "gold answer. Shortcut broken: share of the set's items on which the variant's target cue gives a wrong "
+            "answer (0 on correct sets, 1 on a fully misleading set).", "",
+            f"| task | variant | rule | base 0-shot | fine-tuned 0-shot (step {step}) | ICL, best k on test | "
+            "ICL, k from dev | shortcut broken | skipped |",
+            "|---|---|---|---|---|---|---|---|---|"]
   for row in results["table"]:
-    for rule in ("lenient", "strict"):
+    broken = "–" if row.get("shortcut_breaking") is None else f"{row['shortcut_breaking']:.2f} ({row['shortcut_cue']})"
+    for rule in RULES:
       c = row[rule]
-      icl = c["icl_best"]
+      icl, dev = c["icl_best"], c.get("icl_dev")
       lines.append(f"| {row['task']} | {row['variant']} | {rule} | {_fmt(c['base_0shot'])} | {_fmt(c['ft_0shot'])} | "
-                   f"{_fmt(icl, ' (k = {})'.format(icl['shots']) if icl else '')} |")
-  samples = results["table"][0]["ft_samples"] if results["table"] else None
+                   f"{_fmt(icl, ' (k = {})'.format(icl['shots']) if icl else '')} | "
+                   f"{_fmt(dev, ' (k = {})'.format(dev['shots']) if dev else '')} | {broken} | {row['n_skipped']} |")
+  mis = [row for row in results["table"] if row["variant"] != "correct" and row.get("shortcut_breaking")]
+  if mis:
+    lines += ["", "On the shortcut-breaking items alone (the items of each misleading set where the target cue is "
+              "wrong; strict rule, n in parentheses):", "",
+              "| task | variant | cue | base 0-shot | fine-tuned 0-shot | ICL, k from dev |", "|---|---|---|---|---|---|"]
+    for row in mis:
+      c = row["strict"]
+      lines.append(f"| {row['task']} | {row['variant']} | {row['shortcut_cue']} | " + " | ".join(
+          _fmt(c.get(k), f" (n = {c[k]['n']})" if c.get(k) else "") for k in ("base_breaking", "ft_breaking",
+                                                                             "icl_dev_breaking")) + " |")
   t = results["training"]
-  lines += ["", f"Fine-tuned on {samples} samples ({t['steps']} steps); loss {t['first_loss']:.3f} -> "
+  lines += ["", f"Fine-tuned for {t['steps']} steps ({t['samples']} samples); loss {t['first_loss']:.3f} -> "
             f"{t['final_loss']:.3f}; median {t['median_tokens_per_s']:.0f} tokens/s, MFU {t['median_mfu']:.2f}."
             if t["steps"] else "", ""]
   for title, path in figures.items():

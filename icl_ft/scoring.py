@@ -26,11 +26,16 @@ def strict_answer(continuation: str, kind: str) -> str | None:
   return None if match is None else match.group(0)
 
 
-def strict_correct(gold: str, continuation: str, kind: str) -> bool:
-  """Exact equality after normalisation: numeric equality for numbers, ``1`` == ``True`` for labels."""
-  pred = strict_answer(continuation, kind)
-  if pred is None:
+def same_answer(a: str | None, b: str | None, kind: str) -> bool:
+  """Whether two answers are equal after normalisation: numeric equality for numbers (``8.0`` == ``8``),
+  ``1`` == ``True`` for labels; None equals nothing."""
+  if a is None or b is None:
     return False
   if kind == "number":
-    return float(pred) == float(gold)
-  return _LABEL_VALUE[pred] == _LABEL_VALUE.get(gold, gold)
+    return float(a) == float(b)
+  return _LABEL_VALUE.get(a, a) == _LABEL_VALUE.get(b, b)
+
+
+def strict_correct(gold: str, continuation: str, kind: str) -> bool:
+  """Exact equality after normalisation (``same_answer``) of the first answer-typed span and the gold."""
+  return same_answer(strict_answer(continuation, kind), gold, kind)

@@ -21,12 +21,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from icl_ft import report, sharding, tasks
+from etils import epath
+
+from icl_ft import files, report, sharding, tasks
 
 STAGES = ("data", "icl", "finetune", "ft_eval", "circuits", "report")
 NEEDS = {"data": (), "icl": (), "finetune": (), "ft_eval": ("finetune",), "circuits": ("finetune",),
@@ -83,7 +83,7 @@ class StudyConfig:
   name: str
   model: str
   dtype: str
-  workdir: Path
+  workdir: epath.Path  # local path or object-store URI (gs://...)
   tasks: tuple[str, ...]
   variants: tuple[str, ...]
   format: str
@@ -94,10 +94,12 @@ class StudyConfig:
   shots: tuple[int, ...]
   icl_engine: Any  # icl.EngineConfig
   n_queries: int
+  n_dev: int  # dev-split queries per ICL cell (k > 0) for choosing k without the test set; 0: none
   ft_data: Any  # ft_data.FTDataConfig
   train: Any  # training.TrainConfig
   ft_eval_shots: tuple[int, ...]
   ft_eval_steps: tuple[int, ...]
+  ft_report_step: int  # the checkpoint step of the table's fine-tuned column
   circuits: tuple[Any, ...]  # one circuits.CircuitConfig per analysed task
 
   @classmethod
@@ -109,7 +111,7 @@ class StudyConfig:
     fmt = _choice("format", raw["format"], tasks.FORMATS)
     stages = STAGES if raw["stages"] == "all" else _names("stages", raw["stages"], STAGES)
     engine = icl.EngineConfig(batch_size=_positive("icl.batch_size", get("icl", "batch_size")),
-                              on_too_long=_choice("icl.on_too_long", get("icl", "on_too_long"), ("error", "skip")),
+                              on_too_long=_choice("icl.on_too_long", get("icl", "on_too_long"), icl.ON_TOO_LONG),
                               progress=bool(raw["progress"]))
     ft = raw["ft"]
     method = _choice("ft.method", ft["method"], ("full", "lora"))
@@ -141,15 +143,18 @@ class StudyConfig:
         resid_last=_ints("circuits.resid_last", [cc["resid_last"]])[0],
         tol=float(cc["tol"]))
         for t in circuit_tasks)
+    eval_steps = _ints("ft_eval.steps", get("ft_eval", "steps"), lo=1)
+    report_step = _ints("ft_eval.report_step", [get("ft_eval", "report_step")])[0] or train.steps
+    _check_kept(train, eval_steps, report_step)
     return cls(
         raw=raw, name=str(raw["name"]), model=str(raw["model"]),
-        dtype=_choice("dtype", raw["dtype"], ("float32", "bfloat16")), workdir=Path(raw["workdir"]).expanduser(),
-        tasks=task_names, variants=_names("variants", raw["variants"], tasks.VARIANTS), format=fmt,
+        dtype=_choice("dtype", raw["dtype"], ("float32", "bfloat16")), workdir=files.as_path(raw["workdir"]),
+        tasks=task_names, variants=_variants(raw["variants"], task_names), format=fmt,
         seed=int(raw["seed"]), stages=stages, mesh=dict(raw["mesh"]), progress=bool(raw["progress"]),
         shots=_ints("icl.shots", get("icl", "shots")), icl_engine=engine,
-        n_queries=_positive("icl.n", get("icl", "n")), ft_data=data, train=train,
-        ft_eval_shots=_ints("ft_eval.shots", get("ft_eval", "shots")),
-        ft_eval_steps=_ints("ft_eval.steps", get("ft_eval", "steps"), lo=1), circuits=ccfgs)
+        n_queries=_positive("icl.n", get("icl", "n")), n_dev=_ints("icl.n_dev", [get("icl", "n_dev")])[0],
+        ft_data=data, train=train, ft_eval_shots=_ints("ft_eval.shots", get("ft_eval", "shots")),
+        ft_eval_steps=eval_steps, ft_report_step=report_step, circuits=ccfgs)
 
   def inputs(self, stage: str) -> dict:
     """The config values a stage's outputs depend on (its fingerprint, with its upstream stages')."""
@@ -174,7 +179,29 @@ class StudyConfig:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_workdir(path: Path) -> Path:
+def _variants(spec: Any, task_names: Sequence[str]) -> tuple[str, ...]:
+  """The variants to evaluate: each must exist in at least one selected task (a task is evaluated on the
+  variants it has)."""
+  offered = dict.fromkeys(v for t in task_names for v in tasks.get_task(t).variants)
+  return _names("variants", spec, tuple(offered))
+
+
+def saved_steps(train: Any) -> list[int]:
+  """The checkpoint steps a training run keeps: every ``save_every`` and the last, the newest ``keep`` of them."""
+  steps = sorted(set(range(train.save_every, train.steps + 1, train.save_every)) | {train.steps})
+  return steps[-train.keep:]
+
+
+def _check_kept(train: Any, eval_steps: Sequence[int], report_step: int) -> None:
+  kept = saved_steps(train)
+  for key, wanted in (("ft_eval.steps", list(eval_steps)), ("ft_eval.report_step", [report_step])):
+    missing = [s for s in wanted if s not in kept]
+    if missing:
+      raise ConfigError(f"{key}: no checkpoint will exist for step(s) {missing}; with ft.steps={train.steps}, "
+                        f"ft.save_every={train.save_every} and ft.keep={train.keep} the kept steps are {kept}")
+
+
+def check_workdir(path: epath.Path) -> epath.Path:
   """Creates ``path`` and proves it writable, or raises a ``ConfigError`` that says what to do."""
   try:
     path.mkdir(parents=True, exist_ok=True)
@@ -197,7 +224,7 @@ class Study:
     self._mesh = None
 
   # -- bookkeeping --------------------------------------------------------------------------------------
-  def dir(self, stage: str) -> Path:
+  def dir(self, stage: str) -> epath.Path:
     return self.root / stage
 
   def done(self, stage: str) -> dict | None:
@@ -211,17 +238,17 @@ class Study:
       return None
     return rec if rec.get("fingerprint") == self.cfg.fingerprint(stage) else None
 
-  def _start(self, stage: str) -> Path:
+  def _start(self, stage: str) -> epath.Path:
     """Prepares the stage directory: kept when started under this fingerprint (resume), else cleared."""
     d, fp = self.dir(stage), self.cfg.fingerprint(stage)
     started = d / "STARTED.json"
-    if report.is_writer():
+    if files.is_writer():
       if d.exists() and not (started.exists() and json.loads(started.read_text()).get("fingerprint") == fp):
         self.log(f"[{stage}] outputs from another config in {d}: clearing them")
-        shutil.rmtree(d)
+        d.rmtree()
       d.mkdir(parents=True, exist_ok=True)
       if not started.exists():
-        report.write_json(started, {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        files.write_json(started, {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
       (d / "DONE.json").unlink(missing_ok=True)
     sharding.barrier(f"icl_ft start {stage}")
     return d
@@ -251,10 +278,10 @@ class Study:
         outputs = getattr(self, f"_{stage}")(d)
         rec = dict(fingerprint=cfg.fingerprint(stage), seconds=round(time.time() - t0, 1),
                    finished=time.strftime("%Y-%m-%dT%H:%M:%S"), outputs=outputs)
-        report.write_json(d / "DONE.json", rec)
+        files.write_json(d / "DONE.json", rec)
         self.log(f"[{stage}] done in {rec['seconds']:.0f}s")
         for later in self._downstream(stage):  # their outputs were computed from the previous run of this stage
-          if report.is_writer():
+          if files.is_writer():
             (self.dir(later) / "DONE.json").unlink(missing_ok=True)
         sharding.barrier(f"icl_ft done {stage}")
       records[stage] = rec
@@ -277,25 +304,25 @@ class Study:
     return self._model
 
   # -- stages -----------------------------------------------------------------------------------------------
-  def _data(self, d: Path) -> dict:
+  def _data(self, d: epath.Path) -> dict:
     from icl_ft.tasks import export
     cfg, out = self.cfg, {}
     for v in cfg.variants:
       recs = export.example_records(cfg.tasks, v, cfg.n_queries, cfg.seed, cfg.format)
-      out[f"queries_{v}"] = str(report.write_jsonl(d / f"queries_{v}.jsonl", recs))
+      out[f"queries_{v}"] = str(files.write_jsonl(d / f"queries_{v}.jsonl", recs))
     fd = cfg.ft_data
     ft = export.ft_records(fd.tasks, fd.n_per_task, fd.seed, fd.format, fd.with_header)
-    out["ft_train"] = str(report.write_jsonl(d / "ft_train.jsonl", ft))
+    out["ft_train"] = str(files.write_jsonl(d / "ft_train.jsonl", ft))
     return out
 
-  def _icl(self, d: Path) -> dict:
+  def _icl(self, d: epath.Path) -> dict:
     from icl_ft import icl
     cfg = self.cfg
     records, skipped = icl.sweep(self.model, cfg.tasks, cfg.variants, [cfg.format], cfg.shots, cfg.n_queries,
-                                 cfg.seed, cfg.icl_engine, cfg.model)
+                                 cfg.seed, cfg.icl_engine, cfg.model, cfg.n_dev)
     return icl.write_results(d, records, skipped, title=f"{cfg.model}: accuracy vs shots")
 
-  def _finetune(self, d: Path) -> dict:
+  def _finetune(self, d: epath.Path) -> dict:
     from icl_ft import ft_data, training
     cfg = self.cfg
     data = ft_data.build(cfg.ft_data, self.model.tokenizer)
@@ -307,21 +334,22 @@ class Study:
     return dict(checkpoints=result.checkpoint_dir, metrics=str(d / "metrics.jsonl"),
                 final_loss=last["loss"], samples=last["samples"])
 
-  def _ft_eval(self, d: Path) -> dict:
+  def _ft_eval(self, d: epath.Path) -> dict:
     from icl_ft import icl, training
     cfg = self.cfg
     records = training.evaluate_checkpoints(
         self.model, cfg.train, self.dir("finetune"), cfg.tasks, cfg.variants, cfg.format, cfg.ft_eval_shots,
-        cfg.n_queries, cfg.seed, cfg.ft_eval_steps or None, cfg.icl_engine)
+        cfg.n_queries, cfg.seed, sorted(set(cfg.ft_eval_steps) | {cfg.ft_report_step}) if cfg.ft_eval_steps else None,
+        cfg.icl_engine)
     for r in records:
       r["model"] = cfg.model
     summary = report.summarize(records)
-    return dict(records=str(report.write_jsonl(d / "records.jsonl", records)),
-                summary=str(report.write_json(d / "summary.json", summary)),
+    return dict(records=str(files.write_jsonl(d / "records.jsonl", records)),
+                summary=str(files.write_json(d / "summary.json", summary)),
                 plot=str(report.plot_accuracy(summary, d / "accuracy_vs_samples.png", x="samples",
                                               title=f"{cfg.model}: fine-tuned accuracy vs training samples")))
 
-  def _circuits(self, d: Path) -> dict:
+  def _circuits(self, d: epath.Path) -> dict:
     from icl_ft import circuits, training
     cfg = self.cfg
     m = self.model
@@ -335,24 +363,24 @@ class Study:
       out[ccfg.task] = circuits.write(d / ccfg.task, results)
     return out
 
-  def _report(self, d: Path) -> dict:
+  def _report(self, d: epath.Path) -> dict:
     del d
     cfg = self.cfg
-    read = lambda stage, key: json.loads(Path(self.done(stage)["outputs"][key]).read_text())
+    read = lambda stage, key: files.read_json(self.done(stage)["outputs"][key])
     icl_summary = read("icl", "summary_json")
     ft_summary = read("ft_eval", "summary")
-    metrics = report.read_jsonl(self.done("finetune")["outputs"]["metrics"])
-    circuit = {t: json.loads(Path(p["json"]).read_text()) for t, p in self.done("circuits")["outputs"].items()} \
+    metrics = files.read_jsonl(self.done("finetune")["outputs"]["metrics"])
+    circuit = {t: files.read_json(p["json"]) for t, p in self.done("circuits")["outputs"].items()} \
         if cfg.circuits else {}
     timings = {s: self.done(s)["seconds"] for s in STAGES if self.done(s)}
-    results = report.study_results(cfg.raw, icl_summary, ft_summary, metrics, circuit, timings)
+    results = report.study_results(cfg.raw, icl_summary, ft_summary, metrics, circuit, timings, cfg.ft_report_step)
     figures = {"accuracy vs shots": self.done("icl")["outputs"]["plot"],
                "accuracy vs training samples": self.done("ft_eval")["outputs"]["plot"]}
     if cfg.circuits:
       for t, p in self.done("circuits")["outputs"].items():
         figures.update({f"{t}: circuit heatmaps": p["heatmaps"], f"{t}: MLP effects": p["mlps"],
                         f"{t}: circuit shift": p["shifts"]})
-    figures = {k: os.path.relpath(v, self.root) for k, v in figures.items()}
-    report.write_json(self.root / "results.json", results)
-    report.atomic_write_text(self.root / "REPORT.md", report.render_study(results, figures))
+    figures = {k: files.relative(v, self.root) for k, v in figures.items()}
+    files.write_json(self.root / "results.json", results)
+    files.atomic_write_text(self.root / "REPORT.md", report.render_study(results, figures))
     return dict(report=str(self.root / "REPORT.md"), results=str(self.root / "results.json"))

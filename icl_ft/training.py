@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import time
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -21,7 +20,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from icl_ft import flops, ft_data, lora, report, sharding
+from icl_ft import files, flops, ft_data, lora, sharding
 from icl_ft.config import ModelConfig
 from icl_ft.model import Params, run
 
@@ -123,8 +122,9 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, opt: optax.Gradien
     (grads, loss_sum, n), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), F32), jnp.zeros((), F32)), batch)
     grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), grads)
     updates, opt_state = opt.update(grads, state["opt"], state["params"])
-    metrics = {"loss": loss_sum / jnp.maximum(n, 1.0), "grad_norm": optax.tree.norm(grads), "tokens": n,
-               "lr": schedule(cfg)(state["step"])}
+    lengths = batch["valid"].sum(-1).astype(F32)
+    metrics = {"loss": loss_sum / jnp.maximum(n, 1.0), "grad_norm": optax.tree.norm(grads), "loss_tokens": n,
+               "tokens": lengths.sum(), "tokens_sq": (lengths ** 2).sum(), "lr": schedule(cfg)(state["step"])}
     return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state,
             "step": state["step"] + 1}, metrics
 
@@ -180,7 +180,7 @@ class TrainResult:
 
 
 def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, cfg: TrainConfig,
-          workdir: str | Path, mesh: jax.sharding.Mesh | None = None, length_multiple: int = 32,
+          workdir: files.PathLike, mesh: jax.sharding.Mesh | None = None, length_multiple: int = 32,
           progress: bool = True) -> TrainResult:
   """Fine-tunes for ``cfg.steps`` steps, resuming from the latest checkpoint in ``workdir/checkpoints``.
 
@@ -191,7 +191,7 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
   """
   import orbax.checkpoint as ocp
   mesh = mesh or sharding.make_mesh()
-  workdir = Path(workdir)
+  workdir = files.as_path(workdir)
   n_data = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
   micro = cfg.batch_size // cfg.grad_accum
   if cfg.batch_size % cfg.grad_accum or micro % n_data:
@@ -210,8 +210,8 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
   fingerprint = _fingerprint(model_cfg, cfg)
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True)
   metrics_path = workdir / "metrics.jsonl"
-  history = report.read_jsonl(metrics_path) if metrics_path.exists() else []
-  with ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=options) as mngr:
+  history = files.read_jsonl(metrics_path) if metrics_path.exists() else []
+  with ocp.CheckpointManager(files.absolute(workdir / "checkpoints"), options=options) as mngr:
     start = mngr.latest_step()
     if start is not None:
       meta = mngr.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -222,7 +222,8 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
       state = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(state))))["state"]
       history = [m for m in history if m["step"] <= start]
     start = start or 0
-    peak = cfg.peak_flops or flops.matmul_ceiling().median * 1e9 * jax.device_count()
+    peak = cfg.peak_flops or flops.matmul_ceiling(dtype=jnp.dtype(cfg.compute_dtype)).median * 1e9 * jax.device_count()
+    adapters = lora.num_params(model_cfg, cfg.lora) if cfg.lora else None
     rows = ft_data.split_rows(cfg.batch_size, jax.process_index(), jax.process_count())
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
     for step in bar:
@@ -238,23 +239,22 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
         raise TrainingDivergedError(
             f"loss is {m['loss']} at step {step + 1}; stopped without saving. The last good checkpoint is "
             f"step {last} in {workdir / 'checkpoints'}. Lower the learning rate or use float32 compute.")
-      seq = local["ids"].shape[-1]
-      m.update(step=step + 1, samples=(step + 1) * cfg.batch_size, step_time_s=dt,
-               tokens_per_s=m["tokens"] / dt,
-               mfu=cfg.batch_size * seq * flops.train_flops_per_token(model_cfg, seq) / dt / peak)
+      # Useful work only: real tokens (no bucket padding), LoRA charged for the gradients it needs.
+      m.update(step=step + 1, samples=(step + 1) * cfg.batch_size, step_time_s=dt, tokens_per_s=m["tokens"] / dt,
+               mfu=flops.train_flops(model_cfg, m["tokens"], m.pop("tokens_sq"), adapters) / dt / peak)
       history.append(m)
       bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
       if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
         mngr.save(step + 1, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"fingerprint": fingerprint})))
         mngr.wait_until_finished()
-        report.write_jsonl(metrics_path, history)
-  report.write_jsonl(metrics_path, history)
+        files.write_jsonl(metrics_path, history)
+  files.write_jsonl(metrics_path, history)
   final = lora.merge(model_cfg, base_params, state["params"], cfg.lora) if cfg.lora else state["params"]
   return TrainResult(final, state["params"], history, str(workdir / "checkpoints"))
 
 
-def checkpoint_params(model_cfg: ModelConfig, base_params: Params, cfg: TrainConfig, workdir: str | Path,
+def checkpoint_params(model_cfg: ModelConfig, base_params: Params, cfg: TrainConfig, workdir: files.PathLike,
                       steps: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None
                       ) -> Iterator[tuple[int, Params]]:
   """Yields (step, full parameters with LoRA merged) for the saved ``steps`` (default: all kept)."""
@@ -262,7 +262,7 @@ def checkpoint_params(model_cfg: ModelConfig, base_params: Params, cfg: TrainCon
   mesh = mesh or sharding.make_mesh()
   state, _ = initial_state(model_cfg, base_params, cfg, mesh)
   abstract = _abstract(state)
-  with ocp.CheckpointManager((Path(workdir) / "checkpoints").resolve()) as mngr:
+  with ocp.CheckpointManager(files.absolute(files.as_path(workdir) / "checkpoints")) as mngr:
     available = mngr.all_steps()
     missing = sorted(set(steps or ()) - set(available))
     if missing:
@@ -273,7 +273,7 @@ def checkpoint_params(model_cfg: ModelConfig, base_params: Params, cfg: TrainCon
       yield step, lora.merge(model_cfg, base_params, trained, cfg.lora) if cfg.lora else trained
 
 
-def evaluate_checkpoints(model, cfg: TrainConfig, workdir: str | Path, task_names: Sequence[str],
+def evaluate_checkpoints(model, cfg: TrainConfig, workdir: files.PathLike, task_names: Sequence[str],
                          variants: Sequence[str], fmt: str, shots: Sequence[int] = (0,), n: int = 199,
                          seed: int = 114514, steps: Sequence[int] | None = None, engine=None) -> list[dict]:
   """ICL-engine records of the fine-tuned model at each checkpoint, tagged ``method="ft"``, ``step`` and

@@ -55,6 +55,11 @@ run "${GC[@]}" create "$NAME" "${WHERE[@]}" --accelerator-type "$TYPE" --version
 trap cleanup EXIT
 run "${GC[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command "$INSTALL"
 run "${GC[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command "$START"
-if [[ -z "$WORKDIR" || "$WORKDIR" != gs://* ]]; then  # results live on worker 0's disk: copy them back
-  run "${GC[@]}" scp --recurse "$NAME:icl_ft/work" "./work-$NAME" "${WHERE[@]}" --worker=0
-fi
+# Results written to a bucket are already safe; a local work directory lives on worker 0's disk: copy it back
+# (the config's default work directory is under icl_ft/work).
+case "$WORKDIR" in
+  *://*) echo "results are in $WORKDIR (nothing to copy back)" >&2 ;;
+  "") run "${GC[@]}" scp --recurse "$NAME:icl_ft/work" "./work-$NAME" "${WHERE[@]}" --worker=0 ;;
+  /*) run "${GC[@]}" scp --recurse "$NAME:$WORKDIR" "./$(basename "$WORKDIR")-$NAME" "${WHERE[@]}" --worker=0 ;;
+  *) run "${GC[@]}" scp --recurse "$NAME:icl_ft/$WORKDIR" "./$(basename "$WORKDIR")-$NAME" "${WHERE[@]}" --worker=0 ;;
+esac

@@ -115,3 +115,59 @@ def tiny_lm(tmp_path_factory):
   model.save_pretrained(d)
   tok.save_pretrained(d)
   return d, model, tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+  """The embedded SmolLM2-135M GGUF's own tokenizer (byte-level BPE, GPT-2 style pre-tokenizer)."""
+  from transformers import AutoTokenizer
+  from icl_ft import loading
+  path = loading.embedded_gguf_path()
+  return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_vocab_lm(tmp_path_factory, smollm2_tokenizer):
+  """(directory, torch model, tokenizer): a tiny random Llama over SmolLM2's real 49,152-token vocabulary."""
+  tok = smollm2_tokenizer
+  model = build_hf_model("llama", kv_heads=2, seed=11, vocab_size=len(tok), max_position_embeddings=2048,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  d = tmp_path_factory.mktemp("smollm2-vocab-lm")
+  model.save_pretrained(d)
+  tok.save_pretrained(d)
+  return d, model, tok
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+  """``gs://`` paths served from a local directory through etils.epath's backend table; returns that directory.
+
+  Exercises the code path of an object-store work directory without a network (the scheme must survive every
+  path operation; a mangled ``gs:/`` path would land in the current directory instead)."""
+  from etils.epath import backend, gpath
+  root = tmp_path / "gcs"
+  root.mkdir()
+  local = lambda p: str(root / os.fspath(p).removeprefix("gs://"))
+  remote = lambda p: "gs://" + os.path.relpath(p, root)
+
+  class Bucket(type(backend.os_backend)):
+    def open(self, path, mode):
+      return super().open(local(path), mode)
+
+    def glob(self, path):
+      return [remote(p) for p in super().glob(local(path))]
+
+    def walk(self, top, *a, **k):
+      for r, dirs, names in super().walk(local(top), *a, **k):
+        yield remote(r), dirs, names
+
+    def __getattribute__(self, name):
+      attr = super().__getattribute__(name)
+      if name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "rmtree", "remove", "stat"):
+        return lambda path, *a, **k: attr(local(path), *a, **k)
+      if name in ("rename", "replace", "copy"):
+        return lambda path, dst, *a, **k: attr(local(path), local(dst), *a, **k)
+      return attr
+
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", Bucket())
+  return root

@@ -128,8 +128,11 @@ def test_real_configs(name):
   assert cfg.num_params() == sum(p.numel() for p in model.parameters())
 
 
+def test_registry_pythia_is_the_releases_v0_checkpoint():
+  assert loading.REGISTRY["pythia-1.4b"] == "EleutherAI/pythia-1.4b-v0"  # the release's final grid (study §4)
+
+
 def test_registry_names():
-  assert loading.REGISTRY["pythia-1.4b"] == "EleutherAI/pythia-1.4b"
   assert loading.REGISTRY["gpt-neo-1.3b"] == "EleutherAI/gpt-neo-1.3B"
   assert loading.REGISTRY["gemma-7b"] == "google/gemma-7b"
   assert loading.REGISTRY["mistral-7b-v0.1"] == "mistralai/Mistral-7B-v0.1"
@@ -165,11 +168,11 @@ def test_icl_engine_equals_transformers_generate(family_lm, case):
   qs = icl.icl_queries("parity", "misleading", "paper", 1, 2, seed=3)
   engine = icl.EngineConfig(batch_size=2, length_multiple=32, progress=False)
   records, skipped = icl.run(m, qs, engine)
-  assert skipped == 0
+  assert skipped == []
   for q, r in zip(qs, records):
     ids = tok(q.prompt).input_ids
     assert len(ids) > 8  # longer than the window
-    out = ref.generate(torch.tensor([ids]), max_new_tokens=engine.strict_tokens, do_sample=False,
+    out = ref.generate(torch.tensor([ids]), max_new_tokens=q.strict_tokens, do_sample=False,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(ids):]
     assert r["completion"] == tok.decode(out, skip_special_tokens=True)
     with torch.no_grad():

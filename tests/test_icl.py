@@ -1,11 +1,12 @@
 """The batched ICL engine against transformers' one-query-at-a-time generate, scoring rules, and results."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from icl_ft import icl, loading, report, scoring, tasks
+from icl_ft import files, icl, loading, report, scoring, tasks
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +28,10 @@ def test_engine_equals_transformers_generate(model, tiny_lm):
   qs = _queries(3)
   engine = icl.EngineConfig(batch_size=4, length_multiple=32, progress=False)
   records, skipped = icl.run(model, qs, engine)
-  assert skipped == 0 and len(records) == len(qs)
+  assert skipped == [] and len(records) == len(qs)
   for q, r in zip(qs, records):
     ids = tok(q.prompt).input_ids
-    out = ref.generate(torch.tensor([ids]), max_new_tokens=engine.strict_tokens, do_sample=False,
+    out = ref.generate(torch.tensor([ids]), max_new_tokens=q.strict_tokens, do_sample=False,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(ids):]
     assert r["completion"] == tok.decode(out, skip_special_tokens=True)
     lenient = tok.decode(out[:q.lenient_tokens], skip_special_tokens=True)
@@ -70,7 +71,7 @@ def test_prompt_too_long(model):
     icl.run(model, long, icl.EngineConfig(progress=False))
   short = icl.icl_queries("parity", "correct", "paper", 0, 2, seed=0)
   records, skipped = icl.run(model, long + short, icl.EngineConfig(on_too_long="skip", progress=False))
-  assert skipped == 2 and len(records) == 2
+  assert len(skipped) == 2 and len(records) == 2
 
 
 def test_bad_input():
@@ -114,11 +115,11 @@ def test_summary_wilson_best_of_shots_and_plot(tmp_path):
   best = report.best_of_shots(summary)
   assert best == [dict(task="parity", variant="correct", format="paper", best_shots=2, acc_lenient=0.8,
                        ci_lenient_lo=lo, ci_lenient_hi=hi, acc_strict=0.7, ci_strict_lo=summary[1]["ci_strict_lo"],
-                       ci_strict_hi=summary[1]["ci_strict_hi"], n=10)]
+                       ci_strict_hi=summary[1]["ci_strict_hi"], n=10, n_skipped=0)]
   png = report.plot_accuracy(summary, tmp_path / "acc.png")
   assert png.read_bytes()[:4] == b"\x89PNG"
-  report.write_jsonl(tmp_path / "r.jsonl", rows)
-  assert report.read_jsonl(tmp_path / "r.jsonl") == rows
+  files.write_jsonl(tmp_path / "r.jsonl", rows)
+  assert files.read_jsonl(tmp_path / "r.jsonl") == rows
 
 
 @pytest.mark.parametrize("answer_len", [1, 3])
@@ -146,3 +147,55 @@ def test_candidate_scoring_equals_separate_forward_passes(model, answer_len):
       expected = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(ans))
       assert abs(float(out["logprob"][b, c]) - expected) < 1e-4
       assert abs(float(out["first_logit"][b, c]) - logits[len(prompt) - 1, ans[0]]) < 1e-4
+
+
+def test_strict_scoring_uses_the_tasks_budget():
+  from conftest import build_byte_tokenizer
+  tok = build_byte_tokenizer()
+  q = icl.icl_queries("code", "correct", "fixed", 0, 1, seed=0)[0]
+  q = dataclasses.replace(q, gold="0.4444444444444444")  # 19 byte tokens with its space: > 8
+  assert q.strict_tokens == tasks.strict_len("code", "fixed") >= 19
+  new = tok(" 0.4444444444444444\n").input_ids + [tok.eos_token_id]
+  r = icl.record(q, tok(q.prompt).input_ids, new, [0.0, 0.0], [0.0, 0.0], tok)
+  assert r["completion"] == " 0.4444444444444444\n" and r["correct_strict"]
+
+
+@pytest.mark.parametrize("task", ["parity", "boolean", "algebra", "code"])
+def test_engine_with_the_real_smollm2_tokenizer_on_prompts_ending_in_a_space(smollm2_vocab_lm, task):
+  import torch
+  d, ref, tok = smollm2_vocab_lm
+  m = loading.load(str(d), use_cache=False)
+  qs = icl.icl_queries(task, "correct", "paper", 1, 3, seed=2)
+  assert all(q.prompt.endswith(" ") for q in qs)
+  records, _ = icl.run(m, qs, icl.EngineConfig(batch_size=2, progress=False))
+  for q, r in zip(qs, records):
+    ids = tok(q.prompt).input_ids
+    gold = icl.continuation_ids(tok, q.prompt, ids, q.gold)
+    assert tok.decode(ids + gold) == q.prompt + q.gold  # the scored tokens continue the prompt exactly
+    out = ref.generate(torch.tensor([ids]), max_new_tokens=max(q.strict_tokens, q.lenient_tokens), do_sample=False,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+    assert r["completion"] == tok.decode(out[:q.strict_tokens], skip_special_tokens=True)
+    assert r["lenient_text"] == tok.decode(ids + out[:q.lenient_tokens], skip_special_tokens=True)[len(q.prompt):]
+    with torch.no_grad():
+      logp = torch.log_softmax(ref(torch.tensor([ids + gold])).logits[0], -1)
+    assert abs(r["logprob_gold"] - sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(gold))) < 1e-4
+
+
+def test_best_of_shots_breaks_ties_numerically_and_dev_chosen_k_uses_the_dev_split():
+  def rows(split, hits):  # hits per shot count, 10 queries each
+    return [dict(task="parity", variant="correct", format="paper", split=split, shots=k, correct_lenient=i < h,
+                 correct_strict=i < h) for k, h in hits.items() for i in range(10)]
+  summary = report.summarize(rows("test", {2: 6, 4: 5, 16: 6}) + rows("dev", {2: 3, 4: 9, 16: 9}))
+  assert [r["shots"] for r in summary if r["split"] == "test"] == [2, 4, 16]
+  assert report.best_of_shots(summary)[0]["best_shots"] == 2  # tie 2 vs 16: the fewer shots
+  dev = report.dev_chosen_shots(summary)[0]
+  assert (dev["dev_shots"], dev["dev_acc"], dev["acc_lenient"]) == (4, 0.9, 0.5)  # k from dev, scored on test
+
+
+def test_skipped_queries_are_counted_per_cell(model):
+  long = icl.icl_queries("parity", "correct", "paper", 32, 2, seed=0)
+  short = icl.icl_queries("parity", "correct", "paper", 0, 2, seed=0)
+  records, skipped = icl.run(model, long + short, icl.EngineConfig(on_too_long="skip", progress=False))
+  summary = report.summarize(records, skipped)
+  assert [(r["shots"], r["n"], r["n_skipped"]) for r in summary] == [(0, 2, 0), (32, 0, 2)]
+  assert summary[1]["acc_strict"] is None

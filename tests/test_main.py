@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from configs import smoke
-from icl_ft import study
+from icl_ft import files, study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,11 @@ def test_every_stage_writes_its_outputs(finished):
   data = (workdir / "data" / "queries_misleading.jsonl").read_text().splitlines()
   assert len(data) == cfg.n_queries * len(cfg.tasks)
   icl_records = [json.loads(x) for x in (workdir / "icl" / "records.jsonl").read_text().splitlines()]
-  assert len(icl_records) == cfg.n_queries * len(cfg.tasks) * len(cfg.variants) * len(cfg.shots)
+  test = [r for r in icl_records if r["split"] == "test"]
+  assert len(test) == cfg.n_queries * len(cfg.tasks) * len(cfg.variants) * len(cfg.shots)
+  dev = [r for r in icl_records if r["split"] == "dev"]
+  assert len(dev) == cfg.n_dev * len(cfg.tasks) * len(cfg.variants) * (len(cfg.shots) - 1)
+  assert not {r["question"] for r in dev} & {r["question"] for r in test}
   ft = [json.loads(x) for x in (workdir / "ft_eval" / "records.jsonl").read_text().splitlines()]
   assert {r["step"] for r in ft} == {2, 4} and {r["method"] for r in ft} == {"ft"}
   for png in ("icl/accuracy_vs_shots.png", "ft_eval/accuracy_vs_samples.png", "circuits/expression/circuit_shift.png"):
@@ -64,8 +68,18 @@ def test_report_table_matches_the_records(finished):
   results = json.loads((workdir / "results.json").read_text())
   text = (workdir / "REPORT.md").read_text()
   assert {(r["task"], r["variant"]) for r in results["table"]} == {(t, v) for t in cfg.tasks for v in cfg.variants}
-  icl_records = [json.loads(x) for x in (workdir / "icl" / "records.jsonl").read_text().splitlines()]
+  all_records = [json.loads(x) for x in (workdir / "icl" / "records.jsonl").read_text().splitlines()]
+  icl_records = [r for r in all_records if r["split"] == "test"]
+
+  def acc(split, task, variant, k):
+    rs = [r for r in all_records if (r["split"], r["task"], r["variant"], r["shots"]) == (split, task, variant, k)]
+    return sum(r["correct_lenient"] for r in rs) / len(rs)
+
   for row in results["table"]:
+    dev = {k: acc("dev", row["task"], row["variant"], k) for k in cfg.shots if k}
+    k_dev = min(k for k, a in dev.items() if a == max(dev.values()))
+    assert row["lenient"]["icl_dev"]["shots"] == k_dev
+    assert row["lenient"]["icl_dev"]["acc"] == pytest.approx(acc("test", row["task"], row["variant"], k_dev))
     base = [r for r in icl_records if (r["task"], r["variant"], r["shots"]) == (row["task"], row["variant"], 0)]
     assert row["strict"]["base_0shot"]["acc"] == pytest.approx(sum(r["correct_strict"] for r in base) / len(base))
     best = max(sum(r["correct_lenient"] for r in icl_records
@@ -87,13 +101,48 @@ def test_rerun_skips_completed_stages(finished):
   assert stamps == {s: (workdir / s / "DONE.json").stat().st_mtime_ns for s in study.STAGES}
 
 
-def test_changed_config_reruns_only_what_depends_on_it(finished, tmp_path):
+def test_changed_setting_reruns_exactly_the_stages_that_depend_on_it(tiny_lm, tmp_path):
+  kw = {"circuits.enabled": False, "icl.n_dev": 0}
+  _run(_config(tiny_lm[0], tmp_path, **kw))
+  stamps = {s: (tmp_path / s / "DONE.json").stat().st_mtime_ns for s in ("data", "icl", "finetune", "ft_eval", "report")}
+  before = files.read_jsonl(tmp_path / "ft_eval" / "records.jsonl")
+  _, lines = _run(_config(tiny_lm[0], tmp_path, **kw, **{"ft_eval.shots": "0,1"}))
+  after = {s: (tmp_path / s / "DONE.json").stat().st_mtime_ns for s in stamps}
+  rerun = {s for s in stamps if after[s] != stamps[s]}
+  assert rerun == {"ft_eval", "report"}, lines
+  records = files.read_jsonl(tmp_path / "ft_eval" / "records.jsonl")
+  assert {r["shots"] for r in before} == {0} and {r["shots"] for r in records} == {0, 1}
+  assert len(records) == 2 * len(before)
+
+
+def test_report_names_the_fine_tuning_checkpoint(finished):
   cfg, workdir, _, _ = finished
-  changed = _config(cfg.model, workdir, **{"ft_eval.shots": "0,1"})
-  assert changed.fingerprint("icl") == cfg.fingerprint("icl")
-  assert changed.fingerprint("ft_eval") != cfg.fingerprint("ft_eval")
-  assert changed.fingerprint("report") != cfg.fingerprint("report")
-  assert changed.fingerprint("finetune") == cfg.fingerprint("finetune")
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["ft_report_step"] == cfg.ft_report_step == cfg.train.steps
+  assert f"fine-tuned 0-shot (step {cfg.train.steps})" in (workdir / "REPORT.md").read_text()
+  assert _config(cfg.model, workdir, **{"ft_eval.report_step": 2}).ft_report_step == 2
+  with pytest.raises(study.ConfigError, match=r"no checkpoint will exist for step\(s\) \[3\]"):
+    _config(cfg.model, workdir, **{"ft_eval.report_step": 3})
+
+
+def test_every_variant_is_selectable(tiny_lm, tmp_path):
+  cfg = _config(tiny_lm[0], tmp_path, variants="correct,misleading,misleading-z", stages="data")
+  assert cfg.variants == ("correct", "misleading", "misleading-z")
+  _run(cfg)
+  rows = files.read_jsonl(tmp_path / "data" / "queries_misleading-z.jsonl")
+  assert {r["task"] for r in rows} == {"parity"} and all(r["shortcut_right"] is False for r in rows)
+  with pytest.raises(study.ConfigError, match="misleading-z"):
+    _config(tiny_lm[0], tmp_path, tasks="expression", variants="misleading-z")
+
+
+def test_object_store_workdir_keeps_its_scheme(tiny_lm, fake_gcs):
+  cfg = _config(tiny_lm[0], "gs://bucket/run", stages="data,icl")
+  assert str(cfg.workdir) == "gs://bucket/run"
+  _run(cfg)
+  run = fake_gcs / "bucket" / "run"
+  assert json.loads((run / "icl" / "DONE.json").read_text())["fingerprint"] == cfg.fingerprint("icl")
+  assert (run / "data" / "queries_correct.jsonl").exists() and (run / "icl" / "accuracy_vs_shots.png").exists()
+  assert not Path("gs:").exists()
 
 
 def test_interrupted_run_resumes(tiny_lm, tmp_path):
@@ -161,6 +210,20 @@ def test_launch_scripts_handle_arguments():
   assert cmds[0].startswith("+ gcloud compute tpus tpu-vm create x") and "--accelerator-type v4-32" in cmds[0]
   assert any("--worker=all" in c and "icl_ft.main" in c and "--config.icl.n=5" in c for c in cmds)
   assert cmds[-1].startswith("+ gcloud compute tpus tpu-vm delete x")
+  assert any("scp --recurse x:icl_ft/work" in c for c in cmds)  # default work directory: copied back
+
+
+def test_launch_copy_back_follows_the_work_directory():
+  tpu = ROOT / "launch" / "tpu_pod.sh"
+  common = ["bash", str(tpu), "--name", "x", "--zone", "z", "--type", "v4-32", "--config", "configs/parity.py",
+            "--repo", "https://example.org/r.git", "--dry-run"]
+  bucket = subprocess.run(common + ["--workdir", "gs://b/run1"], capture_output=True, text=True)
+  assert bucket.returncode == 0 and "--config.workdir=gs://b/run1" in bucket.stdout
+  assert "scp" not in bucket.stdout and "gs://b/run1" in bucket.stderr  # already in the bucket: nothing to copy
+  local = subprocess.run(common + ["--workdir", "runs/r1"], capture_output=True, text=True)
+  assert local.returncode == 0 and "scp --recurse x:icl_ft/runs/r1 ./r1-x" in local.stdout
+  absolute = subprocess.run(common + ["--workdir", "/data/r2"], capture_output=True, text=True)
+  assert "scp --recurse x:/data/r2 ./r2-x" in absolute.stdout
   r = subprocess.run(["bash", str(tpu), "--name", "x"], capture_output=True, text=True)
   assert r.returncode == 2 and "missing --zone" in r.stderr
   r = subprocess.run(["bash", "-n", str(ROOT / "launch" / "slurm.sbatch")], capture_output=True, text=True)

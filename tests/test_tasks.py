@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from icl_ft import report, tasks
+from icl_ft import files, tasks
 from icl_ft.tasks import export, formats
 
 N = 2000  # samples per (task, variant, format) for the cheap tasks
@@ -193,13 +193,18 @@ def test_code_answers_by_running_programs(variant):
   jobs = [(ex.question, [ex.meta["input"]] + (list(range(11)) if i < 200 else [])) for i, ex in enumerate(items)]
   outputs = _run_programs(jobs)
   ops = collections.Counter()
+  fixed = set(map(id, items[:N_CODE]))
   for ex, out in zip(items, outputs):
-    assert out[0] == ex.answer + "\n"
+    assert out[0] == ex.meta["printed"] + "\n"
     assert ex.question.startswith("\n")
     assert ex.question.endswith("print(function2(input_value, function1(input_value)))\n")
     v, d, op = ex.meta["input"], ex.meta["number"], ex.meta["op"]
-    x = float(v) if ex.meta["input_type"] == "float" else v
+    x = float(v) if ex.meta["input_type"] == "float" and id(ex) in fixed else v  # paper: the release's int maths
     shortcut = str(eval(f"x {op} d"))  # noqa: S307 - ignore function1
+    if id(ex) in fixed:
+      assert ex.answer == ex.meta["printed"]
+    else:  # the release's gold: the same value, in integer maths
+      assert float(ex.answer) == float(ex.meta["printed"]) and (op == "/" or "." not in ex.answer)
     ops[op] += 1
     if variant == "correct":
       assert ex.answer == shortcut and ex.foil is None
@@ -235,7 +240,11 @@ def test_algebra_answers_by_linalg(variant, fmt):
       rows.append([int(ca[:-1]), int(cb[:-1])])
       consts.append(int(rhs))
     A, c = np.array(rows, float), np.array(consts, float)
-    assert len(rows) == (3 if variant == "correct" else 4)
+    assert len(rows) == (4 if (variant, fmt) == ("misleading", "paper") else 3)
+    if fmt == "fixed":  # the dependent row eliminates a (correct) or is a positive combination (misleading)
+      i, j, alpha, beta = ex.meta["combinations"][0]
+      np.testing.assert_array_equal(A[2], alpha * A[i] + beta * A[j])
+      assert (A[2, 0] == 0 and A[2, 1] > 0) if variant == "correct" else (alpha > 0 and beta > 0)
     a, b = ex.meta["a"], int(ex.answer)
     assert 1 <= a <= 5 and 1 <= b <= 5
     np.testing.assert_allclose(A @ [a, b], c)  # consistent with the gold
@@ -384,7 +393,7 @@ def test_export_cli_and_atomic_write(tmp_path):
   assert os.listdir(out.parent) == ["parity.jsonl"]  # no temporary files left
 
   ft_path = tmp_path / "ft.jsonl"
-  report.write_jsonl(ft_path, export.ft_records(export.parse_tasks("all"), 3, 0, "paper"))
+  files.write_jsonl(ft_path, export.ft_records(export.parse_tasks("all"), 3, 0, "paper"))
   texts = [json.loads(line)["text"] for line in ft_path.read_text().splitlines()]
   assert len(texts) == 15 and texts[0].endswith(tasks.make_ft_examples("expression", 1, 0, "paper")[0].answer)
 
@@ -393,8 +402,77 @@ def test_export_cli_and_atomic_write(tmp_path):
     raise RuntimeError("boom")
 
   with pytest.raises(RuntimeError):
-    report.write_jsonl(ft_path, failing())
+    files.write_jsonl(ft_path, failing())
   assert len(ft_path.read_text().splitlines()) == 15
   assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
   with pytest.raises(ValueError, match="valid tasks"):
     export.parse_tasks("expression,foo")
+
+
+# ----------------------------------------------------------------- misleading sets break their shortcut
+
+
+def _breaking_share(task, variant, fmt, n=N):
+  items = tasks.make_queries(task, variant, n, 0, fmt)
+  return sum(tasks.shortcut_record(ex)["shortcut_right"] is False for ex in items) / len(items)
+
+
+def test_boolean_fixed_misleading_clause_breaks_the_final_literal_shortcut():
+  items = _queries("boolean", "misleading", "fixed")
+  for ex in items:  # the identity clause's literal disagrees with the label on every item
+    assert _final_literal_rule(ex.question) != ex.answer
+  assert 0.4 < _breaking_share("boolean", "misleading", "paper") < 0.6  # the release's independent draw
+
+
+@pytest.mark.parametrize("task,variant", [(t, v) for t in tasks.TASKS for v in tasks.TASKS[t].variants
+                                          if v != "correct"])
+def test_every_fixed_misleading_set_breaks_its_shortcut(task, variant):
+  assert _breaking_share(task, variant, "fixed", N_CODE * 2 if task == "code" else N) >= 0.95
+  assert _breaking_share(task, "correct", "fixed", 500) == 0.0
+  # and on correct items the shortcut gives the gold (the pattern exists)
+  assert all(tasks.shortcut_record(ex)["shortcut_right"] for ex in _queries(task, "correct", "fixed", 500))
+
+
+@pytest.mark.parametrize("task,question,meta,expected", [
+    ("expression", "(7-3)+(-14+14)*(6-6+4-6)=", {}, {"zero_factor": "4"}),
+    ("expression", "(5)+(-5+2)*(4-5+5-1)=", {}, {"zero_factor": "5"}),
+    ("parity", "A is connected with B\n" * 9, {}, {"line_parity": "False", "z_present": "False"}),
+    ("parity", "A is connected with B\n" * 7 + "B is connected with Z\n", {}, {"line_parity": "True", "z_present": "True"}),
+    ("boolean", "(True or False) and False", {}, {"final_literal": "0"}),
+    ("boolean", "((False) or True) and True", {}, {"final_literal": "1"}),
+    ("boolean", "(True and False)", {}, {"final_literal": None}),
+    ("code", "\ndef function1(x):\n    return 3\n\ndef function2(z, a):\n    return z * 4\n"
+     "\ninput_value = float(input())\n", {"input": 2}, {"irrelevant_function": "8.0"}),
+    ("algebra", "1a + 2b = 5\n2a + 1b = 4\n0a + 3b = 6", {}, {"eliminated_a": "2"}),
+    ("algebra", "1a + 2b = 5\n2a + 1b = 4\n3a + 3b = 9", {}, {"eliminated_a": "3"}),
+])
+def test_cues_on_hand_made_questions(task, question, meta, expected):
+  ex = tasks.Example(task, "correct", question, "0", None, meta)
+  assert tasks.get_task(task).cue_predictions(ex) == expected
+
+
+def test_query_records_and_summaries_carry_the_shortcut_share():
+  from icl_ft import icl, report
+  qs = icl.icl_queries("boolean", "misleading", "paper", 0, 200, seed=0)
+  recs = [dict(q.meta, correct_lenient=True, correct_strict=q.meta["shortcut_right"] is False) for q in qs]
+  assert all(r["shortcut_cue"] == "final_literal" and r["shortcut"] in ("0", "1") for r in recs)
+  row = report.summarize(recs)[0]
+  expected = sum(r["shortcut_right"] is False for r in recs) / len(recs)
+  assert row["shortcut_breaking"] == expected and 0.35 < expected < 0.65
+  assert row["acc_strict_breaking"] == 1.0 and row["n_breaking"] == round(expected * 200)
+
+
+def test_paper_code_gold_is_the_releases_integer_maths():
+  items = _queries("code", "correct", "paper", 300)
+  floats = [ex for ex in items if ex.meta["input_type"] == "float" and ex.meta["op"] != "/"]
+  assert floats and all(ex.answer == str(eval(f"{ex.meta['input']} {ex.meta['op']} {ex.meta['number']}"))  # noqa: S307
+                        and ex.meta["printed"] == ex.answer + ".0" for ex in floats)
+  fixed = _queries("code", "correct", "fixed", 300)
+  assert any(ex.answer.endswith(".0") for ex in fixed)
+
+
+def test_fixed_code_golds_fit_the_strict_budget():
+  budget = tasks.strict_len("code", "fixed")
+  assert tasks.generation_len("code", "fixed") == budget
+  for variant in tasks.VARIANTS:  # a BPE token covers at least one character: len(" " + gold) bounds the count
+    assert max(len(" " + ex.answer) for ex in _queries("code", variant, "fixed", N_CODE)) <= budget

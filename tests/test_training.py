@@ -130,3 +130,60 @@ def test_bad_configurations(setup, tmp_path, hf_dir_factory):
   other = loading.load(str(hf_dir_factory("qwen2", 2, False)[0]), use_cache=False)
   with pytest.raises(training.CheckpointMismatchError, match="another model"):
     training.train(other.config, other.params, ds, FAST, tmp_path / "run", progress=False)
+
+
+def _gpt2_regex_bpe():
+  """A byte-level BPE with GPT-2's pre-tokenizer regex, trained here on the study's FT texts."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  from icl_ft import tasks
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  texts = [tasks.ft_text(ex, fmt) for t in tasks.TASKS for fmt in tasks.FORMATS for ex in tasks.make_ft_examples(t, 40, 1, fmt)]
+  tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                     special_tokens=["<eos>"]))
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gpt2_regex_bpe"])
+@pytest.mark.parametrize("fmt", ["paper", "fixed"])
+def test_answer_loss_mask_is_exactly_the_answer_for_every_task(which, fmt, request):
+  from icl_ft import tasks
+  tok = request.getfixturevalue("smollm2_tokenizer") if which == "smollm2" else _gpt2_regex_bpe()
+  cfg = ft_data.FTDataConfig(tasks=tuple(tasks.TASKS), n_per_task=25, format=fmt, loss_on="answer")
+  ds = ft_data.build(cfg, tok)
+  examples = [ex for t in cfg.tasks for ex in tasks.make_ft_examples(t, cfg.n_per_task, cfg.seed, fmt)]
+  for ids, mask, ex in zip(ds.ids, ds.loss_mask, examples):
+    scored = tok.decode([t for t, keep in zip(ids, mask) if keep])
+    assert scored.strip() == ex.answer and scored.lstrip(" ") == ex.answer, (ex.task, scored)
+    assert mask[-1] and not mask[0]
+
+
+def test_an_example_without_answer_tokens_is_refused(tiny_lm):
+  cfg = ft_data.FTDataConfig(tasks=("parity",), n_per_task=2, loss_on="answer", max_len=20)
+  with pytest.raises(ValueError, match="no token to score"):
+    ft_data.build(cfg, tiny_lm[2])
+
+
+def test_mfu_counts_real_tokens_and_charges_lora_for_the_gradients_it_needs(setup, tmp_path):
+  from icl_ft import flops
+  m, ds, _ = setup
+  cfg = m.config
+  lengths = np.array([10, 30])
+  fwd = sum(n * flops.forward_flops_per_token(cfg, n, causal=True) for n in lengths)
+  assert flops.train_flops(cfg, lengths.sum(), (lengths ** 2).sum()) == pytest.approx(3 * fwd)
+  adapters = lora.num_params(cfg, lora.LoRAConfig(rank=4))
+  lora_flops = flops.train_flops(cfg, lengths.sum(), (lengths ** 2).sum(), adapters)
+  attention = sum(2 * n * n * cfg.num_heads * cfg.head_dim * cfg.num_layers for n in lengths)
+  assert lora_flops == pytest.approx(2 * (fwd - attention) + 3 * attention + 6 * adapters * lengths.sum())
+  assert adapters == cfg.num_layers * 4 * sum(sum(lora._in_out(cfg, t)[:2]) for t in lora.TARGETS)
+  # The training metrics count only real tokens of the padded batch.
+  res = training.train(cfg, m.params, ds, dataclasses.replace(FAST, steps=1), tmp_path, progress=False)
+  batch = ft_data.batch_at(ds, 0, FAST.batch_size, FAST.seed, 32)
+  n = batch["valid"].sum(-1)
+  assert batch["valid"].size > n.sum()  # the bucket pads
+  met = res.metrics[0]
+  assert met["tokens"] == n.sum() and met["loss_tokens"] == batch["loss_mask"][:, 1:].sum()
+  expected = flops.train_flops(cfg, n.sum(), (n ** 2).sum()) / met["step_time_s"] / FAST.peak_flops
+  assert met["mfu"] == pytest.approx(expected, rel=1e-6)

@@ -10,15 +10,17 @@ and method sees the same items.
 from __future__ import annotations
 
 import random
+from typing import Collection
 
 from icl_ft.tasks import algebra, boolean, code, expression, parity
 from icl_ft.tasks.base import ANSWER_KINDS, FORMATS, VARIANTS, Example, Task, check_name, keyed_rng
-from icl_ft.tasks.formats import build_prompt, ft_text, generation_len
+from icl_ft.scoring import same_answer
+from icl_ft.tasks.formats import build_prompt, ft_text, generation_len, strict_len
 
 __all__ = [
     "ANSWER_KINDS", "FORMATS", "TASKS", "VARIANTS", "Example", "Task", "answer_kind", "build_prompt", "ft_text",
     "generation_len", "get_task", "make_demos", "make_ft_examples", "make_queries", "release_stream_prompt",
-    "sample"]
+    "sample", "shortcut_record", "strict_len", "SPLITS"]
 
 TASKS: dict[str, Task] = {t.name: t for t in (expression.TASK, parity.TASK, boolean.TASK, code.TASK, algebra.TASK)}
 
@@ -41,19 +43,38 @@ def _count(name: str, value: int) -> int:
   return value
 
 
-def make_queries(task: str | Task, variant: str, n: int, seed: int, fmt: str) -> list[Example]:
-  """The fixed query set of (task, variant, seed, fmt): the same for every model and method."""
+SPLITS = ("test", "dev")
+
+
+def _split_key(split: str) -> tuple[str, ...]:
+  """Stream-key suffix of a split (none for ``test``, so test streams are those of earlier versions)."""
+  return () if check_name("split", split, SPLITS) == "test" else (split,)
+
+
+def make_queries(task: str | Task, variant: str, n: int, seed: int, fmt: str, split: str = "test",
+                 exclude: Collection[str] = ()) -> list[Example]:
+  """The fixed query set of (task, variant, seed, fmt, split): the same for every model and method.
+
+  ``split="dev"`` draws from a separate stream (for choosing settings such as the shot count without
+  touching the test set); questions in ``exclude`` (e.g. the test set's) are skipped.
+  """
   t = get_task(task)
   t.check(variant, fmt)
-  rng = keyed_rng("queries", t.name, variant, fmt, seed)
-  return [t.sample(variant, rng, fmt) for _ in range(_count("n", n))]
+  rng = keyed_rng("queries", t.name, variant, fmt, seed, *_split_key(split))
+  out: list[Example] = []
+  while len(out) < _count("n", n):
+    ex = t.sample(variant, rng, fmt)
+    if ex.question not in exclude:
+      out.append(ex)
+  return out
 
 
-def make_demos(task: str | Task, k: int, seed: int, query_index: int, fmt: str) -> list[Example]:
-  """``k`` correct-variant demos for query ``query_index``, from a stream keyed by (task, index, k, seed, fmt)."""
+def make_demos(task: str | Task, k: int, seed: int, query_index: int, fmt: str, split: str = "test") -> list[Example]:
+  """``k`` correct-variant demos for query ``query_index`` of ``split``, from a stream keyed by (task, index, k,
+  seed, fmt, split)."""
   t = get_task(task)
   t.check("correct", fmt)
-  rng = keyed_rng("demos", t.name, _count("query_index", query_index), _count("k", k), seed, fmt)
+  rng = keyed_rng("demos", t.name, _count("query_index", query_index), _count("k", k), seed, fmt, *_split_key(split))
   return [t.sample("correct", rng, fmt) for _ in range(k)]
 
 
@@ -63,6 +84,19 @@ def make_ft_examples(task: str | Task, n: int, seed: int, fmt: str) -> list[Exam
   t.check("correct", fmt)
   rng = keyed_rng("ft", t.name, fmt, seed)
   return [t.sample("correct", rng, fmt, ft=True) for _ in range(_count("n", n))]
+
+
+def shortcut_record(ex: Example) -> dict:
+  """What the item's shortcuts say: every cue's prediction (``cues``), the variant's target cue
+  (``shortcut_cue``), its prediction (``shortcut``) and ``shortcut_right``: whether that prediction equals the
+  gold (None when the cue predicts nothing). A well-built misleading set has ``shortcut_right`` False on every
+  item; a correct set, True."""
+  t = get_task(ex.task)
+  cues = t.cue_predictions(ex)
+  name = t.target_cue(ex.variant)
+  pred = cues.get(name) if name else None
+  return dict(cues=cues, shortcut_cue=name, shortcut=pred,
+              shortcut_right=None if pred is None else same_answer(pred, ex.answer, t.answer_kind))
 
 
 def answer_kind(task: str | Task) -> str:

@@ -1,18 +1,25 @@
 """Linear equations with a dependent equation (study §2.5, "equation" in the release).
 
-Correct items: 2 independent rows with coefficients 1..4 plus one row that is a combination of them;
-misleading items: 4 independent rows. The gold is b (the query hands the model a, in both formats, as the
-release does; ``meta["hands_over_a"]`` logs it). ``paper`` keeps singular systems (12.5% of correct ones,
-flagged in ``meta["singular"]``); ``fixed`` rejects them.
+``paper`` (the release): correct items have 2 independent rows with coefficients 1..4 plus one row that is a
+random combination of them; misleading items have 4 independent rows. The query hands the model a, so every
+row gives b and the misleading set breaks no shortcut; singular systems (12.5% of correct ones) are kept and
+flagged in ``meta["singular"]``. ``fixed`` gives the dependent row a pattern: in correct items it is the
+combination that eliminates a (b = its constant / its b coefficient), in misleading items a combination whose
+a term does not vanish, so that shortcut is wrong on every misleading item (see ``formats.py``). The gold is
+b in both formats (``meta["hands_over_a"]`` logs the hand-over).
 """
 
 from __future__ import annotations
 
+import fractions
+import math
 import random
+import re
 
 from icl_ft.tasks.base import Example, Task, numpy_rng_from
 
 VARIABLES = "ab"
+_ROW = re.compile(r"(-?\d+)a \+ (-?\d+)b = (-?\d+)")
 
 
 def _rank_below_two(rows: list[list[int]]) -> bool:
@@ -41,15 +48,48 @@ def _system(rng: random.Random, equations: int, dependent: int) -> dict:
               singular=_rank_below_two(rows))
 
 
+def _fixed_system(rng: random.Random, eliminate: bool) -> dict:
+  """``fixed``: two independent rows (coefficients 1..4) and one dependent row. Correct items: the dependent row
+  is the combination that eliminates a (``0a + kb = c``, k > 0), so b = c / k (the implicit pattern); misleading
+  items: a combination with positive weights (the release's dependent row), whose a term does not vanish."""
+  solution = [rng.randint(1, 5) for _ in VARIABLES]
+  rows = [[rng.randint(1, 4) for _ in VARIABLES] for _ in range(2)]
+  while _rank_below_two(rows):
+    rows = [[rng.randint(1, 4) for _ in VARIABLES] for _ in range(2)]
+  if eliminate:
+    g = math.gcd(rows[0][0], rows[1][0])
+    alpha, beta = rows[1][0] // g, -(rows[0][0] // g)
+    if alpha * rows[0][1] + beta * rows[1][1] < 0:
+      alpha, beta = -alpha, -beta
+  else:
+    alpha, beta = rng.randint(1, 3), rng.randint(1, 3)
+  rows.append([alpha * p + beta * q for p, q in zip(rows[0], rows[1])])
+  constants = [sum(c * x for c, x in zip(row, solution)) for row in rows]
+  return dict(a=solution[0], b=solution[1], rows=rows, constants=constants, combinations=[[0, 1, alpha, beta]],
+              singular=False)
+
+
+def eliminated_a_cue(ex: Example) -> str | None:
+  """The shortcut: the last (dependent) row has no a term, so b = its constant / its b coefficient (read off
+  the last row, ignoring any a term it has)."""
+  match = _ROW.fullmatch(ex.question.rsplit("\n", 1)[-1])
+  if match is None or int(match.group(2)) == 0:
+    return None
+  value = fractions.Fraction(int(match.group(3)), int(match.group(2)))
+  return str(value.numerator) if value.denominator == 1 else str(float(value))
+
+
 def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
   del ft  # FT data uses the test generator
-  equations, dependent = (4, 0) if variant == "misleading" else (3, 1)
-  system = _system(rng, equations, dependent)
-  while fmt == "fixed" and system["singular"]:
+  if fmt == "fixed":
+    system = _fixed_system(rng, eliminate=variant == "correct")
+  else:
+    equations, dependent = (4, 0) if variant == "misleading" else (3, 1)
     system = _system(rng, equations, dependent)
   question = "\n".join(f"{r[0]}a + {r[1]}b = {c}" for r, c in zip(system["rows"], system["constants"]))
   return Example("algebra", variant, question, str(system["b"]), None, dict(system, hands_over_a=True))
 
 
 TASK = Task(name="algebra", release_name="equation", answer_kind="number", sampler=_sample,
-            description="2 unknowns; 3 equations, one dependent (misleading: 4 independent); gold b")
+            description="2 unknowns; 3 equations, one dependent (misleading: 4 independent); gold b",
+            cues={"eliminated_a": eliminated_a_cue})

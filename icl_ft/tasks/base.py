@@ -6,7 +6,7 @@ import array
 import dataclasses
 import hashlib
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,8 @@ class Example:
 
 # (variant, rng, fmt, ft) -> Example; ``ft`` selects the release's fine-tuning generator where it differed.
 Sampler = Callable[[str, random.Random, str, bool], Example]
+# A cue: what a shortcut predicts for an item, a pure function of its question text (None: no prediction).
+Cue = Callable[[Example], "str | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,19 @@ class Task:
   sampler: Sampler
   variants: tuple[str, ...] = VARIANTS
   description: str = ""
+  # Named shortcut cues; the first is the task's shortcut (the implicit pattern the study names).
+  cues: Mapping[str, Cue] = dataclasses.field(default_factory=dict)
+  # Non-correct variant -> the cue it is built to break (default: the first cue).
+  targets: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+  def target_cue(self, variant: str) -> str | None:
+    """The cue whose shortcut ``variant`` tests: for ``correct`` and misleading variants alike, the variant's
+    target (the first cue unless ``targets`` says otherwise); None if the task has no cue."""
+    return self.targets.get(variant, next(iter(self.cues), None))
+
+  def cue_predictions(self, ex: Example) -> dict[str, str | None]:
+    """Every cue's prediction for ``ex``."""
+    return {name: cue(ex) for name, cue in self.cues.items()}
 
   def check(self, variant: str, fmt: str) -> None:
     """ValueError (listing the valid names) unless ``variant`` and ``fmt`` are valid for this task."""

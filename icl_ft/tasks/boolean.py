@@ -41,8 +41,14 @@ def _chain(rng: random.Random, num_terms: int) -> tuple[str, bool]:
   return text, _or_of_ands([v == "True" for v in values], ops)
 
 
-def _expression(rng: random.Random, pattern: bool, misleading: bool) -> tuple[str, bool, dict]:
-  """The release's ``generate_bool_expression`` (same draw order) with a hand-written evaluator."""
+def _expression(rng: random.Random, pattern: bool, misleading: bool, breaking: bool = False
+                ) -> tuple[str, bool, dict]:
+  """The release's ``generate_bool_expression`` (same draw order) with a hand-written evaluator.
+
+  ``breaking`` (fixed format): the misleading identity clause is the one whose literal disagrees with the
+  inner value (``or False`` after a True expression, ``and True`` after a False one), so the final-literal
+  shortcut is wrong on every misleading item; the release draws the clause independently (wrong on half).
+  """
   absorbing = rng.choice(["False", "True"]) if pattern else None
   groups, values, joiners = [], [], []
   bound = MAX_TERMS
@@ -61,7 +67,8 @@ def _expression(rng: random.Random, pattern: bool, misleading: bool) -> tuple[st
   elif absorbing == "True":
     expr, value, suffix = f"{expr} or True", True, "or True"
   if misleading:  # an identity clause: the value stays the inner one
-    suffix = "or False" if rng.choice(["False", "True"]) == "False" else "and True"
+    pick = ("False" if value else "True") if breaking else rng.choice(["False", "True"])
+    suffix = "or False" if pick == "False" else "and True"
     expr = f"({expr}) {suffix}"
   meta = dict(groups=groups, joiners=joiners, groups_value=groups_value, pattern_mode=pattern, suffix=suffix)
   return expr, value, meta
@@ -72,11 +79,20 @@ def suffix_shortcut(suffix: str | None) -> str | None:
   return None if suffix is None else ("1" if suffix.endswith("True") else "0")
 
 
+_SUFFIXES = ("and False", "or True", "or False", "and True")
+
+
+def final_literal_cue(ex: Example) -> str | None:
+  """The shortcut: a trailing ``and False`` / ``or True`` / ``or False`` / ``and True`` clause decides the label
+  (its literal); None when the expression ends in no such clause."""
+  return suffix_shortcut(next((s for s in _SUFFIXES if ex.question.endswith(") " + s)), None))
+
+
 def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
   del ft  # FT data uses the test generator of each format
   misleading = variant == "misleading"
   pattern = fmt == "fixed" and not misleading
-  question, value, meta = _expression(rng, pattern=pattern, misleading=misleading)
+  question, value, meta = _expression(rng, pattern=pattern, misleading=misleading, breaking=fmt == "fixed")
   answer = "1" if value else "0"
   meta["shortcut"] = suffix_shortcut(meta["suffix"])
   foil = shortcut_foil(answer, meta["shortcut"]) if misleading else binary_foil(answer, LABELS)
@@ -84,4 +100,5 @@ def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
 
 
 TASK = Task(name="boolean", release_name="bool", answer_kind="label", sampler=_sample,
-            description="3 parenthesised and/or chains; an absorbing suffix decides the label")
+            description="3 parenthesised and/or chains; an absorbing suffix decides the label",
+            cues={"final_literal": final_literal_cue})

@@ -4,13 +4,15 @@ Programs are generated procedurally: ``function1(x)`` is a random, deterministic
 (loops, arithmetic, lists, strings, ``math``, conditionals, comprehensions, ...); ``function2(z, a)``
 returns ``z <op> d`` and ignores ``a``, so the output is ``input <op> d`` (the shortcut). Misleading items
 (study §6 #5) return ``z <op> d + a % m`` instead, with ``a % m != 0``, so ignoring ``function1`` fails.
-The gold is what the program prints (``8.0`` for ``float(input())``, Python float text for ``/``).
+The gold is what the program prints (``8.0`` for ``float(input())``, Python float text for ``/``) in
+``fixed``; ``paper`` keeps the release's integer-maths gold (``8``; ``meta["printed"]`` has the printed value).
 """
 
 from __future__ import annotations
 
 import operator
 import random
+import re
 from typing import Callable
 
 from icl_ft.tasks.base import Example, Task, shortcut_foil
@@ -206,8 +208,24 @@ def _load(defs: str, uses_math: bool) -> dict:
   return namespace
 
 
+_FUNCTION2 = re.compile(r"def function2\(z, a\):\n +return z ([-+*/]) (\d+)")
+
+
+def irrelevant_function_cue(ex: Example) -> str | None:
+  """The shortcut: ``function2`` returns ``z <op> d`` and ``function1`` is irrelevant, so the output is
+  ``input <op> d`` (computed with the program's input type)."""
+  match = _FUNCTION2.search(ex.question)
+  if match is None:
+    return None
+  v = ex.meta["input"]  # shown in the prompt ("The input is: v")
+  x = float(v) if "float(input())" in ex.question else v
+  return str(OPERATORS[match.group(1)](x, int(match.group(2))))
+
+
 def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
-  del fmt, ft  # one generator in both formats (the formats differ only in the prompt)
+  """One program. The gold is what it prints (``fixed``) or, as in the release (``paper``), the value in
+  integer maths of the input as an int (``8`` where a ``float(input())`` program prints ``8.0``)."""
+  del ft  # one generator in both formats
   misleading = variant == "misleading"
   while True:
     f1, uses_math = function1_source(rng)
@@ -222,12 +240,16 @@ def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
   modulus = rng.choice(moduli) if misleading else None
   f2 = f"def function2(z, a):\n{INDENT}return z {op} {d}" + (f" + a % {modulus}" if modulus else "") + "\n"
   defs = f"{f1}\n{f2}"
-  answer, shortcut = str(_load(defs, uses_math)["function2"](x, a)), str(OPERATORS[op](x, d))
+  function2 = _load(defs, uses_math)["function2"]
+  printed = str(function2(x, a))
+  answer = printed if fmt == "fixed" else str(function2(v, a))
+  shortcut = str(OPERATORS[op](x, d) if fmt == "fixed" else OPERATORS[op](v, d))
   meta = dict(input=v, input_type=input_type, op=op, number=d, modulus=modulus, function1_value=a,
-              shortcut=shortcut)
+              shortcut=shortcut, printed=printed)
   foil = shortcut_foil(answer, shortcut) if misleading else None
   return Example("code", variant, _program(defs, uses_math, input_type), answer, foil, meta)
 
 
 TASK = Task(name="code", release_name="code", answer_kind="number", sampler=_sample,
-            description="print(function2(v, function1(v))); function2 ignores function1's value")
+            description="print(function2(v, function1(v))); function2 ignores function1's value",
+            cues={"irrelevant_function": irrelevant_function_cue})

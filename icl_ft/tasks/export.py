@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
-from icl_ft import report, tasks
+from icl_ft import files, tasks
 
 FLAGS = flags.FLAGS
 
@@ -38,9 +38,10 @@ def parse_tasks(spec: str) -> list[str]:
 
 
 def example_records(task_names: Sequence[str], variant: str, n: int, seed: int, fmt: str) -> list[dict[str, Any]]:
-  """Full records of each task's fixed query set."""
-  return [dict(dataclasses.asdict(ex), format=fmt, seed=seed, index=i)
-          for name in task_names for i, ex in enumerate(tasks.make_queries(name, variant, n, seed, fmt))]
+  """Full records of the fixed query set of each task that has ``variant``, with what its shortcut cues say."""
+  return [dict(dataclasses.asdict(ex), format=fmt, seed=seed, index=i, **tasks.shortcut_record(ex))
+          for name in task_names if variant in tasks.get_task(name).variants
+          for i, ex in enumerate(tasks.make_queries(name, variant, n, seed, fmt))]
 
 
 def ft_records(task_names: Sequence[str], n: int, seed: int, fmt: str, with_header: bool = False) -> list[dict]:
@@ -62,7 +63,7 @@ def main(argv: Sequence[str]) -> None:
       records = example_records(names, FLAGS.variant, FLAGS.n, FLAGS.seed, FLAGS.format)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  report.write_jsonl(FLAGS.out, records)
+  files.write_jsonl(FLAGS.out, records)
   print(f"wrote {len(records)} records to {FLAGS.out}")
 
 

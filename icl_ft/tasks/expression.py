@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 
 from icl_ft.tasks.base import Example, Task, shortcut_foil
 
@@ -68,6 +69,16 @@ def _draw(rng: random.Random, config: _Config, misleading: bool) -> tuple[str, i
   return simple, simple_value, factor, factor_value, cpl, cpl_value
 
 
+_SIMPLE = re.compile(r"^\(([0-9+-]+)\)\+\(")
+_TERM = re.compile(r"[+-]?\d+")
+
+
+def zero_factor_cue(ex: Example) -> str | None:
+  """The shortcut: the factor is zero, so the answer is the value of ``simple`` (the first parenthesis)."""
+  match = _SIMPLE.match(ex.question)
+  return None if match is None else str(sum(int(t) for t in _TERM.findall(match.group(1))))
+
+
 def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
   config = RELEASE_FT_CONFIG if (ft and fmt == "paper") else TEST_CONFIG
   misleading = variant == "misleading"
@@ -86,4 +97,5 @@ def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
 
 
 TASK = Task(name="expression", release_name="expression", answer_kind="number", sampler=_sample,
-            description="(simple)+(factor)*(cpl)=; the zero factor makes the answer `simple`")
+            description="(simple)+(factor)*(cpl)=; the zero factor makes the answer `simple`",
+            cues={"zero_factor": zero_factor_cue})

@@ -3,6 +3,26 @@
 ``paper`` reproduces the release's strings byte for byte, quirks included (study §2): the bool demo
 precedence bug, the code query's stray ``"The input is: "``, "Here are some examples: \\n" at 0 shots.
 ``fixed`` applies the corrections of study §6.
+
+How misleading each misleading set is (``tasks.shortcut_record``: the share of items where the variant's
+target cue disagrees with the gold, measured on 2,000 items per set by ``tests/test_tasks.py``):
+
+* expression (cue: the zero factor, answer = ``simple``): the release's "non-zero" factor sums to 0 in 7% of
+  items; ``fixed`` redraws those, so the cue is wrong on every misleading item.
+* parity (cues: line-count parity, the study's named shortcut, and "Z is mentioned"): ``misleading`` (8 lines,
+  no Z) breaks parity on every item but keeps the Z cue right, by design: it is the set that tells the two cues
+  apart. ``misleading-z`` (10 lines, Z hanging off a component without A) breaks both; it is the Z cue's set.
+* boolean (cue: the final literal): the release draws the identity clause (``or False`` / ``and True``)
+  independently of the inner value, so the cue is right on half of its misleading items; ``fixed`` appends the
+  clause whose literal disagrees with the inner value. The release's correct items (randoms mode) have no
+  clause at all: ``fixed`` uses pattern mode.
+* code (cue: ``function1`` is irrelevant, output = input <op> d): misleading programs add ``a % m`` (non-zero)
+  in both formats. ``paper`` keeps the release's integer-maths gold (``8`` where the program prints ``8.0``);
+  ``fixed`` scores the printed value with a 24-token budget that fits every such value.
+* algebra (cue: b = the last row's constant / its b coefficient): the release hands the model a, so every row
+  gives b and its 4-independent-row misleading set breaks nothing. ``fixed`` makes the dependent row the
+  pattern: correct items' dependent row eliminates a (``0a + 3b = 12``), misleading items' dependent row is a
+  positive combination whose a term does not vanish, so the cue is wrong on every misleading item.
 """
 
 from __future__ import annotations
@@ -20,7 +40,8 @@ _CODE_INPUT = "The input is: "
 _CODE_OUTPUT = ", so the output is: "
 _CODE_NEXT = "Here is next example:\n"
 _ALGEBRA_INSTRUCTION = " The solutions are: "
-_STRICT_BUDGET = 8  # fixed budgets: the strict scorer's (study §3); code's float answers get 3x
+_STRICT_BUDGET = 8  # the strict scorer's new-token budget (study §3); code's float answers get 3x
+_CODE_STRICT_BUDGET = 3 * _STRICT_BUDGET  # fits every printed value (at most 20 characters) in any tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +52,8 @@ class Template:
   demo: Callable[[Example], str]  # a solved demo, separator included
   query: Callable[[Example], str]  # the unsolved query, ending where the answer starts
   ft: Callable[[Example], str]  # question + answer, as in the release's FT data (no header)
-  generation_len: int  # new-token budget
+  generation_len: int  # new-token budget of the lenient rule (paper: the release's)
+  strict_len: int = _STRICT_BUDGET  # new-token budget of the strict rule
 
 
 def _relation_query(ex: Example) -> str:
@@ -90,7 +112,8 @@ def _make_templates(paper: bool) -> dict[str, Template]:
           header="Now you need to give me the printed result after running this python code . " + _EXAMPLES,
           demo=_solved(_code_query, "\n" + _CODE_NEXT),
           query=(lambda ex: _CODE_INPUT + _code_query(ex)) if paper else _code_query,  # paper: stray prefix
-          ft=_solved(_code_query), generation_len=2 if paper else 3 * _STRICT_BUDGET),
+          ft=_solved(_code_query), generation_len=2 if paper else _CODE_STRICT_BUDGET,
+          strict_len=_CODE_STRICT_BUDGET),
       "algebra": Template(
           header="Here are some equations, you need to find all solutions of given variables. " + _EXAMPLES,
           demo=_solved(_algebra_query, "\n"), query=_algebra_query, ft=_solved(_algebra_query),
@@ -126,5 +149,10 @@ def ft_text(example: Example, fmt: str, with_header: bool = False) -> str:
 
 
 def generation_len(task: str, fmt: str) -> int:
-  """New-token budget: the release's (paper) or the strict scorer's (fixed; 24 for code's float text)."""
+  """Lenient new-token budget: the release's (paper) or the strict scorer's (fixed; 24 for code's float text)."""
   return template(task, fmt).generation_len
+
+
+def strict_len(task: str, fmt: str) -> int:
+  """Strict new-token budget: 8, or 24 for code (its float answers run to 20 characters)."""
+  return template(task, fmt).strict_len

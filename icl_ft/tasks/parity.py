@@ -21,6 +21,16 @@ def parity_shortcut(n_lines: int) -> str:
   return "True" if n_lines % 2 == 0 else "False"
 
 
+def line_parity_cue(ex: Example) -> str:
+  """The shortcut the study names: an even number of lines means True."""
+  return parity_shortcut(ex.question.count("\n"))
+
+
+def z_cue(ex: Example) -> str:
+  """The other cue of the correct items: a line mentions Z means True."""
+  return "True" if "with Z\n" in ex.question else "False"
+
+
 def _release_edges(rng: random.Random, misleading: bool) -> tuple[list[tuple[str, str]], bool, str]:
   """The release's ``generate_relation_problem`` (same draw order): edges, label, A's neighbour."""
   cities = list(CITIES)
@@ -70,4 +80,5 @@ def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
 
 TASK = Task(name="parity", release_name="relation", answer_kind="label", sampler=_sample,
             variants=VARIANTS + ("misleading-z",),
-            description="is A connected to Z? correct items: 10 lines <=> True")
+            description="is A connected to Z? correct items: 10 lines <=> True",
+            cues={"line_parity": line_parity_cue, "z_present": z_cue}, targets={"misleading-z": "z_present"})
