@@ -9,6 +9,7 @@ process 0 writes (``is_writer``); every process computes the same results.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -37,6 +38,18 @@ def as_path(path: PathLike) -> epath.Path:
 def has_scheme(path: PathLike) -> bool:
   """Whether ``path`` is a URI of an object store (``gs://…``) rather than a local path."""
   return "://" in os.fspath(path)
+
+
+def check_store(path: PathLike) -> None:
+  """Raises an OSError saying what to install if ``path`` is on an object store this machine cannot reach
+  (``gs://`` needs gcsfs: ``pip install -r requirements-cloud.txt``)."""
+  scheme = os.fspath(path).split("://", 1)[0] if has_scheme(path) else None
+  package = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs"}.get(scheme)
+  if scheme and package is None:
+    raise OSError(f"unsupported object store {scheme}:// in {path}; use gs://, s3://, az:// or a local path")
+  if package and importlib.util.find_spec(package) is None:
+    raise OSError(f"{path}: {scheme}:// work directories need the {package} package "
+                  f"(pip install -r requirements-cloud.txt)")
 
 
 def absolute(path: PathLike) -> epath.Path:
@@ -109,7 +122,7 @@ def read_jsonl(path: PathLike) -> list[dict]:
 def write_csv(path: PathLike, rows: Sequence[dict]) -> epath.Path:
   buf = io.StringIO()
   if rows:
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     w.writeheader()
     w.writerows(rows)
   return atomic_write_text(path, buf.getvalue())

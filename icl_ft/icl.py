@@ -10,6 +10,8 @@ within the task's token budget) and the strict rule (first answer-typed span of 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import math
 from typing import Any, Collection, Sequence
 
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from icl_ft import files, scoring, sharding, tasks
+from icl_ft import faults, files, scoring, sharding, tasks, workdir
 from icl_ft.inference import generate_and_score, left_pad, right_pad
 from icl_ft.loading import LoadedModel
 
@@ -61,7 +63,7 @@ def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int
     out.append(Query(tasks.build_prompt(task, fmt, demos, ex), ex.answer, ex.foil, task,
                      tasks.generation_len(task, fmt), tasks.strict_len(task, fmt),
                      dict(task=task, variant=variant, format=fmt, shots=shots, seed=seed, split=split, index=i,
-                          question=ex.question, **tasks.shortcut_record(ex))))
+                          question=ex.question, **tasks.shortcut_record(ex, fmt))))
   return out
 
 
@@ -73,10 +75,12 @@ def continuation_ids(tokenizer, prompt: str, prompt_ids: list[int], answer: str)
   return tokenizer(answer, add_special_tokens=False).input_ids
 
 
-def run(model: LoadedModel, queries: Sequence[Query],
-        engine: EngineConfig = EngineConfig()) -> tuple[list[dict], list[dict]]:
+def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = EngineConfig(),
+        units: workdir.Units | None = None) -> tuple[list[dict], list[dict]]:
   """Evaluates ``queries``; returns (one record per evaluated query, the meta of each query skipped as too
-  long)."""
+  long). A query is too long when its prompt plus its own budget (new tokens, or its longest candidate answer)
+  exceeds the context. Queries with the same budget are batched together. With ``units``, each batch's records
+  are saved as it completes and reloaded on a rerun (a killed evaluation resumes)."""
   if not queries:
     raise ValueError("no queries to evaluate")
   if engine.on_too_long not in ON_TOO_LONG:
@@ -85,37 +89,54 @@ def run(model: LoadedModel, queries: Sequence[Query],
   prompt_ids = tok([q.prompt for q in queries]).input_ids
   answers = [[continuation_ids(tok, q.prompt, ids, a) for a in (q.gold, q.foil or q.gold)]
              for q, ids in zip(queries, prompt_ids)]
-  n_new = max(max(q.strict_tokens, q.lenient_tokens) for q in queries)
-  answer_len = max(len(a) for pair in answers for a in pair)
+  budget = [max(q.strict_tokens, q.lenient_tokens) for q in queries]
   keep, skipped = [], []
   for i, ids in enumerate(prompt_ids):
-    need = len(ids) + max(n_new, answer_len)
-    if need <= cfg.max_position_embeddings:
+    need = max(budget[i], *map(len, answers[i]))
+    if len(ids) + need <= cfg.max_position_embeddings:
       keep.append(i)
     elif engine.on_too_long == "skip":
       skipped.append(dict(queries[i].meta, prompt_tokens=len(ids)))
     else:
       raise PromptTooLongError(
-          f"query {i} has {len(ids)} prompt tokens; with {max(n_new, answer_len)} answer tokens it exceeds the "
-          f"model's context of {cfg.max_position_embeddings}. Use fewer shots, or set on_too_long='skip'.")
-  keep.sort(key=lambda i: len(prompt_ids[i]))
-  pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-  eos = tok.eos_token_id
-  records: dict[int, dict] = {}
+          f"query {i} has {len(ids)} prompt tokens; with {need} answer tokens it exceeds the model's context of "
+          f"{cfg.max_position_embeddings}. Use fewer shots, or set on_too_long='skip'.")
   B = engine.batch_size
-  batches = [keep[s:s + B] for s in range(0, len(keep), B)]
-  for batch in tqdm(batches, desc="icl", unit="batch", disable=not engine.progress):
-    rows = batch + [batch[0]] * (B - len(batch))  # fixed batch size: pad with repeats, dropped below
-    T = engine.length_multiple * math.ceil(max(len(prompt_ids[i]) for i in rows) / engine.length_multiple)
-    ids, valid = left_pad([prompt_ids[i] for i in rows], pad, T)
-    flat = [a for i in rows for a in answers[i]]
-    ans, ans_valid = right_pad(flat, pad, answer_len)
-    out = sharding.to_host(generate_and_score(cfg, model.params, ids, valid, ans.reshape(B, 2, -1),
-                                              ans_valid.reshape(B, 2, -1), n_new))
-    new, logprob, first = (out[k] for k in ("tokens", "logprob", "first_logit"))
-    for r, i in enumerate(batch):
-      records[i] = record(queries[i], prompt_ids[i], list(new[r]), logprob[r], first[r], tok)
+  batches = []  # (new tokens, candidate length, query indices): one compiled shape family per budget group
+  for n_new in sorted({budget[i] for i in keep}):
+    group = sorted((i for i in keep if budget[i] == n_new), key=lambda i: len(prompt_ids[i]))
+    answer_len = max(len(a) for i in group for a in answers[i])
+    batches += [(n_new, answer_len, group[s:s + B]) for s in range(0, len(group), B)]
+  records: dict[int, dict] = {}
+  for b, (n_new, answer_len, batch) in enumerate(tqdm(batches, desc="icl", unit="batch",
+                                                      disable=not engine.progress)):
+    compute = functools.partial(_run_batch, model, queries, prompt_ids, answers, batch, n_new, answer_len, engine)
+    if units is None:
+      done = compute()
+    else:
+      digest = hashlib.sha1("\x00".join(queries[i].prompt + queries[i].gold for i in batch).encode()).hexdigest()
+      done = units.records(f"batch{b:05d}-{digest[:12]}", compute)
+    faults.point("icl.batch")
+    records.update(zip(batch, done))
   return [records[i] for i in sorted(records)], skipped
+
+
+def _run_batch(model: LoadedModel, queries, prompt_ids, answers, batch: list[int], n_new: int, answer_len: int,
+               engine: EngineConfig) -> list[dict]:
+  """Records of one batch: prompts left-padded to a multiple of ``length_multiple`` (rows repeated up to the
+  fixed batch size), gold and foil scored in the prefill, ``n_new`` greedy tokens."""
+  tok, cfg, B = model.tokenizer, model.config, engine.batch_size
+  pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+  rows = batch + [batch[0]] * (B - len(batch))  # fixed batch size: pad with repeats, dropped below
+  T = engine.length_multiple * math.ceil(max(len(prompt_ids[i]) for i in rows) / engine.length_multiple)
+  ids, valid = left_pad([prompt_ids[i] for i in rows], pad, T)
+  flat = [a for i in rows for a in answers[i]]
+  ans, ans_valid = right_pad(flat, pad, answer_len)
+  out = sharding.to_host(generate_and_score(cfg, model.params, ids, valid, ans.reshape(B, 2, -1),
+                                            ans_valid.reshape(B, 2, -1), n_new))
+  new, logprob, first = (out[k] for k in ("tokens", "logprob", "first_logit"))
+  return [record(queries[i], prompt_ids[i], [int(t) for t in new[r]], logprob[r], first[r], tok)
+          for r, i in enumerate(batch)]
 
 
 def record(q: Query, prompt_ids: list[int], new_ids: list[int], logprob, first_logit, tok) -> dict:
@@ -159,10 +180,11 @@ def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: S
 
 def sweep(model: LoadedModel, task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str],
           shots: Sequence[int] = DEFAULT_SHOTS, n: int = 199, seed: int = 114514,
-          engine: EngineConfig = EngineConfig(), model_name: str = "", n_dev: int = 0) -> tuple[list[dict], list[dict]]:
+          engine: EngineConfig = EngineConfig(), model_name: str = "", n_dev: int = 0,
+          units: workdir.Units | None = None) -> tuple[list[dict], list[dict]]:
   """Every cell of ``sweep_queries`` in one batched run (length buckets shared across cells); returns
   (records tagged with ``model`` and ``method``, skipped queries)."""
-  records, skipped = run(model, sweep_queries(task_names, variants, formats, shots, n, seed, n_dev), engine)
+  records, skipped = run(model, sweep_queries(task_names, variants, formats, shots, n, seed, n_dev), engine, units)
   for r in records + skipped:
     r.update(model=model_name or model.source, method="icl" if r["shots"] else "base")
   return records, skipped

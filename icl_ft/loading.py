@@ -102,17 +102,26 @@ def _download(repo_id: str) -> Path:
         "directory instead: load('DIR') or --config.model=DIR") from e
 
 
-def _read_source(path: Path) -> tuple[ModelConfig, Any, Any]:
-  """(config, tensor source, tokenizer factory) for an HF directory or a GGUF file."""
-  from transformers import AutoConfig, AutoTokenizer
+def model_config(name_or_path: str) -> ModelConfig:
+  """The config of a model by any name ``load`` takes, without reading its weights: checks that the model
+  resolves (registry, local path, GGUF, hub) and that its architecture is supported. Raises
+  ``ModelNotFoundError``, ``convert.CheckpointError`` or ``config.UnsupportedModelError``."""
+  path = resolve(name_or_path)
   if path.is_file() and path.suffix == ".gguf":
-    hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
-    cfg = ModelConfig.from_hf(hf)
-    return cfg, convert.GGUFSource(path, cfg), lambda: AutoTokenizer.from_pretrained(
-        str(path.parent), gguf_file=path.name)
+    from transformers import AutoConfig
+    return ModelConfig.from_hf(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict())
   if not (path / "config.json").is_file():
     raise convert.CheckpointError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
-  cfg = ModelConfig.from_json(path / "config.json")
+  return ModelConfig.from_json(path / "config.json")
+
+
+def _read_source(path: Path) -> tuple[ModelConfig, Any, Any]:
+  """(config, tensor source, tokenizer factory) for an HF directory or a GGUF file."""
+  from transformers import AutoTokenizer
+  cfg = model_config(str(path))
+  if path.is_file() and path.suffix == ".gguf":
+    return cfg, convert.GGUFSource(path, cfg), lambda: AutoTokenizer.from_pretrained(
+        str(path.parent), gguf_file=path.name)
   has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
   return cfg, convert.SafetensorsSource(path), (lambda: AutoTokenizer.from_pretrained(str(path))) if has_tok \
       else (lambda: None)

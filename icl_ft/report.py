@@ -61,13 +61,23 @@ def summarize(records: Sequence[dict], skipped: Sequence[dict] = ()) -> list[dic
     row = dict(zip(keys, key), n=len(rs), n_skipped=n_skipped[key], **_accuracy(rs))
     diffs = [r["logit_diff"] for r in rs if r.get("logit_diff") is not None]
     row["mean_logit_diff"] = sum(diffs) / len(diffs) if diffs else None
-    if any("shortcut_right" in r for r in rs):
+    if any(r.get("shortcut_right") is not None for r in rs):
       breaking = [r for r in rs if r.get("shortcut_right") is False]
       row.update(shortcut_cue=rs[0].get("shortcut_cue"), shortcut_breaking=len(breaking) / len(rs),
                  shortcut_holding=sum(r.get("shortcut_right") is True for r in rs) / len(rs),
                  n_breaking=len(breaking), **_accuracy(breaking, "_breaking"))
+    if rs and rs[0].get("cues"):
+      row["cue_holding"] = cue_holding(rs)
     rows.append(row)
   return rows
+
+
+def cue_holding(records: Sequence[dict]) -> dict[str, float]:
+  """Per cue, the share of ``records`` on which the cue's prediction equals the gold."""
+  from icl_ft import scoring, tasks
+  kind = tasks.answer_kind(records[0]["task"])
+  return {cue: sum(scoring.same_answer(r["cues"][cue], r["gold"], kind) for r in records) / len(records)
+          for cue in records[0]["cues"]}
 
 
 def _ungrouped(row: dict, drop: tuple[str, ...]) -> tuple:
@@ -78,7 +88,7 @@ def _best_rows(rows: Sequence[dict], rule: str) -> dict[tuple, dict]:
   """Per group without ``shots``/``split``: the row with the highest accuracy under ``rule`` (ties: fewest
   shots)."""
   best: dict[tuple, dict] = {}
-  for row in sorted(rows, key=lambda r: r["shots"]):
+  for row in sorted((r for r in rows if r[f"acc_{rule}"] is not None), key=lambda r: r["shots"]):
     key = _ungrouped(row, ("shots", "split"))
     if key not in best or row[f"acc_{rule}"] > best[key][f"acc_{rule}"]:
       best[key] = row
@@ -127,7 +137,7 @@ def plot_accuracy(summary: Sequence[dict], path, x: str = "shots", rule: str = "
     lines[label].append(row)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for label, rows in sorted(lines.items()):
-    rows = sorted(rows, key=lambda r: r[x])
+    rows = sorted((r for r in rows if r[f"acc_{rule}"] is not None), key=lambda r: r[x])  # n = 0: all skipped
     xs = [r[x] for r in rows]
     y = [r[f"acc_{rule}"] for r in rows]
     err = [[yy - r[f"ci_{rule}_lo"] for yy, r in zip(y, rows)], [r[f"ci_{rule}_hi"] - yy for yy, r in zip(y, rows)]]
@@ -150,7 +160,8 @@ def _cell(row: dict | None, rule: str, suffix: str = "") -> dict | None:
   if row is None or row.get(f"acc_{rule}{suffix}") is None:
     return None
   n = row["n_breaking"] if suffix else row["n"]
-  return dict(acc=row[f"acc_{rule}{suffix}"], lo=row[f"ci_{rule}{suffix}_lo"], hi=row[f"ci_{rule}{suffix}_hi"], n=n)
+  return dict(acc=row[f"acc_{rule}{suffix}"], lo=row[f"ci_{rule}{suffix}_lo"], hi=row[f"ci_{rule}{suffix}_hi"], n=n,
+              n_skipped=0 if suffix else row.get("n_skipped", 0))
 
 
 def package_versions() -> dict[str, str]:
@@ -187,6 +198,7 @@ def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], m
     row = dict(task=task, variant=variant, ft_step=step, ft_samples=ft["samples"] if ft else None,
                shortcut_cue=base.get("shortcut_cue") if base else None,
                shortcut_breaking=base.get("shortcut_breaking") if base else None,
+               cue_holding=base.get("cue_holding") if base else None,
                n_skipped=sum(r.get("n_skipped", 0) for r in cells if (r["task"], r["variant"]) == (task, variant)))
     for rule in RULES:
       best = _find(best_of_shots(icl_summary["cells"], rule), task=task, variant=variant)
@@ -210,7 +222,8 @@ def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], m
 def _fmt(cell: dict | None, extra: str = "") -> str:
   if cell is None:
     return "–"
-  return f"{cell['acc']:.3f} [{cell['lo']:.2f}, {cell['hi']:.2f}]{extra}"
+  skipped = f", {cell['n_skipped']} skipped" if cell.get("n_skipped") else ""
+  return f"{cell['acc']:.3f} [{cell['lo']:.2f}, {cell['hi']:.2f}]{extra}{skipped}"
 
 
 def _ci(item: dict) -> str:
@@ -239,10 +252,11 @@ def render_study(results: dict, figures: dict[str, str]) -> str:
             "chosen on a disjoint dev query set, reported on the test items (unbiased). Lenient: the gold answer is "
             "a substring of the continuation (the release's rule); strict: the first answer-typed span equals the "
             "gold answer. Shortcut broken: share of the set's items on which the variant's target cue gives a wrong "
-            "answer (0 on correct sets, 1 on a fully misleading set).", "",
+            "answer (0 on correct sets, 1 on a fully misleading set; – where the set has no shortcut). Queries "
+            "too long for the context are skipped and counted in their cell.", "",
             f"| task | variant | rule | base 0-shot | fine-tuned 0-shot (step {step}) | ICL, best k on test | "
-            "ICL, k from dev | shortcut broken | skipped |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "ICL, k from dev | shortcut broken |",
+            "|---|---|---|---|---|---|---|---|"]
   for row in results["table"]:
     broken = "–" if row.get("shortcut_breaking") is None else f"{row['shortcut_breaking']:.2f} ({row['shortcut_cue']})"
     for rule in RULES:
@@ -250,15 +264,18 @@ def render_study(results: dict, figures: dict[str, str]) -> str:
       icl, dev = c["icl_best"], c.get("icl_dev")
       lines.append(f"| {row['task']} | {row['variant']} | {rule} | {_fmt(c['base_0shot'])} | {_fmt(c['ft_0shot'])} | "
                    f"{_fmt(icl, ' (k = {})'.format(icl['shots']) if icl else '')} | "
-                   f"{_fmt(dev, ' (k = {})'.format(dev['shots']) if dev else '')} | {broken} | {row['n_skipped']} |")
+                   f"{_fmt(dev, ' (k = {})'.format(dev['shots']) if dev else '')} | {broken} |")
   mis = [row for row in results["table"] if row["variant"] != "correct" and row.get("shortcut_breaking")]
   if mis:
     lines += ["", "On the shortcut-breaking items alone (the items of each misleading set where the target cue is "
-              "wrong; strict rule, n in parentheses):", "",
-              "| task | variant | cue | base 0-shot | fine-tuned 0-shot | ICL, k from dev |", "|---|---|---|---|---|---|"]
+              "wrong; strict rule, n in parentheses), and the share of the set each cue gets right (a cue right on "
+              "every item answers the set without the pattern):", "",
+              "| task | variant | target cue | cues right on the set | base 0-shot | fine-tuned 0-shot | ICL, k from dev |",
+              "|---|---|---|---|---|---|---|"]
     for row in mis:
       c = row["strict"]
-      lines.append(f"| {row['task']} | {row['variant']} | {row['shortcut_cue']} | " + " | ".join(
+      held = ", ".join(f"{k} {v:.2f}" for k, v in (row.get("cue_holding") or {}).items())
+      lines.append(f"| {row['task']} | {row['variant']} | {row['shortcut_cue']} | {held} | " + " | ".join(
           _fmt(c.get(k), f" (n = {c[k]['n']})" if c.get(k) else "") for k in ("base_breaking", "ft_breaking",
                                                                              "icl_dev_breaking")) + " |")
   t = results["training"]
@@ -274,7 +291,8 @@ def render_study(results: dict, figures: dict[str, str]) -> str:
               "(layer x head, all positions) and MLPs per layer; effects are normalised patching effects. Shift "
               "from the base model's 0-shot circuit: TV = total-variation distance of normalised importance, "
               "rank = 1 - Spearman, topk = 1 - top-k overlap, centroid = layer-profile centroid shift (signed). "
-              "Point [95% bootstrap CI]; * = above the 95th percentile of the resampling noise floor.", ""]
+              "Point [95% bootstrap CI]; * = above the 95th percentile of the resampling noise floor. The "
+              f"fine-tuned condition (ft) is checkpoint step {step}, the same as the table's.", ""]
     for task, res in results["circuits"].items():
       pairs = res["pairs"]
       lines += [f"### {task}", "", "Prompt pairs (kept of tried, dropped by reason): " + "; ".join(

@@ -50,6 +50,8 @@ def _ints(key: str, spec: Any, lo: int = 0) -> tuple[int, ...]:
     raise ConfigError(f"{key} must be comma-separated integers, got {spec!r}") from None
   if any(v < lo for v in out):
     raise ConfigError(f"{key} values must be >= {lo}, got {spec!r}")
+  if len(set(out)) != len(out):
+    raise ConfigError(f"{key} lists a value twice: {spec!r}")
   return out
 
 
@@ -61,6 +63,8 @@ def _names(key: str, spec: Any, valid: Sequence[str], default: Sequence[str] = (
     raise ConfigError(f"{key}: unknown value(s) {bad}; valid: {', '.join(valid)}")
   if not items:
     raise ConfigError(f"{key} is empty; valid values: {', '.join(valid)}")
+  if len(set(items)) != len(items):
+    raise ConfigError(f"{key} lists a value twice: {spec!r}")
   return items
 
 
@@ -98,7 +102,7 @@ class StudyConfig:
   ft_data: Any  # ft_data.FTDataConfig
   train: Any  # training.TrainConfig
   ft_eval_shots: tuple[int, ...]
-  ft_eval_steps: tuple[int, ...]
+  ft_eval_steps: tuple[int, ...]  # checkpoints to evaluate (the report step included); empty: every kept one
   ft_report_step: int  # the checkpoint step of the table's fine-tuned column
   circuits: tuple[Any, ...]  # one circuits.CircuitConfig per analysed task
 
@@ -143,9 +147,13 @@ class StudyConfig:
         resid_last=_ints("circuits.resid_last", [cc["resid_last"]])[0],
         tol=float(cc["tol"]))
         for t in circuit_tasks)
-    eval_steps = _ints("ft_eval.steps", get("ft_eval", "steps"), lo=1)
     report_step = _ints("ft_eval.report_step", [get("ft_eval", "report_step")])[0] or train.steps
+    eval_steps = _ints("ft_eval.steps", get("ft_eval", "steps"), lo=1)
     _check_kept(train, eval_steps, report_step)
+    eval_steps = tuple(sorted(set(eval_steps) | {report_step})) if eval_steps else ()
+    eval_shots = _ints("ft_eval.shots", get("ft_eval", "shots"))
+    if 0 not in eval_shots:
+      raise ConfigError(f"ft_eval.shots must include 0 (the fine-tuned 0-shot column), got {eval_shots}")
     return cls(
         raw=raw, name=str(raw["name"]), model=str(raw["model"]),
         dtype=_choice("dtype", raw["dtype"], ("float32", "bfloat16")), workdir=files.as_path(raw["workdir"]),
@@ -153,21 +161,24 @@ class StudyConfig:
         seed=int(raw["seed"]), stages=stages, mesh=dict(raw["mesh"]), progress=bool(raw["progress"]),
         shots=_ints("icl.shots", get("icl", "shots")), icl_engine=engine,
         n_queries=_positive("icl.n", get("icl", "n")), n_dev=_ints("icl.n_dev", [get("icl", "n_dev")])[0],
-        ft_data=data, train=train, ft_eval_shots=_ints("ft_eval.shots", get("ft_eval", "shots")),
-        ft_eval_steps=eval_steps, ft_report_step=report_step, circuits=ccfgs)
+        ft_data=data, train=train, ft_eval_shots=eval_shots, ft_eval_steps=eval_steps, ft_report_step=report_step,
+        circuits=ccfgs)
 
   def inputs(self, stage: str) -> dict:
     """The config values a stage's outputs depend on (its fingerprint, with its upstream stages')."""
+    from icl_ft import loading
     r = self.raw
-    common = {k: r[k] for k in ("model", "dtype", "tasks", "variants", "format", "seed")}
+    # What the data depends on beyond the config: the generators' version and the model a name resolves to.
+    common = {k: r[k] for k in ("dtype", "tasks", "variants", "format", "seed")}
+    common.update(model=loading.REGISTRY.get(r["model"], r["model"]), data_version=tasks.DATA_VERSION)
+    ft_eval = dict(shots=r["ft_eval"]["shots"], steps=self.ft_eval_steps or "all kept")
     return {
         "data": dict(common, n=r["icl"]["n"], ft=r["ft"]),
         "icl": dict(common, icl=r["icl"]),
-        "finetune": dict(model=r["model"], dtype=r["dtype"], format=r["format"], tasks=r["tasks"], ft=r["ft"]),
-        "ft_eval": dict(common, n=r["icl"]["n"], batch_size=r["icl"]["batch_size"], ft_eval=r["ft_eval"]),
-        "circuits": dict(model=r["model"], dtype=r["dtype"], tasks=r["tasks"], seed=r["seed"],
-                         circuits=r["circuits"]),
-        "report": dict(name=r["name"]),
+        "finetune": dict(common, ft=r["ft"]),
+        "ft_eval": dict(common, n=r["icl"]["n"], batch_size=r["icl"]["batch_size"], ft_eval=ft_eval),
+        "circuits": dict(common, circuits=r["circuits"], ft_step=self.ft_report_step),
+        "report": dict(name=r["name"], ft_report_step=self.ft_report_step),
     }[stage]
 
   def needs(self, stage: str) -> tuple[str, ...]:
@@ -204,6 +215,7 @@ def _check_kept(train: Any, eval_steps: Sequence[int], report_step: int) -> None
 def check_workdir(path: epath.Path) -> epath.Path:
   """Creates ``path`` and proves it writable, or raises a ``ConfigError`` that says what to do."""
   try:
+    files.check_store(path)
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write-test-{os.getpid()}"
     probe.write_text("ok")
@@ -337,13 +349,12 @@ class Study:
   def _ft_eval(self, d: epath.Path) -> dict:
     from icl_ft import icl, training
     cfg = self.cfg
-    records = training.evaluate_checkpoints(
+    records, skipped = training.evaluate_checkpoints(
         self.model, cfg.train, self.dir("finetune"), cfg.tasks, cfg.variants, cfg.format, cfg.ft_eval_shots,
-        cfg.n_queries, cfg.seed, sorted(set(cfg.ft_eval_steps) | {cfg.ft_report_step}) if cfg.ft_eval_steps else None,
-        cfg.icl_engine)
-    for r in records:
+        cfg.n_queries, cfg.seed, cfg.ft_eval_steps or None, cfg.icl_engine)
+    for r in records + skipped:
       r["model"] = cfg.model
-    summary = report.summarize(records)
+    summary = report.summarize(records, skipped)
     return dict(records=str(files.write_jsonl(d / "records.jsonl", records)),
                 summary=str(files.write_json(d / "summary.json", summary)),
                 plot=str(report.plot_accuracy(summary, d / "accuracy_vs_samples.png", x="samples",
@@ -354,7 +365,7 @@ class Study:
     cfg = self.cfg
     m = self.model
     step, tuned = list(training.checkpoint_params(m.config, m.params, cfg.train, self.dir("finetune"),
-                                                  [cfg.train.steps], self._mesh))[0]
+                                                  [cfg.ft_report_step], self._mesh))[0]
     out = {}
     for ccfg in cfg.circuits:
       self.log(f"[circuits] {ccfg.task}: {ccfg.n_pairs} pairs, conditions base, "

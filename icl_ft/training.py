@@ -275,19 +275,23 @@ def checkpoint_params(model_cfg: ModelConfig, base_params: Params, cfg: TrainCon
 
 def evaluate_checkpoints(model, cfg: TrainConfig, workdir: files.PathLike, task_names: Sequence[str],
                          variants: Sequence[str], fmt: str, shots: Sequence[int] = (0,), n: int = 199,
-                         seed: int = 114514, steps: Sequence[int] | None = None, engine=None) -> list[dict]:
+                         seed: int = 114514, steps: Sequence[int] | None = None, engine=None,
+                         units=None) -> tuple[list[dict], list[dict]]:
   """ICL-engine records of the fine-tuned model at each checkpoint, tagged ``method="ft"``, ``step`` and
-  ``samples`` (training examples seen): accuracy against training samples, next to ICL's few demos."""
+  ``samples`` (training examples seen): accuracy against training samples, next to ICL's few demos. Returns
+  (records, skipped queries). ``units`` (a ``workdir.Units``) saves each checkpoint's batches as they finish."""
   from icl_ft import icl
   from icl_ft.loading import LoadedModel
-  records = []
+  records, skipped = [], []
   for step, params in checkpoint_params(model.config, model.params, cfg, workdir, steps):
-    recs, _ = icl.sweep(LoadedModel(model.config, params, model.tokenizer, model.source), task_names, variants,
-                        [fmt], shots, n, seed, engine or icl.EngineConfig(progress=False))
-    for r in recs:
+    recs, skip = icl.sweep(LoadedModel(model.config, params, model.tokenizer, model.source), task_names, variants,
+                           [fmt], shots, n, seed, engine or icl.EngineConfig(progress=False),
+                           units=units.sub(f"step{step}") if units else None)
+    for r in recs + skip:
       r.update(method="ft", step=step, samples=step * cfg.batch_size)
     records += recs
-  return records
+    skipped += skip
+  return records, skipped
 
 
 def compiled_memory(model_cfg: ModelConfig, cfg: TrainConfig, mesh: jax.sharding.Mesh, seq: int) -> dict[str, int]:

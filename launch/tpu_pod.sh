@@ -5,8 +5,8 @@
 #   launch/tpu_pod.sh --name icl-ft --zone us-central2-b --type v4-32 --config configs/paper.py:qwen1.5-7b \
 #       [--project P] [--workdir gs://bucket/icl_ft/run1] [--keep] [--dry-run] [-- --config.icl.n=50 ...]
 #
-# The work directory must be shared by all workers (a gs:// path mounted with gcsfuse, or NFS): Orbax
-# writes checkpoints from every host; results files are written by process 0. --dry-run prints the
+# The work directory must be shared by all workers (a gs:// bucket path, used directly, or NFS): Orbax writes
+# checkpoints from every host; results files are written by process 0. --dry-run prints the
 # gcloud commands instead of running them. --keep leaves the slice running.
 set -euo pipefail
 
@@ -47,19 +47,27 @@ ARGS="--config=$CONFIG"
 [[ -n "$WORKDIR" ]] && ARGS+=" --config.workdir=$WORKDIR"
 for a in "${EXTRA[@]}"; do ARGS+=" $(printf '%q' "$a")"; done
 INSTALL="set -e; [ -d icl_ft ] || git clone $REPO_URL icl_ft; cd icl_ft && git pull -q; python3 -m venv .venv; \
-.venv/bin/pip install -q -r requirements.txt 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+.venv/bin/pip install -q -r requirements-cloud.txt 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 START="cd icl_ft && .venv/bin/python -m icl_ft.main $ARGS"
 
-cleanup() { if [[ $KEEP -eq 0 ]]; then run "${GC[@]}" delete "$NAME" "${WHERE[@]}" --quiet; fi; }
+# Results written to a bucket are already safe; a local work directory lives on worker 0's disk and is copied
+# back (the config's default work directory is under icl_ft/work) before the slice is deleted, also when the
+# run failed or was preempted, so partial results survive.
+copy_back() {
+  case "$WORKDIR" in
+    *://*) echo "results are in $WORKDIR (nothing to copy back)" >&2 ;;
+    "") run "${GC[@]}" scp --recurse "$NAME:icl_ft/work" "./work-$NAME" "${WHERE[@]}" --worker=0 ;;
+    /*|"~"*) run "${GC[@]}" scp --recurse "$NAME:$WORKDIR" "./$(basename "$WORKDIR")-$NAME" "${WHERE[@]}" --worker=0 ;;
+    *) run "${GC[@]}" scp --recurse "$NAME:icl_ft/$WORKDIR" "./$(basename "$WORKDIR")-$NAME" "${WHERE[@]}" --worker=0 ;;
+  esac
+}
+STARTED=0
+cleanup() {
+  if [[ $STARTED -eq 1 ]]; then copy_back || echo "copying the results back failed" >&2; fi
+  if [[ $KEEP -eq 0 ]]; then run "${GC[@]}" delete "$NAME" "${WHERE[@]}" --quiet; fi
+}
 run "${GC[@]}" create "$NAME" "${WHERE[@]}" --accelerator-type "$TYPE" --version "$VERSION"
 trap cleanup EXIT
 run "${GC[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command "$INSTALL"
+STARTED=1
 run "${GC[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command "$START"
-# Results written to a bucket are already safe; a local work directory lives on worker 0's disk: copy it back
-# (the config's default work directory is under icl_ft/work).
-case "$WORKDIR" in
-  *://*) echo "results are in $WORKDIR (nothing to copy back)" >&2 ;;
-  "") run "${GC[@]}" scp --recurse "$NAME:icl_ft/work" "./work-$NAME" "${WHERE[@]}" --worker=0 ;;
-  /*) run "${GC[@]}" scp --recurse "$NAME:$WORKDIR" "./$(basename "$WORKDIR")-$NAME" "${WHERE[@]}" --worker=0 ;;
-  *) run "${GC[@]}" scp --recurse "$NAME:icl_ft/$WORKDIR" "./$(basename "$WORKDIR")-$NAME" "${WHERE[@]}" --worker=0 ;;
-esac

@@ -170,4 +170,10 @@ def fake_gcs(tmp_path, monkeypatch):
       return attr
 
   monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", Bucket())
+  import importlib.machinery
+  import sys
+  import types
+  fake = types.ModuleType("gcsfs")  # the real backend's package, which the fake stands in for
+  fake.__spec__ = importlib.machinery.ModuleSpec("gcsfs", None)
+  monkeypatch.setitem(sys.modules, "gcsfs", fake)
   return root

@@ -199,3 +199,16 @@ def test_skipped_queries_are_counted_per_cell(model):
   summary = report.summarize(records, skipped)
   assert [(r["shots"], r["n"], r["n_skipped"]) for r in summary] == [(0, 2, 0), (32, 0, 2)]
   assert summary[1]["acc_strict"] is None
+
+
+def test_a_cell_whose_queries_were_all_skipped_is_reported_not_fatal(tmp_path):
+  ok = [dict(task="code", variant="correct", format="paper", split=s, shots=k, correct_lenient=True,
+             correct_strict=False) for s in ("test", "dev") for k in (0, 1)]
+  skipped = [dict(task="code", variant="correct", format="paper", split=s, shots=16) for s in ("test", "dev")]
+  summary = report.summarize(ok, skipped)
+  assert [(r["split"], r["shots"], r["n"], r["n_skipped"]) for r in summary if r["shots"] == 16] == [
+      ("dev", 16, 0, 1), ("test", 16, 0, 1)]
+  assert report.best_of_shots(summary)[0]["best_shots"] == 1
+  assert report.dev_chosen_shots(summary)[0]["dev_shots"] == 1
+  assert report.plot_accuracy([r for r in summary if r["split"] == "test"], tmp_path / "a.png").exists()
+  files.write_csv(tmp_path / "s.csv", summary)

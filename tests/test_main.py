@@ -143,6 +143,15 @@ def test_object_store_workdir_keeps_its_scheme(tiny_lm, fake_gcs):
   assert json.loads((run / "icl" / "DONE.json").read_text())["fingerprint"] == cfg.fingerprint("icl")
   assert (run / "data" / "queries_correct.jsonl").exists() and (run / "icl" / "accuracy_vs_shots.png").exists()
   assert not Path("gs:").exists()
+  assert files.relative("gs://bucket/run/icl/a.png", "gs://bucket/run") == "icl/a.png"
+
+
+def test_object_store_without_its_backend_says_what_to_install():
+  import importlib.util
+  if importlib.util.find_spec("gcsfs") is not None:
+    pytest.skip("gcsfs is installed here")
+  with pytest.raises(OSError, match="requirements-cloud.txt"):
+    files.check_store("gs://bucket/run")
 
 
 def test_interrupted_run_resumes(tiny_lm, tmp_path):

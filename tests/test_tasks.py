@@ -414,7 +414,7 @@ def test_export_cli_and_atomic_write(tmp_path):
 
 def _breaking_share(task, variant, fmt, n=N):
   items = tasks.make_queries(task, variant, n, 0, fmt)
-  return sum(tasks.shortcut_record(ex)["shortcut_right"] is False for ex in items) / len(items)
+  return sum(tasks.shortcut_record(ex, fmt)["shortcut_right"] is False for ex in items) / len(items)
 
 
 def test_boolean_fixed_misleading_clause_breaks_the_final_literal_shortcut():
@@ -430,7 +430,15 @@ def test_every_fixed_misleading_set_breaks_its_shortcut(task, variant):
   assert _breaking_share(task, variant, "fixed", N_CODE * 2 if task == "code" else N) >= 0.95
   assert _breaking_share(task, "correct", "fixed", 500) == 0.0
   # and on correct items the shortcut gives the gold (the pattern exists)
-  assert all(tasks.shortcut_record(ex)["shortcut_right"] for ex in _queries(task, "correct", "fixed", 500))
+  assert all(tasks.shortcut_record(ex, "fixed")["shortcut_right"] for ex in _queries(task, "correct", "fixed", 500))
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+def test_no_correct_set_counts_as_breaking_in_either_format(task):
+  for fmt in tasks.FORMATS:
+    assert _breaking_share(task, "correct", fmt, 300) == 0.0
+  records = [tasks.shortcut_record(ex, "paper") for ex in _queries("algebra", "misleading", "paper", 50)]
+  assert all(r["shortcut_cue"] is None and r["shortcut_right"] is None for r in records)  # the release's: none
 
 
 @pytest.mark.parametrize("task,question,meta,expected", [
@@ -454,7 +462,7 @@ def test_cues_on_hand_made_questions(task, question, meta, expected):
 def test_query_records_and_summaries_carry_the_shortcut_share():
   from icl_ft import icl, report
   qs = icl.icl_queries("boolean", "misleading", "paper", 0, 200, seed=0)
-  recs = [dict(q.meta, correct_lenient=True, correct_strict=q.meta["shortcut_right"] is False) for q in qs]
+  recs = [dict(q.meta, gold=q.gold, correct_lenient=True, correct_strict=q.meta["shortcut_right"] is False) for q in qs]
   assert all(r["shortcut_cue"] == "final_literal" and r["shortcut"] in ("0", "1") for r in recs)
   row = report.summarize(recs)[0]
   expected = sum(r["shortcut_right"] is False for r in recs) / len(recs)
@@ -476,3 +484,11 @@ def test_fixed_code_golds_fit_the_strict_budget():
   assert tasks.generation_len("code", "fixed") == budget
   for variant in tasks.VARIANTS:  # a BPE token covers at least one character: len(" " + gold) bounds the count
     assert max(len(" " + ex.answer) for ex in _queries("code", variant, "fixed", N_CODE)) <= budget
+
+
+def test_summaries_give_every_cues_share_of_a_set():
+  from icl_ft import icl, report
+  qs = icl.icl_queries("parity", "misleading", "fixed", 0, 100, seed=0)
+  row = report.summarize([dict(q.meta, gold=q.gold, correct_lenient=False, correct_strict=False) for q in qs])[0]
+  # the misleading set breaks line parity on every item and leaves the Z cue right on every item
+  assert row["cue_holding"] == {"line_parity": 0.0, "z_present": 1.0} and row["shortcut_breaking"] == 1.0

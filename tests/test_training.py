@@ -187,3 +187,14 @@ def test_mfu_counts_real_tokens_and_charges_lora_for_the_gradients_it_needs(setu
   assert met["tokens"] == n.sum() and met["loss_tokens"] == batch["loss_mask"][:, 1:].sum()
   expected = flops.train_flops(cfg, n.sum(), (n ** 2).sum()) / met["step_time_s"] / FAST.peak_flops
   assert met["mfu"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_mfu_ceiling_is_measured_in_the_compute_dtype(setup, tmp_path, monkeypatch):
+  from icl_ft import flops
+  m, ds, _ = setup
+  seen = []
+  real = flops.matmul_ceiling
+  monkeypatch.setattr(flops, "matmul_ceiling", lambda *a, **k: seen.append(k.get("dtype")) or real(256, 2, k["dtype"]))
+  cfg = dataclasses.replace(FAST, steps=1, peak_flops=None, compute_dtype="bfloat16")
+  training.train(m.config, m.params, ds, cfg, tmp_path, progress=False)
+  assert seen == [jnp.bfloat16]

@@ -18,9 +18,13 @@ from icl_ft.scoring import same_answer
 from icl_ft.tasks.formats import build_prompt, ft_text, generation_len, strict_len
 
 __all__ = [
-    "ANSWER_KINDS", "FORMATS", "TASKS", "VARIANTS", "Example", "Task", "answer_kind", "build_prompt", "ft_text",
+    "ANSWER_KINDS", "DATA_VERSION", "FORMATS", "TASKS", "VARIANTS", "Example", "Task", "answer_kind", "build_prompt", "ft_text",
     "generation_len", "get_task", "make_demos", "make_ft_examples", "make_queries", "release_stream_prompt",
     "sample", "shortcut_record", "strict_len", "SPLITS"]
+
+# Bumped whenever a generator or template changes what it produces: part of every stage fingerprint, so a work
+# directory never reuses data, checkpoints or scores made by an older generator.
+DATA_VERSION = 2
 
 TASKS: dict[str, Task] = {t.name: t for t in (expression.TASK, parity.TASK, boolean.TASK, code.TASK, algebra.TASK)}
 
@@ -86,14 +90,14 @@ def make_ft_examples(task: str | Task, n: int, seed: int, fmt: str) -> list[Exam
   return [t.sample("correct", rng, fmt, ft=True) for _ in range(_count("n", n))]
 
 
-def shortcut_record(ex: Example) -> dict:
-  """What the item's shortcuts say: every cue's prediction (``cues``), the variant's target cue
+def shortcut_record(ex: Example, fmt: str) -> dict:
+  """What the item's shortcuts say: every cue's prediction (``cues``), the variant's target cue in ``fmt``
   (``shortcut_cue``), its prediction (``shortcut``) and ``shortcut_right``: whether that prediction equals the
-  gold (None when the cue predicts nothing). A well-built misleading set has ``shortcut_right`` False on every
-  item; a correct set, True."""
+  gold (None when the cue predicts nothing or the set has no shortcut). A well-built misleading set has
+  ``shortcut_right`` False on every item; a correct set, True."""
   t = get_task(ex.task)
   cues = t.cue_predictions(ex)
-  name = t.target_cue(ex.variant)
+  name = t.target_cue(ex.variant, fmt)
   pred = cues.get(name) if name else None
   return dict(cues=cues, shortcut_cue=name, shortcut=pred,
               shortcut_right=None if pred is None else same_answer(pred, ex.answer, t.answer_kind))

@@ -91,5 +91,7 @@ def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
 
 
 TASK = Task(name="algebra", release_name="equation", answer_kind="number", sampler=_sample,
-            description="2 unknowns; 3 equations, one dependent (misleading: 4 independent); gold b",
-            cues={"eliminated_a": eliminated_a_cue})
+            description="2 unknowns; 3 equations, one dependent (paper misleading: 4 independent); gold b",
+            cues={"eliminated_a": eliminated_a_cue},
+            # the release's sets have no shortcut to test (a is handed over: every row gives b)
+            targets={("correct", "paper"): None, ("misleading", "paper"): None})

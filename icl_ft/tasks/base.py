@@ -45,13 +45,14 @@ class Task:
   description: str = ""
   # Named shortcut cues; the first is the task's shortcut (the implicit pattern the study names).
   cues: Mapping[str, Cue] = dataclasses.field(default_factory=dict)
-  # Non-correct variant -> the cue it is built to break (default: the first cue).
-  targets: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # Variant, or (variant, format), -> the cue it tests (default: the first cue); None: the set has no shortcut.
+  targets: Mapping[str | tuple[str, str], str | None] = dataclasses.field(default_factory=dict)
 
-  def target_cue(self, variant: str) -> str | None:
-    """The cue whose shortcut ``variant`` tests: for ``correct`` and misleading variants alike, the variant's
-    target (the first cue unless ``targets`` says otherwise); None if the task has no cue."""
-    return self.targets.get(variant, next(iter(self.cues), None))
+  def target_cue(self, variant: str, fmt: str) -> str | None:
+    """The cue whose shortcut ``variant`` tests in format ``fmt``: ``targets`` by (variant, format), then by
+    variant, else the first cue; None if the set has no shortcut to test."""
+    default = self.targets.get(variant, next(iter(self.cues), None))
+    return self.targets.get((variant, fmt), default)
 
   def cue_predictions(self, ex: Example) -> dict[str, str | None]:
     """Every cue's prediction for ``ex``."""

@@ -39,7 +39,7 @@ def parse_tasks(spec: str) -> list[str]:
 
 def example_records(task_names: Sequence[str], variant: str, n: int, seed: int, fmt: str) -> list[dict[str, Any]]:
   """Full records of the fixed query set of each task that has ``variant``, with what its shortcut cues say."""
-  return [dict(dataclasses.asdict(ex), format=fmt, seed=seed, index=i, **tasks.shortcut_record(ex))
+  return [dict(dataclasses.asdict(ex), format=fmt, seed=seed, index=i, **tasks.shortcut_record(ex, fmt))
           for name in task_names if variant in tasks.get_task(name).variants
           for i, ex in enumerate(tasks.make_queries(name, variant, n, seed, fmt))]
 
