@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.stages = "all"  # or a comma-separated subset of: data, icl, finetune, ft_eval, circuits, report
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.progress = True
+  c.overwrite = False  # a finished stage of another config is refused; true moves it aside to <stage>.replaced-<time>/
   c.note = ("Laptop-CPU scale: 50 queries per cell (the paper: 199), shots up to 8, 40 fine-tuning steps of 8 "
             "(320 samples; the paper: checkpoint-100 of batch 16-32), 4 prompt pairs per circuit condition with "
             "1-shot ICL and the residual sweep over the last 2 query positions. Intervals are wide at this size; "

@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from icl_ft import pairs as pairs_lib
-from icl_ft import files, patching, shift
+from icl_ft import faults, files, patching, shift, workdir
 from icl_ft.config import ModelConfig
 from icl_ft.model import Params
 from icl_ft.sharding import to_host
@@ -50,7 +50,11 @@ def condition_runs(cfg: ModelConfig, params: Params, p: pairs_lib.PairSet, chunk
   clean, corrupt = _batches(p)
   clean_ld, cache = patching.capture(cfg, params, clean, taps=("attn_z", "mlp_out", "resid_pre"))
   corrupt_ld, _ = patching.capture(cfg, params, corrupt)
-  sweep = lambda site, gran, pos=None: to_host(patching.patch_sweep(cfg, params, corrupt, cache, site, gran, chunk, pos))
+  def sweep(site, gran, pos=None):
+    out = to_host(patching.patch_sweep(cfg, params, corrupt, cache, site, gran, chunk, pos))
+    faults.point("circuits.sweep")
+    return out
+
   query = np.arange(int(p.roles["query_first"].min()), p.length)[-resid_last:]  # [-0:] keeps all
   runs = {"heads": sweep("attn_z", ("layer", "head")), "mlps": sweep("mlp_out", ("layer",))[:, 0],
           "resid": sweep("resid_pre", ("layer", "pos"), query)}
@@ -90,12 +94,13 @@ def attribution_check(cfg: ModelConfig, params: Params, p: pairs_lib.PairSet, ex
 
 
 def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,
-            tuned: Mapping[str, Params] | None = None) -> dict:
+            tuned: Mapping[str, Params] | None = None, units: workdir.Units | None = None) -> dict:
   """Runs every condition and returns all numbers (JSON-ready) plus the per-condition mean effects.
 
   Conditions: ``base`` (0-shot), ``icl{k}`` (k shots, base model) and, per entry of ``tuned``
   (e.g. {"ft": params} or {"ft@100": ...}), the fine-tuned model 0-shot. All conditions use the same
-  query items (pairs kept in every condition), so bootstraps are paired.
+  query items (pairs kept in every condition), so bootstraps are paired. With ``units``, each condition's
+  sweeps are saved as they finish, so a killed analysis resumes from its last completed condition.
   """
   tuned = dict(tuned or {})
   sets = {"base": pairs_lib.build_pairs(ccfg.task, tokenizer, ccfg.n_pairs, ccfg.seed, ccfg.fmt, 0)}
@@ -110,7 +115,16 @@ def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,
   params_of = {name: base for name in sets}
   for name, params in tuned.items():
     sets[name], params_of[name] = sets["base"], params
-  runs = {name: condition_runs(cfg, params_of[name], p, ccfg.chunk, ccfg.resid_last) for name, p in sets.items()}
+  def cached_runs(name: str) -> dict[str, shift.PatchRuns]:
+    compute = lambda: condition_runs(cfg, params_of[name], sets[name], ccfg.chunk, ccfg.resid_last)
+    if units is None:
+      return compute()
+    arrays = units.arrays(name, lambda: {f"{f}.{k}": getattr(r, k) for f, r in compute().items()
+                                         for k in ("patched", "target", "source")})
+    return {f: shift.PatchRuns(*(arrays[f"{f}.{k}"] for k in ("patched", "target", "source")))
+            for f in ("heads", "mlps", "resid")}
+
+  runs = {name: cached_runs(name) for name in sets}
   out = {"config": dataclasses.asdict(ccfg), "pairs": {n: p.summary() for n, p in sets.items()},
          "example_pair": {"clean": sets["base"].prompts[0][0], "corrupt": sets["base"].prompts[0][1],
                           "answers": sets["base"].answers[0]}}
@@ -121,7 +135,8 @@ def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,
   out["attribution"] = attribution_check(cfg, base, sets["base"], runs["base"]["heads"], ccfg.top_k)
   out["transfer"] = {}
   for name, params in tuned.items():
-    t = transfer_runs(cfg, base, params, sets["base"], ccfg.chunk)
+    compute = lambda: transfer_runs(cfg, base, params, sets["base"], ccfg.chunk)
+    t = compute() if units is None else shift.PatchRuns(**units.arrays(f"transfer-{name}", lambda: dataclasses.asdict(compute())))
     eff, separated = t.effects(ccfg.tol)
     out["transfer"][name] = {"effects": np.asarray(eff), "separated": bool(separated),
                              "separation": float(t.source.mean() - t.target.mean())}
@@ -129,55 +144,79 @@ def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,
   return out
 
 
-def write(outdir: files.PathLike, results: dict) -> dict[str, str]:
-  """``circuits.json`` (every number) and the figures: head and residual heatmaps per condition, MLP
-  profiles, and shift bars with 95% CIs against the noise floor."""
+def _plt():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  out = files.as_path(outdir)
-  effects = results.pop("_effects")
-  paths = {"json": str(files.write_json(out / "circuits.json", results))}
+  return plt
+
+
+def plot_heatmaps(outdir: files.PathLike, results: dict, effects: dict):
+  """Head and residual-position effects (denoising NPE) per condition."""
+  del results
+  plt = _plt()
   names = list(effects)
   fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 7), squeeze=False)
   for j, name in enumerate(names):
     for i, (family, xlabel) in enumerate((("heads", "head"), ("resid", "position"))):
-      e = effects[name][family]
+      e = np.asarray(effects[name][family], np.float64)
       lim = np.nanmax(np.abs(e)) if np.isfinite(e).any() else 1.0
       im = axes[i, j].imshow(e, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
       axes[i, j].set_title(f"{name}: {family} (denoising NPE)")
       axes[i, j].set_xlabel(xlabel)
       axes[i, j].set_ylabel("layer")
       fig.colorbar(im, ax=axes[i, j])
-  fig.tight_layout()
-  paths["heatmaps"] = _save(fig, out / "circuit_heatmaps.png")
+  return files.save_figure(fig, files.as_path(outdir) / "circuit_heatmaps.png", dpi=110)
+
+
+def plot_mlps(outdir: files.PathLike, results: dict, effects: dict):
+  """MLP effects per layer, one line per condition."""
+  del results
+  plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4))
-  for name in names:
-    ax.plot(effects[name]["mlps"], marker="o", label=name)
+  for name in effects:
+    ax.plot(np.asarray(effects[name]["mlps"], np.float64), marker="o", label=name)
   ax.set_xlabel("layer")
   ax.set_ylabel("MLP denoising NPE")
   ax.legend()
   ax.grid(alpha=0.3)
-  paths["mlps"] = _save(fig, out / "circuit_mlps.png")
+  return files.save_figure(fig, files.as_path(outdir) / "circuit_mlps.png", dpi=110)
+
+
+def plot_shifts(outdir: files.PathLike, results: dict, effects: dict):
+  """Shift of each condition from base, per metric: the point and its 95% interval drawn as the interval (a
+  percentile interval need not contain its point)."""
+  del effects
+  plt = _plt()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, family in zip(axes, ("heads", "mlps")):
     shifts = results[family]["shifts"]
     keys = [k for k in shifts if k.startswith("base|")]
     for offset, metric in enumerate(("tv", "rank", "topk")):
-      vals = [shifts[k][metric] for k in keys]
       x = np.arange(len(keys)) + 0.25 * offset
-      point = [v["point"] if v["point"] is not None else np.nan for v in vals]
-      lo = [p - (v["lo"] if v["lo"] is not None else p) for p, v in zip(point, vals)]
-      hi = [(v["hi"] if v["hi"] is not None else p) - p for p, v in zip(point, vals)]
-      ax.bar(x, point, width=0.25, yerr=[lo, hi], capsize=3, label=metric)
+      vals = [shifts[k][metric] for k in keys]
+      nan = lambda v: np.nan if v is None else v
+      ax.bar(x, [nan(v["point"]) for v in vals], width=0.25, label=metric, alpha=0.7)
+      ax.vlines(x, [nan(v["lo"]) for v in vals], [nan(v["hi"]) for v in vals], color="k")
     ax.set_xticks(np.arange(len(keys)) + 0.25)
     ax.set_xticklabels([k.split("|")[1] for k in keys])
     ax.set_ylabel("shift from base (95% CI)")
     ax.set_title(f"circuit shift: {family}")
     ax.legend()
-  paths["shifts"] = _save(fig, out / "circuit_shift.png")
+  return files.save_figure(fig, files.as_path(outdir) / "circuit_shift.png", dpi=110)
+
+
+# Figure name -> draw(directory, results, per-condition effects) -> path.
+FIGURES = {"heatmaps": plot_heatmaps, "mlps": plot_mlps, "shifts": plot_shifts}
+
+
+def write(outdir: files.PathLike, results: dict, figure: files.FigureGuard = files.draw) -> dict[str, str | None]:
+  """``circuits.json`` (every number, written first) then the figures, each through ``figure(name, draw)``
+  (the study's guard turns a failed figure into a warning). Returns the paths by name."""
+  results = dict(results)
+  effects = results.pop("_effects")
+  out = files.as_path(outdir)
+  paths = {"json": files.write_json(out / "circuits.json", results)}
+  for name, fn in FIGURES.items():
+    paths[name] = figure(name, lambda: fn(out, results, effects))
   return paths
-
-
-def _save(fig, path) -> str:
-  return str(files.save_figure(fig, path, dpi=110))

@@ -15,12 +15,14 @@ import json
 import math
 import os
 import uuid
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from etils import epath
 
 PathLike = str | os.PathLike
+# figure(name, draw) -> the drawn figure's path, or None where a guard swallowed a failure.
+FigureGuard = Callable[[str, Callable[[], Any]], Any]
 
 
 def is_writer() -> bool:
@@ -53,9 +55,9 @@ def check_store(path: PathLike) -> None:
 
 
 def absolute(path: PathLike) -> epath.Path:
-  """An absolute form of ``path`` (local paths resolved; URIs unchanged), as Orbax wants."""
+  """An absolute form of ``path`` (local paths made absolute, symlinks kept; URIs unchanged), as Orbax wants."""
   p = as_path(path)
-  return p if has_scheme(p) else p.resolve()
+  return p if has_scheme(p) else epath.Path(os.path.abspath(p))
 
 
 def relative(path: PathLike, root: PathLike) -> str:
@@ -66,19 +68,26 @@ def relative(path: PathLike, root: PathLike) -> str:
   return path[len(root) + 1:]
 
 
+def _write_bytes(path: epath.Path, data: bytes) -> None:
+  path.write_bytes(data)
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
-  """Writes ``data`` to ``path`` through a temporary sibling moved into place (process 0 only)."""
+  """Writes ``data`` to ``path`` through a temporary sibling moved into place (process 0 only). A failure
+  (disk full, no permission) leaves any previous file untouched and raises an OSError naming ``path``."""
   path = as_path(path)
   if not is_writer():
     return path
-  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
   try:
-    tmp.write_bytes(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_bytes(tmp, data)
     tmp.replace(path)
-  except BaseException:
+  except BaseException as e:
     if tmp.exists():
       tmp.unlink()
+    if isinstance(e, OSError):
+      raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
     raise
   return path
 
@@ -112,7 +121,9 @@ def read_json(path: PathLike) -> Any:
 
 
 def write_jsonl(path: PathLike, rows: Iterable[dict]) -> epath.Path:
-  return atomic_write_text(path, "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in rows))
+  """One strict-JSON object per line (NaN/inf written as null, as ``write_json`` does)."""
+  return atomic_write_text(path, "".join(json.dumps(json_safe(r), default=str, ensure_ascii=False, allow_nan=False)
+                                         + "\n" for r in rows))
 
 
 def read_jsonl(path: PathLike) -> list[dict]:
@@ -126,6 +137,12 @@ def write_csv(path: PathLike, rows: Sequence[dict]) -> epath.Path:
     w.writeheader()
     w.writerows(rows)
   return atomic_write_text(path, buf.getvalue())
+
+
+def draw(name: str, fn: Callable[[], Any]) -> Any:
+  """The plain figure guard: draws, and lets a failure raise."""
+  del name
+  return fn()
 
 
 def save_figure(fig, path: PathLike, dpi: int = 120) -> epath.Path:

@@ -190,13 +190,13 @@ def sweep(model: LoadedModel, task_names: Sequence[str], variants: Sequence[str]
   return records, skipped
 
 
-def write_results(outdir, records: Sequence[dict], skipped: Sequence[dict] = (), title: str = "") -> dict[str, str]:
-  """Per-query JSONL, summary JSON/CSV (per cell; with best-of-shots and dev-chosen k) and the
-  accuracy-vs-shots plot (test split)."""
+def write_results(outdir, records: Sequence[dict], skipped: Sequence[dict] = (), title: str = "",
+                  figure: files.FigureGuard = files.draw) -> dict[str, Any]:
+  """Per-query JSONL and the summary JSON/CSV (per cell; with best-of-shots and dev-chosen k), then the
+  accuracy-vs-shots plot of the test split through ``figure(name, draw)``. Returns the paths by name."""
   from icl_ft import report
   out = files.as_path(outdir)
   summary = report.summarize(records, skipped)
-  test = [row for row in summary if row.get("split", "test") == "test"]
   paths = {
       "records": files.write_jsonl(out / "records.jsonl", records),
       "summary_json": files.write_json(out / "summary.json", dict(
@@ -204,9 +204,11 @@ def write_results(outdir, records: Sequence[dict], skipped: Sequence[dict] = (),
           dev_chosen={rule: report.dev_chosen_shots(summary, rule) for rule in report.RULES},
           skipped_too_long=len(skipped))),
       "summary_csv": files.write_csv(out / "summary.csv", summary),
-      "plot": report.plot_accuracy(test, out / "accuracy_vs_shots.png", title=title),
   }
-  return {k: str(v) for k, v in paths.items()}
+  test = [row for row in summary if row.get("split", "test") == "test"]
+  paths["plot"] = figure("accuracy vs shots", lambda: report.plot_accuracy(test, out / "accuracy_vs_shots.png",
+                                                                             title=title))
+  return paths
 
 
 def main(argv):

@@ -73,19 +73,27 @@ def embedded_gguf_path() -> Path:
   return Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE
 
 
-def resolve(name_or_path: str) -> Path:
-  """A registry name, local directory, ``.gguf`` file or hub id -> a local checkpoint path."""
+def check_name(name_or_path: str) -> str:
+  """The checkpoint a name stands for (the embedded GGUF's path, a local path or a hub id), without touching
+  the network; ``ModelNotFoundError`` if it is none of a registered name, an existing path, or ``org/name``."""
   target = REGISTRY.get(name_or_path, name_or_path)
   if target == "embedded":
-    return embedded_gguf_path()
-  path = Path(target).expanduser()
-  if path.exists():
-    return path
+    return str(embedded_gguf_path())
+  if Path(target).expanduser().exists():
+    return target
   if target.count("/") != 1 or target.startswith((".", "/", "~")):
     raise ModelNotFoundError(
         f"{name_or_path!r} is not a registered model, an existing path, or a hub id (org/name). "
         f"Registered models: {', '.join(REGISTRY)}")
-  return _download(target)
+  return target
+
+
+def resolve(name_or_path: str) -> Path:
+  """A registry name, local directory, ``.gguf`` file or hub id -> a local checkpoint path (hub ids are
+  fetched)."""
+  target = check_name(name_or_path)
+  path = Path(target).expanduser()
+  return path if path.exists() else _download(target)
 
 
 def _download(repo_id: str) -> Path:
@@ -113,6 +121,16 @@ def model_config(name_or_path: str) -> ModelConfig:
   if not (path / "config.json").is_file():
     raise convert.CheckpointError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
   return ModelConfig.from_json(path / "config.json")
+
+
+def check(name_or_path: str) -> ModelConfig:
+  """``model_config`` plus a check that the weights are there (a GGUF file, or the safetensors files an HF
+  directory names), so a study can refuse a broken model before it writes anything."""
+  cfg = model_config(name_or_path)
+  path = resolve(name_or_path)
+  if path.is_dir():
+    convert.SafetensorsSource(path)  # raises CheckpointError naming missing files
+  return cfg
 
 
 def _read_source(path: Path) -> tuple[ModelConfig, Any, Any]:

@@ -25,13 +25,13 @@ def main(argv) -> int:
   from absl import logging
   if logging.get_verbosity() == logging.INFO:  # default: keep library INFO chatter (backend probing) off the console
     logging.set_verbosity(logging.WARNING)
-  from icl_ft import config, convert, loading, sharding, study, training
+  from icl_ft import config, convert, loading, sharding, study, training, workdir
   sharding.maybe_initialize_distributed()
   try:
     cfg = study.StudyConfig.from_dict(_CONFIG.value)
-    runner = study.Study(cfg)
   except study.ConfigError as e:
     raise app.UsageError(str(e)) from None
+  runner = study.Study(cfg)
   note = cfg.raw.get("note")
   print(f"icl_ft study {cfg.name!r}: model {cfg.model}, tasks {', '.join(cfg.tasks)}, stages {', '.join(cfg.stages)}, "
         f"work directory {cfg.workdir}")
@@ -42,16 +42,20 @@ def main(argv) -> int:
     done = runner.run()
   except (study.MissingInputError, study.ConfigError, loading.ModelNotFoundError, convert.CheckpointError,
           config.UnsupportedModelError, sharding.MeshError, training.TrainingDivergedError,
-          training.CheckpointMismatchError) as e:
+          training.CheckpointMismatchError, workdir.LockedError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"\nfinished in {(time.time() - t0) / 60:.1f} min. Outputs:")
+  print(f"\nfinished in {(time.time() - t0) / 60:.1f} min. Outputs (in {cfg.workdir}):")
   for stage, rec in done.items():
     for key, path in rec["outputs"].items():
-      if isinstance(path, str) and ("/" in path or "\\" in path):
-        print(f"  {stage:9} {key:14} {path}")
+      for sub, p in (path.items() if isinstance(path, dict) else [("", path)]):
+        if p:
+          print(f"  {stage:9} {(key + ' ' + sub).strip():22} {p}")
+  warnings = [w for rec in done.values() for w in rec.get("warnings", [])]
+  for w in warnings:
+    print(f"warning: {w}")
   if "report" in done:
-    print(f"\nreport: {done['report']['outputs']['report']}")
+    print(f"\nreport: {cfg.workdir / done['report']['outputs']['report']}")
   return 0
 
 

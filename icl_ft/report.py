@@ -244,6 +244,9 @@ def render_study(results: dict, figures: dict[str, str]) -> str:
            f"{cfg['ft']['steps']} steps x {cfg['ft']['batch_size']} examples.", ""]
   if cfg.get("note"):
     lines += [f"> {cfg['note']}", ""]
+  if results.get("warnings"):
+    lines += ["**Warnings** (the numbers below are complete; these figures are not):", ""]
+    lines += [f"- {w}" for w in results["warnings"]] + [""]
   step = results.get("ft_report_step")
   lines += ["## ICL vs fine-tuning", "",
             f"Accuracy with 95% Wilson intervals. Base and fine-tuned models are evaluated 0-shot (the paper's FT "

@@ -144,6 +144,14 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def all_agree(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (a multi-host minimum; ``ok`` itself on one process)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def to_host(tree):
   """Device arrays -> numpy on every process (a multi-host all-gather where arrays span processes)."""
   if jax.process_count() == 1:

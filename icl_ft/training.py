@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from icl_ft import files, flops, ft_data, lora, sharding
+from icl_ft import faults, files, flops, ft_data, lora, sharding
 from icl_ft.config import ModelConfig
 from icl_ft.model import Params, run
 
@@ -179,6 +179,16 @@ class TrainResult:
   checkpoint_dir: str
 
 
+def check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+  """ValueError unless the micro-batch (batch_size / grad_accum) is a whole multiple of the data-parallel
+  devices (data x fsdp)."""
+  n_data = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+  if cfg.batch_size % cfg.grad_accum or (cfg.batch_size // cfg.grad_accum) % n_data:
+    raise ValueError(
+        f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = micro-batch {cfg.batch_size / cfg.grad_accum:g} "
+        f"must be a whole multiple of the data-parallel devices (data x fsdp = {n_data})")
+
+
 def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, cfg: TrainConfig,
           workdir: files.PathLike, mesh: jax.sharding.Mesh | None = None, length_multiple: int = 32,
           progress: bool = True) -> TrainResult:
@@ -192,12 +202,7 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
   import orbax.checkpoint as ocp
   mesh = mesh or sharding.make_mesh()
   workdir = files.as_path(workdir)
-  n_data = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-  micro = cfg.batch_size // cfg.grad_accum
-  if cfg.batch_size % cfg.grad_accum or micro % n_data:
-    raise ValueError(
-        f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = micro-batch {cfg.batch_size / cfg.grad_accum:g} "
-        f"must be a whole multiple of the data-parallel devices (data x fsdp = {n_data})")
+  check_batch(cfg, mesh)
   opt = optimizer(cfg)
   state, frozen = initial_state(model_cfg, base_params, cfg, mesh)
   param_sh = sharding.tree_shardings(model_cfg, mesh)
@@ -244,9 +249,11 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
                mfu=flops.train_flops(model_cfg, m["tokens"], m.pop("tokens_sq"), adapters) / dt / peak)
       history.append(m)
       bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+      faults.point("finetune.step")
       if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
         mngr.save(step + 1, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"fingerprint": fingerprint})))
+        faults.point("finetune.save")  # a kill here leaves a half-written checkpoint, which Orbax ignores
         mngr.wait_until_finished()
         files.write_jsonl(metrics_path, history)
   files.write_jsonl(metrics_path, history)
@@ -262,7 +269,8 @@ def checkpoint_params(model_cfg: ModelConfig, base_params: Params, cfg: TrainCon
   mesh = mesh or sharding.make_mesh()
   state, _ = initial_state(model_cfg, base_params, cfg, mesh)
   abstract = _abstract(state)
-  with ocp.CheckpointManager(files.absolute(files.as_path(workdir) / "checkpoints")) as mngr:
+  options = ocp.CheckpointManagerOptions(read_only=True)  # evaluation never touches the digested checkpoints
+  with ocp.CheckpointManager(files.absolute(files.as_path(workdir) / "checkpoints"), options=options) as mngr:
     available = mngr.all_steps()
     missing = sorted(set(steps or ()) - set(available))
     if missing:

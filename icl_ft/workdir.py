@@ -6,6 +6,7 @@ output (so damage is noticed), results moved aside rather than deleted, and per-
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -26,59 +27,100 @@ class LockedError(RuntimeError):
 
 
 def _start_time(pid: int) -> str | None:
-  """The kernel's start time of process ``pid`` (None if it does not exist), to tell a reused pid apart."""
+  """The kernel's start time of process ``pid`` (None where /proc is unavailable or it does not exist)."""
   try:
     with open(f"/proc/{pid}/stat") as f:
       return f.read().rsplit(")", 1)[1].split()[19]
-  except OSError:
+  except (OSError, IndexError):
     return None
 
 
+def _pid_exists(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def _alive(holder: dict) -> bool:
+  """Whether the process a lock record names still runs (on another host: assumed alive)."""
   if holder.get("host") != socket.gethostname():
-    return True  # another machine's process: we cannot tell, so assume it is alive
-  started = _start_time(holder["pid"])
-  return started is not None and started == holder.get("proc_start", started)
+    return True
+  pid = holder.get("pid")
+  if not isinstance(pid, int) or not _pid_exists(pid):
+    return False
+  started, recorded = _start_time(pid), holder.get("proc_start")
+  return started is None or recorded is None or started == recorded  # a reused pid has another start time
+
+
+def _me() -> dict:
+  pid = os.getpid()
+  return dict(host=socket.gethostname(), pid=pid, proc_start=_start_time(pid))
 
 
 class Lock:
   """``root/.lock`` naming the running process (host, pid, start time); a second run stops with a message
-  naming the holder, a lock left by a dead process on this host is taken over."""
+  naming the holder, a lock left by a dead process on this host is taken over. Local locks are created
+  exclusively (O_EXCL), so two runs starting together cannot both hold it; on an object store the lock is
+  best effort (written, then read back)."""
 
   def __init__(self, root: epath.Path, log: Callable[[str], None] = print):
     self.path, self.log = root / LOCK, log
     self.held = False
 
-  def holder(self) -> dict | None:
-    """The current holder's record, or None if the lock is free (or stale, i.e. its process is dead)."""
-    if not self.path.exists():
-      return None
+  def _record(self) -> dict | None:
     try:
-      holder = json.loads(self.path.read_text())
-    except (OSError, json.JSONDecodeError):
+      value = json.loads(self.path.read_text())
+      return value if isinstance(value, dict) else {}
+    except FileNotFoundError:
       return None
-    return holder if _alive(holder) else None
+    except (OSError, ValueError):
+      return {}  # unreadable: no live holder can be named
+
+  def holder(self) -> dict | None:
+    """The current holder's record, or None if the lock is free or stale (its process is dead)."""
+    rec = self._record()
+    return rec if rec is not None and _alive(rec) else None
 
   def check(self) -> None:
     """Raises ``LockedError`` if a live process holds the lock (writes nothing)."""
     holder = self.holder()
     if holder is not None:
       raise LockedError(
-          f"{self.path.parent} is in use by pid {holder['pid']} on {holder['host']} (started {holder['started']}); "
-          f"wait for it to finish, or use another --config.workdir. If that process is gone, delete {self.path}.")
+          f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} (started "
+          f"{holder.get('started')}); wait for it to finish, or use another --config.workdir. If that process is "
+          f"gone, delete {self.path}.")
 
   def __enter__(self) -> "Lock":
     self.check()
-    if self.path.exists():
-      self.log(f"taking over the lock of a process that is no longer running ({self.path.read_text().strip()})")
-    pid = os.getpid()
-    files.atomic_write_text(self.path, json.dumps(dict(
-        host=socket.gethostname(), pid=pid, proc_start=_start_time(pid), started=time.strftime("%Y-%m-%dT%H:%M:%S"))))
+    stale = self._record()
+    if stale is not None and not _alive(stale):
+      self.log(f"taking over the lock of a process that is no longer running ({json.dumps(stale)})")
+      if self._record() == stale:  # still the dead holder's (not a lock another run just took)
+        self.path.unlink()
+    mine = dict(_me(), started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    text = json.dumps(mine)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if files.has_scheme(self.path):
+      self.path.write_text(text)
+      if self._record() != mine:
+        raise LockedError(f"another run took {self.path} at the same moment: {self._record()}")
+    else:
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        raise LockedError(f"another run took {self.path} at the same moment: {self._record()}") from None
+      with os.fdopen(fd, "w") as f:
+        f.write(text)
     self.held = True
     return self
 
   def __exit__(self, *exc) -> None:
-    if self.held and self.path.exists():
+    rec = self._record() if self.held else None
+    if rec is not None and all(rec.get(k) == v for k, v in _me().items()):  # only ever our own lock
       self.path.unlink()
     self.held = False
 
@@ -138,31 +180,45 @@ def move_aside(path: epath.Path, stamp: str) -> epath.Path:
 
 class Units:
   """Completed units of a stage (a batch of queries, a checkpoint's evaluation, a condition's sweeps), each
-  saved atomically under ``directory/<key>`` as it completes, so a rerun after a kill skips them."""
+  saved atomically under ``directory/<key>`` as it completes, so a rerun after a kill skips them. A unit
+  returns the same value whether computed or reloaded (records pass through strict JSON both ways)."""
 
-  def __init__(self, directory: epath.Path):
+  def __init__(self, directory: epath.Path, counts: list[int] | None = None):
     self.dir = directory
+    self._counts = counts if counts is not None else [0, 0]  # [reused, computed], shared with sub-units
+
+  @property
+  def reused(self) -> int:
+    return self._counts[0]
+
+  @property
+  def computed(self) -> int:
+    return self._counts[1]
 
   def sub(self, name: str) -> "Units":
-    return Units(self.dir / name)
+    return Units(self.dir / name, self._counts)
 
   def records(self, key: str, compute: Callable[[], list[dict]]) -> list[dict]:
     """JSON records of unit ``key``: loaded if saved, else computed and saved."""
     path = self.dir / f"{key}.json"
     if path.exists():
+      self._counts[0] += 1
       return files.read_json(path)
-    value = compute()
+    value = json.loads(json.dumps(files.json_safe(compute())))
     files.write_json(path, value)
+    self._counts[1] += 1
     return value
 
   def arrays(self, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Named float arrays of unit ``key`` (saved exactly, as .npy inside an .npz)."""
+    """Named arrays of unit ``key`` (saved exactly, as .npy inside an .npz)."""
     path = self.dir / f"{key}.npz"
     if path.exists():
+      self._counts[0] += 1
       with path.open("rb") as f, np.load(f) as z:
         return {k: z[k] for k in z.files}
     value = {k: np.asarray(v) for k, v in compute().items()}
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     np.savez(buf, **value)
     files.atomic_write_bytes(path, buf.getvalue())
+    self._counts[1] += 1
     return value

@@ -72,3 +72,11 @@ def test_attribution_check_and_outputs(results, tmp_path):
   assert data["heads"]["contrasts"] and "_effects" not in data
   for key in ("heatmaps", "mlps", "shifts"):
     assert open(paths[key], "rb").read(4) == b"\x89PNG"
+
+
+def test_shift_bars_draw_an_interval_that_excludes_its_point(tmp_path):
+  item = lambda point, lo, hi: {"point": point, "lo": lo, "hi": hi}
+  shifts = {"base|icl1": {"tv": item(0.2, 0.25, 0.4), "rank": item(0.5, 0.1, 0.3), "topk": item(None, None, None)}}
+  results = {f: {"shifts": shifts} for f in ("heads", "mlps")}
+  path = circuits.plot_shifts(tmp_path, results, {})
+  assert open(path, "rb").read(4) == b"\x89PNG"

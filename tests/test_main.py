@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from configs import smoke
-from icl_ft import files, study
+from icl_ft import files, loading, sharding, study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,10 +46,11 @@ def test_every_stage_writes_its_outputs(finished):
   for stage, rec in done.items():
     assert json.loads((workdir / stage / "DONE.json").read_text())["fingerprint"] == cfg.fingerprint(stage)
     for key, path in rec["outputs"].items():
-      paths = path.values() if isinstance(path, dict) else [path]
-      for p in paths:
-        if isinstance(p, str) and ("/" in p):
-          assert Path(p).exists() and (Path(p).is_dir() or Path(p).stat().st_size > 0), (stage, key, p)
+      for p in (path.values() if isinstance(path, dict) else [path]):
+        assert not Path(p).is_absolute() and (workdir / p).exists(), (stage, key, p)  # relative: movable
+    assert rec["files"] and all(v["size"] > 0 for v in rec["files"].values()), stage
+    assert not (workdir / stage / "partial").exists()  # per-unit scratch is gone once the stage is done
+  assert not (workdir / ".lock").exists()
   data = (workdir / "data" / "queries_misleading.jsonl").read_text().splitlines()
   assert len(data) == cfg.n_queries * len(cfg.tasks)
   icl_records = [json.loads(x) for x in (workdir / "icl" / "records.jsonl").read_text().splitlines()]
@@ -101,18 +103,32 @@ def test_rerun_skips_completed_stages(finished):
   assert stamps == {s: (workdir / s / "DONE.json").stat().st_mtime_ns for s in study.STAGES}
 
 
-def test_changed_setting_reruns_exactly_the_stages_that_depend_on_it(tiny_lm, tmp_path):
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+  """Every path below ``root`` with its size and modification time (directories included)."""
+  return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+          for p in [root, *root.rglob("*")]}
+
+
+def test_changed_setting_of_a_finished_run_is_refused_then_replaced_never_deleted(tiny_lm, tmp_path):
   kw = {"circuits.enabled": False, "icl.n_dev": 0}
   _run(_config(tiny_lm[0], tmp_path, **kw))
   stamps = {s: (tmp_path / s / "DONE.json").stat().st_mtime_ns for s in ("data", "icl", "finetune", "ft_eval", "report")}
   before = files.read_jsonl(tmp_path / "ft_eval" / "records.jsonl")
-  _, lines = _run(_config(tiny_lm[0], tmp_path, **kw, **{"ft_eval.shots": "0,1"}))
+  tree = _tree(tmp_path)
+  changed = _config(tiny_lm[0], tmp_path, **kw, **{"ft_eval.shots": "0,1"})
+  with pytest.raises(study.ConfigError, match=r"(?s)ft_eval.shots: '0' -> '0,1'.*report.*upstream stage\(s\) ft_eval"):
+    _run(changed)
+  assert _tree(tmp_path) == tree  # refused before touching anything
+  _, lines = _run(_config(tiny_lm[0], tmp_path, **kw, **{"ft_eval.shots": "0,1", "overwrite": True}))
   after = {s: (tmp_path / s / "DONE.json").stat().st_mtime_ns for s in stamps}
-  rerun = {s for s in stamps if after[s] != stamps[s]}
-  assert rerun == {"ft_eval", "report"}, lines
+  assert {s for s in stamps if after[s] != stamps[s]} == {"ft_eval", "report"}, lines
   records = files.read_jsonl(tmp_path / "ft_eval" / "records.jsonl")
   assert {r["shots"] for r in before} == {0} and {r["shots"] for r in records} == {0, 1}
   assert len(records) == 2 * len(before)
+  old_eval, = tmp_path.glob("ft_eval.replaced-*")
+  old_report, = tmp_path.glob("report.replaced-*")
+  assert files.read_jsonl(old_eval / "records.jsonl") == before  # the old results, moved aside intact
+  assert (old_report / "REPORT.md").exists() and (old_report / "results.json").exists()
 
 
 def test_report_names_the_fine_tuning_checkpoint(finished):
@@ -164,7 +180,7 @@ def test_interrupted_run_resumes(tiny_lm, tmp_path):
   import shutil
   shutil.rmtree(ckpts / "4")
   done, lines = _run(_config(tiny_lm[0], tmp_path, stages="finetune,ft_eval"))
-  assert "[finetune] running" in lines and "[ft_eval] running" in lines
+  assert "[finetune] running (resuming an interrupted run)" in lines and "[ft_eval] running" in lines
   second = [json.loads(x) for x in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in second] == [1, 2, 3, 4]
   assert second[:2] == first[:2]  # steps 1-2 came from the first run, not recomputed
@@ -177,8 +193,138 @@ def test_missing_input_and_unwritable_workdir(tiny_lm, tmp_path):
     _run(_config(tiny_lm[0], tmp_path, stages="ft_eval"))
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  with pytest.raises(study.ConfigError, match="not writable"):
-    study.Study(_config(tiny_lm[0], blocker / "work"))
+  tree = _tree(tmp_path)
+  with pytest.raises(study.ConfigError, match="cannot be written"):
+    _run(_config(tiny_lm[0], blocker / "work"))
+  assert _tree(tmp_path) == tree
+
+
+@pytest.mark.parametrize("overrides,error,message", [
+    ({"model": "nonexistent-model", "stages": "data,icl"}, loading.ModelNotFoundError, "not a registered model"),
+    ({"model": "nonexistent-model", "stages": "data,icl", "overwrite": True}, loading.ModelNotFoundError,
+     "not a registered model"),
+    ({"icl.shots": "0,1"}, study.ConfigError, r"(?s)'icl'.*icl.shots: '0,1,2' -> '0,1'.*report"),
+    ({"mesh.fsdp": 3}, sharding.MeshError, "needs 3 devices"),
+    ({"ft.lr": 1e-4}, study.ConfigError, r"(?s)finetune.*ft.lr: 1e-05 -> 0.0001.*ft_eval.*upstream"),
+    ({"stages": "report", "circuits.n_pairs": 3}, study.MissingInputError, "needs the outputs of stage 'circuits'"),
+])
+def test_a_failed_command_leaves_a_finished_run_untouched(finished, overrides, error, message):
+  cfg, workdir, _, _ = finished
+  tree = _tree(workdir)
+  with pytest.raises(error, match=message):
+    _run(_config(cfg.model, workdir, **overrides))
+  assert _tree(workdir) == tree
+
+
+def test_a_second_run_in_the_same_directory_is_stopped_and_a_stale_lock_is_taken_over(tiny_lm, tmp_path):
+  from icl_ft import workdir as wd
+  cfg = _config(tiny_lm[0], tmp_path, stages="data")
+  with wd.Lock(tmp_path):  # held by this (live) process
+    tree = _tree(tmp_path)
+    with pytest.raises(wd.LockedError, match=f"in use by pid {os.getpid()}"):
+      _run(cfg)
+    assert _tree(tmp_path) == tree
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  (tmp_path / ".lock").write_text(json.dumps(dict(host=socket.gethostname(), pid=int(dead.stdout), proc_start="1",
+                                                  started="2026-01-01T00:00:00")))
+  _, lines = _run(cfg)
+  assert any("taking over the lock" in line for line in lines) and not (tmp_path / ".lock").exists()
+
+
+def test_the_lock_is_exclusive_and_only_its_holder_releases_it(tmp_path, monkeypatch):
+  from icl_ft import workdir as wd
+  first = wd.Lock(tmp_path)
+  with first:
+    monkeypatch.setattr(wd, "_start_time", lambda pid: None)  # no /proc: liveness from the pid alone
+    with pytest.raises(wd.LockedError, match="in use"):
+      wd.Lock(tmp_path).check()
+    monkeypatch.setattr(wd.Lock, "check", lambda self: None)  # two runs that both passed the check
+    with pytest.raises(wd.LockedError, match="at the same moment"):
+      wd.Lock(tmp_path).__enter__()
+    other = json.dumps(dict(host="elsewhere", pid=1, proc_start="1", started="x"))
+    (tmp_path / ".lock").write_text(other)
+  assert (tmp_path / ".lock").read_text() == other  # not ours: left in place
+
+
+def test_damaged_outputs_are_reported_and_rerun_and_the_report_never_links_a_missing_file(tiny_lm, tmp_path):
+  kw = {"circuits.enabled": False, "icl.n_dev": 0}
+  _run(_config(tiny_lm[0], tmp_path, **kw))
+  records = (tmp_path / "icl" / "records.jsonl").read_text()
+  (tmp_path / "icl" / "records.jsonl").write_text(records[:len(records) // 2])  # truncated
+  (tmp_path / "ft_eval" / "accuracy_vs_samples.png").unlink()  # a deleted plot
+  _, lines = _run(_config(tiny_lm[0], tmp_path, **kw))
+  assert any(line.startswith("[icl] running (outputs damaged") and "icl/records.jsonl (changed)" in line
+             for line in lines), lines
+  assert any("ft_eval/accuracy_vs_samples.png (missing)" in line for line in lines)
+  assert (tmp_path / "icl" / "records.jsonl").read_text() == records  # recomputed identically
+  damaged, = tmp_path.glob("icl.replaced-*")  # the damaged copy is kept for inspection
+  assert len((damaged / "records.jsonl").read_text()) == len(records) // 2
+
+
+def test_the_report_never_links_a_missing_figure(tiny_lm, tmp_path, monkeypatch):
+  from icl_ft import report
+  kw = {"circuits.enabled": False, "icl.n_dev": 0}
+  _run(_config(tiny_lm[0], tmp_path, **kw))
+  (tmp_path / "ft_eval" / "accuracy_vs_samples.png").unlink()
+  real = report.plot_accuracy
+  monkeypatch.setattr(report, "plot_accuracy", lambda summary, path, **k: real(summary, path, **k)
+                      if "samples" not in str(path) else 1 / 0)  # the redraw fails this time
+  _, lines = _run(_config(tiny_lm[0], tmp_path, **kw))
+  assert any(line.startswith("[report] running") for line in lines)  # its input changed, so it was redone
+  text = (tmp_path / "REPORT.md").read_text()
+  links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+  assert links and all((tmp_path / link).exists() for link in links) and "accuracy_vs_samples" not in text
+  assert "figure 'accuracy vs training samples' could not be drawn: ZeroDivisionError" in text
+
+
+def test_unreadable_records_are_never_taken_for_absent_ones(tiny_lm, tmp_path):
+  kw = {"circuits.enabled": False, "icl.n_dev": 0, "stages": "data,icl"}
+  _run(_config(tiny_lm[0], tmp_path, **kw))
+  done = (tmp_path / "icl" / "DONE.json").read_text()
+  (tmp_path / "icl" / "DONE.json").write_text(done[:40])
+  tree = _tree(tmp_path)
+  with pytest.raises(study.UnreadableRecordError, match="icl/DONE.json cannot be read"):
+    _run(_config(tiny_lm[0], tmp_path, **kw))
+  assert _tree(tmp_path) == tree
+  (tmp_path / "icl" / "DONE.json").unlink()
+  (tmp_path / "icl" / "STARTED.json").unlink()  # a directory with results but no record of them
+  _, lines = _run(_config(tiny_lm[0], tmp_path, **kw))
+  kept, = tmp_path.glob("icl.replaced-*")
+  assert (kept / "records.jsonl").exists() and any("holds files of no recorded run" in line for line in lines)
+
+
+def test_a_figure_that_fails_to_draw_costs_no_numbers(tiny_lm, tmp_path, monkeypatch):
+  from icl_ft import report
+  def broken(*a, **k):
+    raise ValueError("'yerr' must not contain negative values")
+  monkeypatch.setattr(report, "plot_accuracy", broken)
+  done, lines = _run(_config(tiny_lm[0], tmp_path, **{"circuits.enabled": False, "icl.n_dev": 0}))
+  assert set(done) == {"data", "icl", "finetune", "ft_eval", "report"}
+  assert done["icl"]["outputs"]["plot"] is None and (tmp_path / "icl" / "summary.json").exists()
+  assert any("warning: figure 'accuracy vs shots' could not be drawn" in line for line in lines)
+  text = (tmp_path / "REPORT.md").read_text()
+  assert "could not be drawn" in text and "accuracy_vs_shots.png" not in text
+
+
+@pytest.mark.parametrize("stage", ["data", "icl", "finetune", "ft_eval", "circuits", "report"])
+def test_a_write_failure_names_the_path_and_keeps_earlier_stages(tiny_lm, tmp_path, monkeypatch, stage):
+  import errno
+  kw = {"icl.n_dev": 0, "circuits.n_boot": 5}
+  real = files._write_bytes
+  def full_disk(path, data):
+    if "STARTED.json" in str(path):  # the bookkeeping succeeds; the stage's own outputs do not
+      return real(path, data)
+    if f"/{stage}/" in str(path) or (stage == "report" and ("REPORT.md" in str(path) or "results.json" in str(path))):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(path, data)
+  monkeypatch.setattr(files, "_write_bytes", full_disk)
+  with pytest.raises(OSError, match=f"could not write .*{stage if stage != 'report' else 'results.json'}.*No space"):
+    _run(_config(tiny_lm[0], tmp_path, **kw))
+  earlier = study.STAGES[:study.STAGES.index(stage)]
+  monkeypatch.setattr(files, "_write_bytes", real)
+  steps = study.Study(_config(tiny_lm[0], tmp_path, **kw)).plan()
+  assert [s.stage for s in steps if s.action == "skip"] == list(earlier)
+  assert [s.action for s in steps if s.stage == stage] == ["resume"]
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -193,8 +339,8 @@ def test_bad_config_values_are_named(tiny_lm, tmp_path, key, value, message):
     _config(tiny_lm[0], tmp_path, **{key: value})
 
 
-def _main(*args, cwd=ROOT):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+def _main(*args, cwd=ROOT, env=None):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **(env or {}))
   return subprocess.run([sys.executable, "-m", "icl_ft.main", *args], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=300)
 
@@ -247,3 +393,86 @@ def test_every_config_file_validates():
     c = importlib.import_module(f"configs.{path.stem}").get_config()
     cfg = study.StudyConfig.from_dict(c)
     assert cfg.stages == study.STAGES and cfg.tasks
+
+
+@pytest.mark.slow
+def test_killed_anywhere_then_resumed_equals_an_uninterrupted_run(finished, tmp_path):
+  """SIGKILL inside every stage in turn (each rerun resumes, then dies in the next stage), then a clean rerun:
+  every output equals the uninterrupted run's."""
+  import random
+  cfg, reference, _, _ = finished
+  rng = random.Random(7)
+  kills = [("data.write", 1), ("icl.batch", rng.randint(2, 12)), ("finetune.step", rng.randint(1, 3)),
+           ("finetune.save", 1), ("icl.batch", rng.randint(2, 6)), ("circuits.sweep", rng.randint(4, 8)),
+           ("report.write", 1)]
+  args = ["--config=configs/smoke.py", f"--config.model={cfg.model}", f"--config.workdir={tmp_path}",
+          "--config.circuits.tol=1e-6"]
+  stages = ["data", "icl", "finetune", "finetune", "ft_eval", "circuits", "report"]
+  saved = {"icl": ("icl/partial", "*.json"), "ft_eval": ("ft_eval/partial", "*/*.json"),
+           "circuits": ("circuits/partial", "*/*.npz")}
+  previous = None
+  for (name, count), stage in zip(kills, stages):
+    r = _main(*args, env={"ICL_FT_KILL_AT": f"{name}:{count}"})
+    assert r.returncode == -9, (name, count, r.stdout[-2000:], r.stderr[-2000:])  # SIGKILL, as the test asked
+    if previous:  # the stage killed last time resumed this time, reusing the units it had saved
+      assert f"[{previous}] running (resuming an interrupted run)" in r.stdout, r.stdout[-2000:]
+      if previous in saved:
+        assert re.search(rf"\[{previous}\] reused {units_saved} of \d+ saved units", r.stdout), r.stdout[-2000:]
+    if stage in saved:  # completed units were saved as they finished
+      where, pattern = saved[stage]
+      units_saved = len(list((tmp_path / where).glob(pattern)))
+      assert units_saved == (count if stage != "circuits" else (count - 1) // 3) > 0, stage
+    previous = stage
+  r = _main(*args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "taking over the lock" in r.stdout and "[report] running (resuming an interrupted run)" in r.stdout
+  for rel in ("icl/records.jsonl", "ft_eval/records.jsonl", "finetune/metrics.jsonl"):
+    _assert_close(files.read_jsonl(tmp_path / rel), files.read_jsonl(reference / rel), rel)
+  _assert_close(files.read_json(tmp_path / "circuits" / "expression" / "circuits.json"),
+                files.read_json(reference / "circuits" / "expression" / "circuits.json"), "circuits")
+  ours, theirs = (files.read_json(d / "results.json") for d in (tmp_path, reference))
+  for key in ("table", "icl", "ft_eval", "circuits"):
+    _assert_close(ours[key], theirs[key], key)
+
+
+_VOLATILE = {"step_time_s", "tokens_per_s", "mfu", "model", "source"}  # timings and paths, not results
+
+
+def _assert_close(a, b, where):
+  if isinstance(a, dict):
+    assert set(a) == set(b), where
+    for k in a:
+      if k not in _VOLATILE:
+        _assert_close(a[k], b[k], f"{where}.{k}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), where
+    for i, (x, y) in enumerate(zip(a, b)):
+      _assert_close(x, y, f"{where}[{i}]")
+  elif isinstance(a, float) or isinstance(b, float):
+    assert a == pytest.approx(b, abs=1e-6, rel=1e-6), where
+  else:
+    assert a == b, where
+
+
+@pytest.mark.slow
+def test_smoke_study_on_the_embedded_model_runs_to_the_report(tmp_path):
+  r = _main("--config=configs/smoke.py", f"--config.workdir={tmp_path}", env={"ICL_FT_CACHE": str(tmp_path / "cache")})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "warning" not in r.stdout
+  for stage in study.STAGES:
+    assert files.read_json(tmp_path / stage / "DONE.json")["warnings"] == []
+  assert (tmp_path / "circuits" / "expression" / "circuit_shift.png").read_bytes()[:4] == b"\x89PNG"
+  assert "## Circuit shift" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_the_two_reported_typos_leave_a_finished_run_untouched(finished):
+  cfg, workdir, _, _ = finished
+  tree = _tree(workdir)
+  common = ["--config=configs/smoke.py", f"--config.workdir={workdir}", f"--config.model={cfg.model}",
+            "--config.circuits.tol=1e-6"]
+  r = _main(*common, "--config.model=nonexistent-model", "--config.stages=data,icl")
+  assert r.returncode == 2 and "'nonexistent-model' is not a registered model" in r.stderr
+  r = _main(*common, "--config.mesh.fsdp=3")
+  assert r.returncode == 2 and "needs 3 devices, but 1 are available" in r.stderr
+  assert "clearing" not in r.stdout + r.stderr
+  assert _tree(workdir) == tree
