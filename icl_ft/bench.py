@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from icl_ft import flops
+from icl_ft.model import flops
 
 flags.DEFINE_string("model", "smollm2-135m", "Model to benchmark (forward: only the embedded GGUF has a torch reference).")
 flags.DEFINE_integer("batch", 8, "Batch size.")
@@ -60,7 +60,7 @@ def _torch_reference(name: str):
   """The transformers PyTorch model of the same checkpoint (GGUF or HF directory), float32, default attention."""
   import torch
   from transformers import AutoModelForCausalLM
-  from icl_ft import loading
+  from icl_ft.io import loading
   path = loading.resolve(name)
   kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
   return AutoModelForCausalLM.from_pretrained(str(path.parent if kw else path), dtype=torch.float32, **kw).eval()
@@ -68,8 +68,8 @@ def _torch_reference(name: str):
 
 def _forward(argv):
   del argv
-  from icl_ft import loading
-  from icl_ft.model import forward
+  from icl_ft.io import loading
+  from icl_ft.model.decoder import forward
   B, T, R = FLAGS.batch, FLAGS.seq, FLAGS.repeats
 
   ceiling = flops.matmul_ceiling()
@@ -116,29 +116,33 @@ def _forward(argv):
 
 
 def _icl(argv):
-  """The release's evaluation cell (199 queries, k-shot) three ways on the same prompts."""
+  """The release's evaluation cell (199 queries, k-shot) three ways on the same prompts.
+
+  Long: one measurement read top to bottom (set up both sides on the same inputs, warm up, time, check
+  agreement, print); splitting it would scatter one experiment over several functions."""
   del argv
   import torch
-  from icl_ft import icl, loading
+  from icl_ft.evaluation import engine
+  from icl_ft.io import loading
   ceiling = flops.matmul_ceiling()
   m = loading.load(FLAGS.model)
   tok = m.tokenizer
-  queries = icl.icl_queries(FLAGS.task, "correct", "paper", FLAGS.shots, FLAGS.queries, seed=114514)
+  queries = engine.icl_queries(FLAGS.task, "correct", "paper", FLAGS.shots, FLAGS.queries, seed=114514)
   n_new = queries[0].lenient_tokens
   queries = [dataclasses.replace(q, strict_tokens=n_new) for q in queries]  # the release decodes n_new only
   prompt_ids = tok([q.prompt for q in queries]).input_ids
   lengths = [len(p) for p in prompt_ids]
   useful = sum(flops.forward_flops_per_token(m.config, n, head=False) * n for n in lengths)
-  engine = icl.EngineConfig(batch_size=FLAGS.batch, progress=False)
+  settings = engine.EngineConfig(batch_size=FLAGS.batch, progress=False)
 
-  icl.run(m, queries, engine)  # compile every length bucket
+  engine.run(m, queries, settings)  # compile every length bucket
   t0 = time.perf_counter()
-  records, _ = icl.run(m, queries, engine)
+  records, _ = engine.run(m, queries, settings)
   t_ours = time.perf_counter() - t0
   ours = [r["lenient_text"] for r in records]
 
   ref = _torch_reference(FLAGS.model)
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  pad = loading.pad_id(tok)
   decode = lambda ids, out: tok.decode(list(ids) + out.tolist(), skip_special_tokens=True)
   with torch.inference_mode():
     t0 = time.perf_counter()
@@ -179,21 +183,26 @@ def _icl(argv):
 
 
 def _train(argv):
-  """Training steps on the embedded model: ours (jit, donated state) vs a PyTorch AdamW loop, same batch."""
+  """Training steps on the embedded model: ours (jit, donated state) vs a PyTorch AdamW loop, same batch.
+
+  Long: one measurement read top to bottom (set up both sides on the same inputs, warm up, time, check
+  agreement, print); splitting it would scatter one experiment over several functions."""
   del argv
   import torch
-  from icl_ft import ft_data, loading, training
+  from icl_ft.training import dataset
+  from icl_ft.io import loading
+  from icl_ft.training import trainer
   B = FLAGS.batch
   T = FLAGS.seq if FLAGS["seq"].present else 128
   R = FLAGS.repeats if FLAGS["repeats"].present else 5
-  tcfg = training.TrainConfig(steps=R + 1, batch_size=B, lr=1e-5, warmup_steps=0, weight_decay=0.01, clip_norm=1.0,
+  tcfg = trainer.TrainConfig(steps=R + 1, batch_size=B, lr=1e-5, warmup_steps=0, weight_decay=0.01, clip_norm=1.0,
                               compute_dtype="float32", remat=False)
 
   ceiling = flops.matmul_ceiling()
   m = loading.load(FLAGS.model)
   cfg = m.config
   # Real token ids: the study's FT examples (all four tasks), concatenated and packed into B rows of T tokens.
-  ds = ft_data.build(ft_data.FTDataConfig(n_per_task=max(8, B * T // 100)), m.tokenizer)
+  ds = dataset.build(dataset.FTDataConfig(n_per_task=max(8, B * T // 100)), m.tokenizer)
   stream = np.concatenate([np.asarray(s, np.int32) for s in ds.ids])
   if stream.size < B * T:
     stream = np.resize(stream, B * T)
@@ -202,11 +211,11 @@ def _train(argv):
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   total = B * T * flops.train_flops_per_token(cfg, T)
 
-  opt = training.optimizer(tcfg)
+  opt = trainer.optimizer(tcfg)
   params = jax.jit(lambda t: jax.tree.map(lambda p: jnp.copy(p.astype(jnp.float32)), t))(m.params)
   state = {"params": params, "opt": jax.jit(opt.init)(params), "step": jnp.zeros((), jnp.int32)}
   t0 = time.perf_counter()
-  step = jax.jit(training.make_train_step(cfg, tcfg, opt), donate_argnums=0).lower(state, batch).compile()
+  step = jax.jit(trainer.make_train_step(cfg, tcfg, opt), donate_argnums=0).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   state, metrics = jax.block_until_ready(step(state, batch))
@@ -258,10 +267,15 @@ def _train(argv):
 
 
 def _patching(argv):
-  """Full (layer, head) sweep on SmolLM2: our one-compile sweep vs a serial PyTorch hook loop, plus AtP."""
+  """Full (layer, head) sweep on SmolLM2: our one-compile sweep vs a serial PyTorch hook loop, plus AtP.
+
+  Long: one measurement read top to bottom (set up both sides on the same inputs, warm up, time, check
+  agreement, print); splitting it would scatter one experiment over several functions."""
   del argv
   import torch
-  from icl_ft import loading, pairs, patching
+  from icl_ft.io import loading
+  from icl_ft.interp import pairs
+  from icl_ft.interp import patching
   ceiling = flops.matmul_ceiling()
   m = loading.load(FLAGS.model)
   cfg = m.config

@@ -25,7 +25,11 @@ def main(argv) -> int:
   from absl import logging
   if logging.get_verbosity() == logging.INFO:  # default: keep library INFO chatter (backend probing) off the console
     logging.set_verbosity(logging.WARNING)
-  from icl_ft import config, convert, loading, sharding, study, training, workdir
+  from icl_ft import study
+  from icl_ft.io import checkpoints, convert, loading
+  from icl_ft.model import config, sharding
+  from icl_ft.training import trainer
+  from icl_ft.study import workdir
   sharding.maybe_initialize_distributed()
   try:
     cfg = study.StudyConfig.from_dict(_CONFIG.value)
@@ -41,8 +45,8 @@ def main(argv) -> int:
   try:
     done = runner.run()
   except (study.MissingInputError, study.ConfigError, loading.ModelNotFoundError, convert.CheckpointError,
-          config.UnsupportedModelError, sharding.MeshError, training.TrainingDivergedError,
-          training.CheckpointMismatchError, workdir.LockedError, OSError) as e:
+          config.UnsupportedModelError, sharding.MeshError, trainer.TrainingDivergedError,
+          checkpoints.CheckpointMismatchError, workdir.LockedError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"\nfinished in {(time.time() - t0) / 60:.1f} min. Outputs (in {cfg.workdir}):")

@@ -85,7 +85,7 @@ def torch_logits(model, ids, attention_mask=None, position_ids=None):
 def jax_logits(m, ids, valid=None):
   """Our jitted float32 logits of a loaded model for (left-padded) ``ids``."""
   import jax.numpy as jnp
-  from icl_ft.model import forward, positions_from_valid
+  from icl_ft.model.decoder import forward, positions_from_valid
   ids = jnp.asarray(ids)
   valid = jnp.ones(ids.shape, bool) if valid is None else jnp.asarray(valid)
   logits, _ = jax.jit(forward, static_argnums=0)(m.config, m.params, ids, positions_from_valid(valid), valid)
@@ -121,7 +121,7 @@ def tiny_lm(tmp_path_factory):
 def smollm2_tokenizer():
   """The embedded SmolLM2-135M GGUF's own tokenizer (byte-level BPE, GPT-2 style pre-tokenizer)."""
   from transformers import AutoTokenizer
-  from icl_ft import loading
+  from icl_ft.io import loading
   path = loading.embedded_gguf_path()
   return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 

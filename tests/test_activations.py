@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_ft import activations
+from icl_ft.io import activations
 
 
 def test_round_trip_and_lazy_slice(tmp_path):
@@ -27,7 +27,8 @@ def test_sharded_array_is_written_shard_by_shard(tmp_path):
   code = textwrap.dedent("""
       import sys, jax, numpy as np
       from jax.sharding import NamedSharding, PartitionSpec as P
-      from icl_ft import activations, sharding
+      from icl_ft.io import activations
+      from icl_ft.model import sharding
       mesh = sharding.make_mesh({"fsdp": 8})
       x = np.arange(2 * 8 * 3, dtype=np.float32).reshape(2, 8, 3)
       arr = jax.device_put(x, NamedSharding(mesh, P(None, "fsdp")))

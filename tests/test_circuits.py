@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from icl_ft import circuits, loading
+from icl_ft.interp import circuits
+from icl_ft.io import files, loading
+from icl_ft.report import plots
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +17,8 @@ def results(tiny_lm):
   noisy = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), m.params)
   # A random tiny model barely separates clean from corrupt (logit-diff gap ~4e-4): lower the threshold.
   ccfg = circuits.CircuitConfig(task="expression", n_pairs=3, icl_shots=(1,), n_boot=20, top_k=3, chunk=4, tol=1e-6)
-  r = circuits.analyze(m.config, m.params, m.tokenizer, ccfg, tuned={"ft": noisy})
-  return m, dict(r, _params_ft=noisy)
+  found = circuits.analyze(m.config, m.params, m.tokenizer, ccfg, tuned={"ft": noisy})
+  return m, dict(found.numbers, _effects=found.effects, _params_ft=noisy)
 
 
 def test_conditions_and_shapes(results):
@@ -30,7 +32,8 @@ def test_conditions_and_shapes(results):
 
 
 def test_tuned_condition_runs_on_the_tuned_parameters(results):
-  from icl_ft import pairs as pairs_lib, patching
+  from icl_ft.interp import pairs as pairs_lib
+  from icl_ft.interp import patching
   m, r = results
   ccfg = circuits.CircuitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["config"].items()})
   base = pairs_lib.build_pairs(ccfg.task, m.tokenizer, ccfg.n_pairs, ccfg.seed, ccfg.fmt, 0)
@@ -50,7 +53,7 @@ def test_tuned_condition_runs_on_the_tuned_parameters(results):
 def test_unseparated_conditions_report_no_effects(tiny_lm):
   m = loading.load(str(tiny_lm[0]), use_cache=False)
   ccfg = circuits.CircuitConfig(task="expression", n_pairs=2, icl_shots=(), n_boot=5, top_k=2, chunk=4, tol=1.0)
-  r = circuits.analyze(m.config, m.params, m.tokenizer, ccfg)
+  r = circuits.analyze(m.config, m.params, m.tokenizer, ccfg).numbers
   assert not r["heads"]["conditions"]["base"]["separated"]
   assert all(v is None for v in r["heads"]["conditions"]["base"]["effects"])
 
@@ -67,16 +70,16 @@ def test_attribution_check_and_outputs(results, tmp_path):
     # its exact value is the sweep's (unnormalised) effect of that head
     effect = base["effects"][item["layer"] * H + item["head"]] * base["separation"]
     assert item["exact"] == pytest.approx(effect, rel=1e-4, abs=1e-9)
-  paths = circuits.write(tmp_path, {k: v for k, v in r.items() if k != "_params_ft"})
-  data = json.loads(open(paths["json"]).read())
-  assert data["heads"]["contrasts"] and "_effects" not in data
-  for key in ("heatmaps", "mlps", "shifts"):
-    assert open(paths[key], "rb").read(4) == b"\x89PNG"
+  numbers = {k: v for k, v in r.items() if not k.startswith("_")}
+  files.write_json(tmp_path / "circuits.json", numbers)
+  assert json.loads((tmp_path / "circuits.json").read_text())["heads"]["contrasts"]
+  for name, draw in plots.CIRCUIT_FIGURES.items():
+    assert open(draw(tmp_path, numbers, r["_effects"]), "rb").read(4) == b"\x89PNG", name
 
 
 def test_shift_bars_draw_an_interval_that_excludes_its_point(tmp_path):
   item = lambda point, lo, hi: {"point": point, "lo": lo, "hi": hi}
   shifts = {"base|icl1": {"tv": item(0.2, 0.25, 0.4), "rank": item(0.5, 0.1, 0.3), "topk": item(None, None, None)}}
   results = {f: {"shifts": shifts} for f in ("heads", "mlps")}
-  path = circuits.plot_shifts(tmp_path, results, {})
+  path = plots.plot_shifts(tmp_path, results, {})
   assert open(path, "rb").read(4) == b"\x89PNG"

@@ -4,8 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_ft import inference, loading
-from icl_ft.model import forward, positions_from_valid
+import torch_reference as reference
+from icl_ft.evaluation import decoding as inference
+from icl_ft.io import loading
+from icl_ft.model.decoder import forward, positions_from_valid
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +62,8 @@ def test_logits_and_greedy_continuation_match(models, prompt):
 
 def test_patching_on_real_pairs_matches_torch_hooks(models):
   """Head sweep on expression pairs (clean -> corrupted) vs a PyTorch o_proj pre-hook, for sampled heads."""
-  import torch
-  from icl_ft import pairs, patching
+  from icl_ft.interp import pairs
+  from icl_ft.interp import patching
   ours, ref = models
   p = pairs.build_pairs("expression", ours.tokenizer, 2, seed=0, fmt="fixed")
   mk = lambda ids: patching.Batch(jnp.asarray(ids), jnp.asarray(p.valid), jnp.asarray(p.answer_pos),
@@ -70,28 +72,10 @@ def test_patching_on_real_pairs_matches_torch_hooks(models):
   _, cache = patching.capture(ours.config, ours.params, clean, taps=("attn_z",))
   swept = np.asarray(patching.patch_sweep(ours.config, ours.params, corrupt, cache, "attn_z", ("layer", "head")))
   dh = ours.config.head_dim
-  mask = torch.tensor(p.valid.astype(np.int64))
   for layer, head in ((0, 0), (14, 4), (29, 8)):
     o_proj = ref.model.layers[layer].self_attn.o_proj
-    store = {}
-
-    def keep(mod, args):
-      store["z"] = args[0].clone()
-
-    h = o_proj.register_forward_pre_hook(keep)
-    with torch.no_grad():
-      ref(torch.tensor(p.clean_ids, dtype=torch.long), attention_mask=mask)
-    h.remove()
-
-    def patch(mod, args):
-      z = args[0].clone()
-      z[..., head * dh:(head + 1) * dh] = store["z"][..., head * dh:(head + 1) * dh]
-      return (z,)
-
-    h = o_proj.register_forward_pre_hook(patch)
-    with torch.no_grad():
-      logits = ref(torch.tensor(p.corrupt_ids, dtype=torch.long), attention_mask=mask).logits[:, -1].numpy()
-    h.remove()
-    rows = np.arange(len(p))
-    expected = logits[rows, p.clean_answer] - logits[rows, p.corrupt_answer]
+    z = reference.capture(ref, p.clean_ids, o_proj, pre=True, attention_mask=p.valid)
+    patch = reference.splice(z, (..., slice(head * dh, (head + 1) * dh)))
+    expected = reference.logit_diff(ref, p.corrupt_ids, p.clean_answer, p.corrupt_answer, [(o_proj, patch, True)],
+                                    attention_mask=p.valid)
     np.testing.assert_allclose(swept[layer, head], expected, atol=1e-4)

@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 
 from conftest import build_byte_tokenizer, build_hf_model, jax_logits as _logits, torch_logits
-from icl_ft import convert, ft_data, icl, inference, loading, lora, patching, training
-from icl_ft.config import ModelConfig
-from icl_ft.model import positions_from_valid
+from icl_ft.io import convert
+from icl_ft.training import dataset as ft_data
+from icl_ft.evaluation import engine as icl
+from icl_ft.evaluation import decoding as inference
+from icl_ft.io import loading
+from icl_ft.model import lora
+from icl_ft.interp import patching
+from icl_ft.training import trainer as training
+from icl_ft.model.config import ModelConfig
+from icl_ft.model.decoder import positions_from_valid
 
 CASES = {  # id -> (arch, kv_heads, tied, overrides); windows are 8 tokens (conftest.FAMILY)
     "gpt_neox": ("gpt_neox", 4, False, {}),

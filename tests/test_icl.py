@@ -6,7 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from icl_ft import files, icl, loading, report, scoring, tasks
+from icl_ft import tasks
+from icl_ft.io import files
+from icl_ft.evaluation import engine as icl
+from icl_ft.io import loading
+from icl_ft.report import plots, tables
+from icl_ft.stats.proportions import wilson
+from icl_ft.evaluation import scoring
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +80,16 @@ def test_prompt_too_long(model):
   assert len(skipped) == 2 and len(records) == 2
 
 
-def test_bad_input():
-  with pytest.raises(ValueError, match="at least 1"):
-    icl.icl_queries("parity", "correct", "paper", 0, 0, seed=0)
-  with pytest.raises(ValueError, match="expression"):
-    icl.icl_queries("arithmetic", "correct", "paper", 0, 1, seed=0)
-  with pytest.raises(ValueError, match="misleading"):
-    icl.icl_queries("parity", "wrong", "paper", 0, 1, seed=0)
-  with pytest.raises(ValueError, match="fixed"):
-    icl.icl_queries("parity", "correct", "faithful", 0, 1, seed=0)
-  with pytest.raises(ValueError, match="no queries"):
-    icl.run(None, [])
+@pytest.mark.parametrize("call,message", [
+    (lambda: icl.icl_queries("parity", "correct", "paper", 0, 0, seed=0), "at least 1"),
+    (lambda: icl.icl_queries("arithmetic", "correct", "paper", 0, 1, seed=0), "expression"),
+    (lambda: icl.icl_queries("parity", "wrong", "paper", 0, 1, seed=0), "misleading"),
+    (lambda: icl.icl_queries("parity", "correct", "faithful", 0, 1, seed=0), "fixed"),
+    (lambda: icl.run(None, []), "no queries"),
+], ids=["no queries asked", "unknown task", "unknown variant", "unknown format", "empty run"])
+def test_bad_input(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
 
 
 @pytest.mark.parametrize("gold,text,kind,lenient,strict", [
@@ -108,15 +113,15 @@ def test_parity_lenient_accepts_digits():
 def test_summary_wilson_best_of_shots_and_plot(tmp_path):
   rows = [dict(task="parity", variant="correct", format="paper", shots=k, correct_lenient=i < h,
                correct_strict=i < h - 1, logit_diff=0.5) for k, h in ((0, 3), (2, 8), (4, 6)) for i in range(10)]
-  summary = report.summarize(rows)
+  summary = tables.summarize(rows)
   assert [(r["shots"], r["acc_lenient"]) for r in summary] == [(0, 0.3), (2, 0.8), (4, 0.6)]
-  lo, hi = report.wilson(8, 10)
+  lo, hi = wilson(8, 10)
   assert summary[1]["ci_lenient_lo"] == lo and abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
-  best = report.best_of_shots(summary)
+  best = tables.best_of_shots(summary)
   assert best == [dict(task="parity", variant="correct", format="paper", best_shots=2, acc_lenient=0.8,
                        ci_lenient_lo=lo, ci_lenient_hi=hi, acc_strict=0.7, ci_strict_lo=summary[1]["ci_strict_lo"],
                        ci_strict_hi=summary[1]["ci_strict_hi"], n=10, n_skipped=0)]
-  png = report.plot_accuracy(summary, tmp_path / "acc.png")
+  png = plots.plot_accuracy(summary, tmp_path / "acc.png")
   assert png.read_bytes()[:4] == b"\x89PNG"
   files.write_jsonl(tmp_path / "r.jsonl", rows)
   assert files.read_jsonl(tmp_path / "r.jsonl") == rows
@@ -127,8 +132,8 @@ def test_candidate_scoring_equals_separate_forward_passes(model, answer_len):
   """Candidates scored as prefix-sharing segments of the prefill equal each candidate run alone."""
   import jax
   import jax.numpy as jnp
-  from icl_ft import inference
-  from icl_ft.model import forward, positions_from_valid
+  from icl_ft.evaluation import decoding as inference
+  from icl_ft.model.decoder import forward, positions_from_valid
   rng = np.random.default_rng(answer_len)
   prompts = [list(rng.integers(0, 200, n)) for n in (7, 12)]
   ids, valid = inference.left_pad(prompts, 0)
@@ -185,10 +190,10 @@ def test_best_of_shots_breaks_ties_numerically_and_dev_chosen_k_uses_the_dev_spl
   def rows(split, hits):  # hits per shot count, 10 queries each
     return [dict(task="parity", variant="correct", format="paper", split=split, shots=k, correct_lenient=i < h,
                  correct_strict=i < h) for k, h in hits.items() for i in range(10)]
-  summary = report.summarize(rows("test", {2: 6, 4: 5, 16: 6}) + rows("dev", {2: 3, 4: 9, 16: 9}))
+  summary = tables.summarize(rows("test", {2: 6, 4: 5, 16: 6}) + rows("dev", {2: 3, 4: 9, 16: 9}))
   assert [r["shots"] for r in summary if r["split"] == "test"] == [2, 4, 16]
-  assert report.best_of_shots(summary)[0]["best_shots"] == 2  # tie 2 vs 16: the fewer shots
-  dev = report.dev_chosen_shots(summary)[0]
+  assert tables.best_of_shots(summary)[0]["best_shots"] == 2  # tie 2 vs 16: the fewer shots
+  dev = tables.dev_chosen_shots(summary)[0]
   assert (dev["dev_shots"], dev["dev_acc"], dev["acc_lenient"]) == (4, 0.9, 0.5)  # k from dev, scored on test
 
 
@@ -196,7 +201,7 @@ def test_skipped_queries_are_counted_per_cell(model):
   long = icl.icl_queries("parity", "correct", "paper", 32, 2, seed=0)
   short = icl.icl_queries("parity", "correct", "paper", 0, 2, seed=0)
   records, skipped = icl.run(model, long + short, icl.EngineConfig(on_too_long="skip", progress=False))
-  summary = report.summarize(records, skipped)
+  summary = tables.summarize(records, skipped)
   assert [(r["shots"], r["n"], r["n_skipped"]) for r in summary] == [(0, 2, 0), (32, 0, 2)]
   assert summary[1]["acc_strict"] is None
 
@@ -205,10 +210,10 @@ def test_a_cell_whose_queries_were_all_skipped_is_reported_not_fatal(tmp_path):
   ok = [dict(task="code", variant="correct", format="paper", split=s, shots=k, correct_lenient=True,
              correct_strict=False) for s in ("test", "dev") for k in (0, 1)]
   skipped = [dict(task="code", variant="correct", format="paper", split=s, shots=16) for s in ("test", "dev")]
-  summary = report.summarize(ok, skipped)
+  summary = tables.summarize(ok, skipped)
   assert [(r["split"], r["shots"], r["n"], r["n_skipped"]) for r in summary if r["shots"] == 16] == [
       ("dev", 16, 0, 1), ("test", 16, 0, 1)]
-  assert report.best_of_shots(summary)[0]["best_shots"] == 1
-  assert report.dev_chosen_shots(summary)[0]["dev_shots"] == 1
-  assert report.plot_accuracy([r for r in summary if r["split"] == "test"], tmp_path / "a.png").exists()
+  assert tables.best_of_shots(summary)[0]["best_shots"] == 1
+  assert tables.dev_chosen_shots(summary)[0]["dev_shots"] == 1
+  assert plots.plot_accuracy([r for r in summary if r["split"] == "test"], tmp_path / "a.png").exists()
   files.write_csv(tmp_path / "s.csv", summary)

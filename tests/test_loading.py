@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import torch_logits
-from icl_ft import convert, loading
-from icl_ft.config import ModelConfig, UnsupportedModelError
-from icl_ft.model import forward, positions_from_valid
+from icl_ft.io import convert
+from icl_ft.io import loading
+from icl_ft.model.config import ModelConfig, UnsupportedModelError
+from icl_ft.model.decoder import forward, positions_from_valid
 
 
 def _logits(m, ids):

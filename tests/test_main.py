@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from configs import smoke
-from icl_ft import files, loading, sharding, study
+from icl_ft.io import files
+from icl_ft.io import loading
+from icl_ft.model import sharding
+from icl_ft import study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +220,7 @@ def test_a_failed_command_leaves_a_finished_run_untouched(finished, overrides, e
 
 
 def test_a_second_run_in_the_same_directory_is_stopped_and_a_stale_lock_is_taken_over(tiny_lm, tmp_path):
-  from icl_ft import workdir as wd
+  from icl_ft.study import workdir as wd
   cfg = _config(tiny_lm[0], tmp_path, stages="data")
   with wd.Lock(tmp_path):  # held by this (live) process
     tree = _tree(tmp_path)
@@ -232,7 +235,7 @@ def test_a_second_run_in_the_same_directory_is_stopped_and_a_stale_lock_is_taken
 
 
 def test_the_lock_is_exclusive_and_only_its_holder_releases_it(tmp_path, monkeypatch):
-  from icl_ft import workdir as wd
+  from icl_ft.study import workdir as wd
   first = wd.Lock(tmp_path)
   with first:
     monkeypatch.setattr(wd, "_start_time", lambda pid: None)  # no /proc: liveness from the pid alone
@@ -262,12 +265,12 @@ def test_damaged_outputs_are_reported_and_rerun_and_the_report_never_links_a_mis
 
 
 def test_the_report_never_links_a_missing_figure(tiny_lm, tmp_path, monkeypatch):
-  from icl_ft import report
+  from icl_ft.report import plots
   kw = {"circuits.enabled": False, "icl.n_dev": 0}
   _run(_config(tiny_lm[0], tmp_path, **kw))
   (tmp_path / "ft_eval" / "accuracy_vs_samples.png").unlink()
-  real = report.plot_accuracy
-  monkeypatch.setattr(report, "plot_accuracy", lambda summary, path, **k: real(summary, path, **k)
+  real = plots.plot_accuracy
+  monkeypatch.setattr(plots, "plot_accuracy", lambda summary, path, **k: real(summary, path, **k)
                       if "samples" not in str(path) else 1 / 0)  # the redraw fails this time
   _, lines = _run(_config(tiny_lm[0], tmp_path, **kw))
   assert any(line.startswith("[report] running") for line in lines)  # its input changed, so it was redone
@@ -294,10 +297,10 @@ def test_unreadable_records_are_never_taken_for_absent_ones(tiny_lm, tmp_path):
 
 
 def test_a_figure_that_fails_to_draw_costs_no_numbers(tiny_lm, tmp_path, monkeypatch):
-  from icl_ft import report
+  from icl_ft.report import plots
   def broken(*a, **k):
     raise ValueError("'yerr' must not contain negative values")
-  monkeypatch.setattr(report, "plot_accuracy", broken)
+  monkeypatch.setattr(plots, "plot_accuracy", broken)
   done, lines = _run(_config(tiny_lm[0], tmp_path, **{"circuits.enabled": False, "icl.n_dev": 0}))
   assert set(done) == {"data", "icl", "finetune", "ft_eval", "report"}
   assert done["icl"]["outputs"]["plot"] is None and (tmp_path / "icl" / "summary.json").exists()

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import jax_logits as _jax_logits, torch_logits
-from icl_ft import inference, loading
-from icl_ft.config import ModelConfig
-from icl_ft.model import KVCache, positions_from_valid
+from icl_ft.evaluation import decoding as inference
+from icl_ft.io import loading
+from icl_ft.model.config import ModelConfig
+from icl_ft.model.decoder import KVCache, positions_from_valid
 
 CASES = [  # (arch, kv_heads, tied): GQA, MHA, tied and untied heads, with and without q/k/v biases
     ("llama", 2, False), ("llama", 4, True), ("qwen2", 2, True), ("qwen2", 1, False)]

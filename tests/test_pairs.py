@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import build_byte_tokenizer
-from icl_ft import pairs, tasks
+from icl_ft import tasks
+from icl_ft.interp import pairs
 
 N = 10
 SEED = 3

@@ -5,8 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_ft import loading, patching
-from icl_ft.model import Hooks, run
+import torch_reference as reference
+from icl_ft.io import loading
+from icl_ft.interp import patching
+from icl_ft.stats.effects import npe
+from icl_ft.model.decoder import Hooks, run
 
 T, B = 10, 3
 
@@ -26,47 +29,6 @@ def setup(hf_dir_factory):
   return m, ref, mk(clean), mk(corrupt), (clean, corrupt, gold, foil)
 
 
-def _torch_ld(ref, ids, gold, foil, hooks=()):
-  import torch
-  handles = [mod.register_forward_pre_hook(fn, with_kwargs=True) if pre else mod.register_forward_hook(fn)
-             for mod, fn, pre in hooks]
-  try:
-    with torch.no_grad():
-      logits = ref(torch.tensor(ids, dtype=torch.long)).logits[:, -1].numpy()
-  finally:
-    for h in handles:
-      h.remove()
-  return logits[np.arange(len(ids)), gold] - logits[np.arange(len(ids)), foil]
-
-
-def _torch_capture(ref, ids, module, pre):
-  store = {}
-
-  def fn(mod, args, *rest):
-    store["x"] = (args[0] if args else rest[0]["hidden_states"]) if pre else rest[0]
-    store["x"] = store["x"].clone()
-  _torch_ld(ref, ids, np.zeros(len(ids), int), np.zeros(len(ids), int), [(module, fn, pre)])
-  return store["x"]
-
-
-def _replace_pre(value_fn):
-  def fn(mod, args, kwargs):
-    if args:
-      return (value_fn(args[0]),) + tuple(args[1:]), kwargs
-    kwargs = dict(kwargs, hidden_states=value_fn(kwargs["hidden_states"]))
-    return args, kwargs
-  return fn
-
-
-def _splice(src, index):
-  """A pre-hook that replaces ``hidden[index]`` by ``src[index]``."""
-  def value(x):
-    x = x.clone()
-    x[index] = src[index]
-    return x
-  return _replace_pre(value)
-
-
 def test_head_sweep_matches_torch_hooks(setup):
   m, ref, clean, corrupt, (c_ids, x_ids, gold, foil) = setup
   _, cache = patching.capture(m.config, m.params, clean, taps=("attn_z",))
@@ -75,10 +37,10 @@ def test_head_sweep_matches_torch_hooks(setup):
   assert effects.shape == (m.config.num_layers, H, B)
   for layer in range(m.config.num_layers):
     o_proj = ref.model.layers[layer].self_attn.o_proj
-    src = _torch_capture(ref, c_ids, o_proj, pre=True)
+    src = reference.capture(ref, c_ids, o_proj, pre=True)
     for h in range(H):
       index = (Ellipsis, slice(h * dh, (h + 1) * dh))
-      expected = _torch_ld(ref, x_ids, gold, foil, [(o_proj, _splice(src, index), True)])
+      expected = reference.logit_diff(ref, x_ids, gold, foil, [(o_proj, reference.splice(src, index), True)])
       np.testing.assert_allclose(effects[layer, h], expected, atol=1e-4)
 
 
@@ -89,9 +51,9 @@ def test_residual_position_sweep_matches_torch_hooks(setup):
   assert effects.shape == (m.config.num_layers, T, B)
   for layer in range(m.config.num_layers):
     mod = ref.model.layers[layer]
-    src = _torch_capture(ref, c_ids, mod, pre=True)
+    src = reference.capture(ref, c_ids, mod, pre=True)
     for pos in (0, 3, 6, T - 1):
-      expected = _torch_ld(ref, x_ids, gold, foil, [(mod, _splice(src, (slice(None), pos)), True)])
+      expected = reference.logit_diff(ref, x_ids, gold, foil, [(mod, reference.splice(src, (slice(None), pos)), True)])
       np.testing.assert_allclose(effects[layer, pos], expected, atol=1e-4)
 
 
@@ -101,8 +63,8 @@ def test_mlp_layer_sweep_matches_torch_hooks(setup):
   effects = np.asarray(patching.patch_sweep(m.config, m.params, corrupt, cache, "mlp_out", ("layer",)))
   for layer in range(m.config.num_layers):
     mlp = ref.model.layers[layer].mlp
-    src = _torch_capture(ref, c_ids, mlp, pre=False)
-    expected = _torch_ld(ref, x_ids, gold, foil, [(mlp, lambda mod, a, out, src=src: src, False)])
+    src = reference.capture(ref, c_ids, mlp, pre=False)
+    expected = reference.logit_diff(ref, x_ids, gold, foil, [(mlp, lambda mod, a, out, src=src: src, False)])
     np.testing.assert_allclose(effects[layer, 0], expected, atol=1e-4)
 
 
@@ -135,7 +97,8 @@ def test_full_residual_patch_recovers_and_empty_patch_does_nothing(setup):
   full[L - 1] = 1
   for mask, expected in ((full, 1.0), (np.zeros_like(full), 0.0)):
     ld = patching.patched_metric(m.config, m.params, corrupt, "resid_post", cache["resid_post"], jnp.asarray(mask))
-    assert abs(float(patching.normalized_effect(ld, corrupt_ld, clean_ld)) - expected) < 1e-5
+    effect, _ = npe(np.asarray(ld)[:, None], np.asarray(corrupt_ld), np.asarray(clean_ld), tol=0.0)
+    assert abs(float(effect[0]) - expected) < 1e-5
 
 
 def test_attribution_equals_exact_effect_to_first_order(setup):

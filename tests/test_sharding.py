@@ -13,8 +13,9 @@ from conftest import torch_logits
 CHECK = textwrap.dedent("""
     import sys, jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from icl_ft import loading, sharding
-    from icl_ft.model import forward, positions_from_valid
+    from icl_ft.io import loading
+    from icl_ft.model import sharding
+    from icl_ft.model.decoder import forward, positions_from_valid
     assert jax.device_count() == 8, jax.devices()
     directories, mesh_spec = sys.argv[1].split(","), eval(sys.argv[2])
     mesh = sharding.make_mesh(mesh_spec)
@@ -70,7 +71,7 @@ def test_mesh_that_does_not_divide_the_model_is_rejected(hf_dir_factory, tmp_pat
 
 
 def test_mesh_shape_must_fit_devices():
-  from icl_ft import sharding
+  from icl_ft.model import sharding
   import jax
   with pytest.raises(sharding.MeshError, match="needs 3 devices"):
     sharding.make_mesh({"data": 3}, jax.devices()[:1])
@@ -80,7 +81,10 @@ def test_mesh_shape_must_fit_devices():
 
 TRAIN = textwrap.dedent("""
     import sys, dataclasses, jax, numpy as np
-    from icl_ft import ft_data, loading, sharding, training
+    from icl_ft.training import dataset as ft_data
+    from icl_ft.io import loading
+    from icl_ft.model import sharding
+    from icl_ft.training import trainer as training
     directory, mesh_spec, out, workdir = sys.argv[1], eval(sys.argv[2]), sys.argv[3], sys.argv[4]
     mesh = sharding.make_mesh(mesh_spec)
     m = loading.load(directory, mesh=mesh, use_cache=False)

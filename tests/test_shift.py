@@ -6,14 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from icl_ft import shift
+from icl_ft.stats import effects, shifts as shift
 
 
 def test_normalized_importance():
-  np.testing.assert_allclose(shift.normalized_importance([1, -3, 0, 4]), [0.125, 0.375, 0, 0.5])
-  np.testing.assert_allclose(shift.normalized_importance([[1, -1], [0, 2]]), [[0.25, 0.25], [0, 0.5]])
-  np.testing.assert_array_equal(shift.normalized_importance(np.zeros((2, 3))), np.zeros((2, 3)))
-  assert np.isnan(shift.normalized_importance([1.0, np.nan])).all()
+  np.testing.assert_allclose(effects.normalized_importance([1, -3, 0, 4]), [0.125, 0.375, 0, 0.5])
+  np.testing.assert_allclose(effects.normalized_importance([[1, -1], [0, 2]]), [[0.25, 0.25], [0, 0.5]])
+  np.testing.assert_array_equal(effects.normalized_importance(np.zeros((2, 3))), np.zeros((2, 3)))
+  assert np.isnan(effects.normalized_importance([1.0, np.nan])).all()
 
 
 def test_tv_shift_by_hand():
@@ -70,21 +70,21 @@ def test_identical_inputs_give_zero_shift():
 def test_npe_is_a_ratio_of_means():
   target, source = np.array([0.0, 0.0]), np.array([1.0, 9.0])
   patched = np.array([[1.0, 0.5], [0.0, 4.5]])  # per-pair ratios: (1, 0) and (.5, .5)
-  e, ok = shift.npe(patched, target, source)
+  e, ok = effects.npe(patched, target, source)
   assert ok
   np.testing.assert_allclose(e, [0.1, 0.5])  # mean of ratios would give (0.5, 0.5)
   np.testing.assert_allclose(np.mean(patched / source[:, None], axis=0), [0.5, 0.5])
   # Noising convention: target = clean LD, source = corrupt LD.
-  e_noise, _ = shift.npe(np.array([[2.0], [4.0]]), np.array([4.0, 6.0]), np.array([0.0, 0.0]))
+  e_noise, _ = effects.npe(np.array([[2.0], [4.0]]), np.array([4.0, 6.0]), np.array([0.0, 0.0]))
   np.testing.assert_allclose(e_noise, [0.4])  # (E[LD(x)] - E[LD(x<-x~)]) / (E[LD(x)] - E[LD(x~)]) = 2/5
 
 
 def test_npe_flags_non_separating_pairs():
-  e, ok = shift.npe(np.ones((3, 2, 2)), np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0]))
+  e, ok = effects.npe(np.ones((3, 2, 2)), np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0]))
   assert not ok and e.shape == (2, 2) and np.isnan(e).all()
-  e, ok = shift.npe(np.ones((2, 1)), np.zeros(2), np.full(2, 5e-4))
+  e, ok = effects.npe(np.ones((2, 1)), np.zeros(2), np.full(2, 5e-4))
   assert not ok and np.isnan(e).all()
-  e, ok = shift.npe(np.ones((2, 1)), np.zeros(2), np.full(2, 5e-4), tol=1e-4)
+  e, ok = effects.npe(np.ones((2, 1)), np.zeros(2), np.full(2, 5e-4), tol=1e-4)
   assert ok and np.isfinite(e).all()
 
 
@@ -93,7 +93,7 @@ def _runs(rng, n, weights, noise=0.3, sep=2.0):
   target = rng.normal(0.0, 0.2, n)
   source = target + sep + rng.normal(0, 0.2, n)
   patched = target[:, None, None] + sep * weights[None] + rng.normal(0, noise, (n,) + weights.shape)
-  return shift.PatchRuns(patched, target, source)
+  return effects.PatchRuns(patched, target, source)
 
 
 W_BASE = np.array([[0.6, 0.1, 0.0], [0.1, 0.3, 0.0], [0.0, 0.0, 0.1], [0.0, 0.05, 0.0]])
@@ -137,7 +137,7 @@ def test_noise_floor(conditions):
   tv_icl = shift.tv_shift(conditions["base"].effects()[0], conditions["icl"].effects()[0])
   assert tv_icl > p95
   # Identical pairs: every resample equals the full set.
-  flat = shift.PatchRuns(np.ones((10, 3)) * [1, 2, 3], np.zeros(10), np.ones(10))
+  flat = effects.PatchRuns(np.ones((10, 3)) * [1, 2, 3], np.zeros(10), np.ones(10))
   assert shift.noise_floor(shift.tv_shift, flat, n_boot=20) == (0.0, 0.0)
 
 
@@ -169,7 +169,7 @@ def test_shift_report(conditions):
 
 def test_shift_report_non_separating_condition(conditions):
   n = conditions["base"].n
-  dead = shift.PatchRuns(np.zeros((n, 4, 3)), np.zeros(n), np.zeros(n))
+  dead = effects.PatchRuns(np.zeros((n, 4, 3)), np.zeros(n), np.zeros(n))
   report = shift.shift_report({"base": conditions["base"], "dead": dead}, n_boot=20, k=4)
   json.dumps(report, allow_nan=False)
   assert report["conditions"]["dead"]["separated"] is False

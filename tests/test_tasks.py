@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from icl_ft import files, tasks
+from icl_ft import tasks
+from icl_ft.io import files
 from icl_ft.tasks import export, formats
 
 N = 2000  # samples per (task, variant, format) for the cheap tasks
@@ -272,7 +273,7 @@ def test_paper_prompt_quirks():
   query = tasks.sample("boolean", "correct", rng, "paper")
   prompt = tasks.build_prompt("boolean", "paper", demos, query)
   body = "".join(f"{d.question}\n The result is: 1" if d.answer == "1" else "0\n" for d in demos)
-  assert prompt == formats.template("boolean", "paper").header + body + query.question + "\n The result is: "
+  assert prompt == tasks.template("boolean", "paper").header + body + query.question + "\n The result is: "
   assert "print True, else print False" in prompt
   fixed = tasks.build_prompt("boolean", "fixed", demos, query)
   assert all(f"{d.question}\n The result is: {d.answer}\n" in fixed for d in demos)
@@ -352,30 +353,26 @@ def test_meta_is_json_serialisable():
 # ------------------------------------------------------------------------------------------ API errors
 
 
-def test_bad_names_raise_with_valid_lists():
-  with pytest.raises(ValueError, match="valid tasks: expression, parity, boolean, code, algebra"):
-    tasks.get_task("relation")
-  with pytest.raises(ValueError, match="valid variants: correct, misleading"):
-    tasks.sample("expression", "wrong", random.Random(0), "paper")
-  with pytest.raises(ValueError, match="valid variants: correct, misleading, misleading-z"):
-    tasks.make_queries("parity", "nope", 0, 0, "paper")
-  with pytest.raises(ValueError, match="misleading-z"):
-    tasks.make_queries("boolean", "misleading-z", 1, 0, "paper")
-  with pytest.raises(ValueError, match="valid formats: paper, fixed"):
-    tasks.make_queries("code", "correct", 1, 0, "faithful")
-  with pytest.raises(ValueError, match="valid formats: paper, fixed"):
-    tasks.generation_len("code", "Paper")
-  with pytest.raises(ValueError, match="valid tasks"):
-    tasks.build_prompt("bool", "paper", [], tasks.make_queries("boolean", "correct", 1, 0, "paper")[0])
-  with pytest.raises(ValueError, match="valid formats"):
-    tasks.make_demos("algebra", 2, 0, 0, "x")
-  with pytest.raises(ValueError, match="non-negative"):
-    tasks.make_queries("algebra", "correct", -1, 0, "paper")
-  with pytest.raises(ValueError, match="correct-variant only"):
-    tasks.sample("parity", "misleading", random.Random(0), "paper", ft=True)
-  ex = tasks.make_queries("parity", "correct", 1, 0, "paper")[0]
-  with pytest.raises(ValueError, match="'parity' example in a 'boolean' prompt"):
-    tasks.build_prompt("boolean", "paper", [], ex)
+_PARITY = tasks.make_queries("parity", "correct", 1, 0, "paper")[0]
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: tasks.get_task("relation"), "valid tasks: expression, parity, boolean, code, algebra"),
+    (lambda: tasks.sample("expression", "wrong", random.Random(0), "paper"), "valid variants: correct, misleading"),
+    (lambda: tasks.make_queries("parity", "nope", 0, 0, "paper"), "valid variants: correct, misleading, misleading-z"),
+    (lambda: tasks.make_queries("boolean", "misleading-z", 1, 0, "paper"), "misleading-z"),
+    (lambda: tasks.make_queries("code", "correct", 1, 0, "faithful"), "valid formats: paper, fixed"),
+    (lambda: tasks.generation_len("code", "Paper"), "valid formats: paper, fixed"),
+    (lambda: tasks.build_prompt("bool", "paper", [], _PARITY), "valid tasks"),
+    (lambda: tasks.make_demos("algebra", 2, 0, 0, "x"), "valid formats"),
+    (lambda: tasks.make_queries("algebra", "correct", -1, 0, "paper"), "non-negative"),
+    (lambda: tasks.sample("parity", "misleading", random.Random(0), "paper", ft=True), "correct-variant only"),
+    (lambda: tasks.build_prompt("boolean", "paper", [], _PARITY), "'parity' example in a 'boolean' prompt"),
+    (lambda: tasks.make_queries("parity", "correct", 1, 0, "paper", split="train"), "valid splits: test, dev"),
+])
+def test_bad_names_raise_with_valid_lists(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -460,7 +457,8 @@ def test_cues_on_hand_made_questions(task, question, meta, expected):
 
 
 def test_query_records_and_summaries_carry_the_shortcut_share():
-  from icl_ft import icl, report
+  from icl_ft.evaluation import engine as icl
+  from icl_ft.report import tables as report
   qs = icl.icl_queries("boolean", "misleading", "paper", 0, 200, seed=0)
   recs = [dict(q.meta, gold=q.gold, correct_lenient=True, correct_strict=q.meta["shortcut_right"] is False) for q in qs]
   assert all(r["shortcut_cue"] == "final_literal" and r["shortcut"] in ("0", "1") for r in recs)
@@ -487,7 +485,8 @@ def test_fixed_code_golds_fit_the_strict_budget():
 
 
 def test_summaries_give_every_cues_share_of_a_set():
-  from icl_ft import icl, report
+  from icl_ft.evaluation import engine as icl
+  from icl_ft.report import tables as report
   qs = icl.icl_queries("parity", "misleading", "fixed", 0, 100, seed=0)
   row = report.summarize([dict(q.meta, gold=q.gold, correct_lenient=False, correct_strict=False) for q in qs])[0]
   # the misleading set breaks line parity on every item and leaves the Z cue right on every item

@@ -8,8 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from icl_ft import convert, ft_data, lora, loading, training
-from icl_ft.model import forward, positions_from_valid
+from icl_ft.io import convert
+from icl_ft.training import dataset as ft_data
+from icl_ft.model import lora
+from icl_ft.io import checkpoints, loading
+from icl_ft.training import trainer as training
+from icl_ft.model.decoder import forward, positions_from_valid
 
 DATA = ft_data.FTDataConfig(tasks=("parity", "boolean"), n_per_task=16, length_multiple=64)
 FAST = training.TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=0, save_every=2, peak_flops=1e9)
@@ -128,7 +132,7 @@ def test_bad_configurations(setup, tmp_path, hf_dir_factory):
     training.schedule(dataclasses.replace(FAST, schedule="linear"))
   training.train(m.config, m.params, ds, dataclasses.replace(FAST, steps=2), tmp_path / "run", progress=False)
   other = loading.load(str(hf_dir_factory("qwen2", 2, False)[0]), use_cache=False)
-  with pytest.raises(training.CheckpointMismatchError, match="another model"):
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="another model"):
     training.train(other.config, other.params, ds, FAST, tmp_path / "run", progress=False)
 
 
@@ -167,7 +171,7 @@ def test_an_example_without_answer_tokens_is_refused(tiny_lm):
 
 
 def test_mfu_counts_real_tokens_and_charges_lora_for_the_gradients_it_needs(setup, tmp_path):
-  from icl_ft import flops
+  from icl_ft.model import flops
   m, ds, _ = setup
   cfg = m.config
   lengths = np.array([10, 30])
@@ -190,7 +194,7 @@ def test_mfu_counts_real_tokens_and_charges_lora_for_the_gradients_it_needs(setu
 
 
 def test_mfu_ceiling_is_measured_in_the_compute_dtype(setup, tmp_path, monkeypatch):
-  from icl_ft import flops
+  from icl_ft.model import flops
   m, ds, _ = setup
   seen = []
   real = flops.matmul_ceiling

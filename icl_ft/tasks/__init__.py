@@ -1,30 +1,32 @@
-"""The study's five implicit-pattern tasks (study.md §2): generators, fixed query sets, demos and prompts.
+"""The study's implicit-pattern tasks (docs/tasks.md): the registry, fixed query sets, demos and prompts.
 
-Each task has a ``correct`` variant (the implicit shortcut gives the right answer) and a ``misleading`` one
-(same surface, shortcut wrong); prompts come in the release's ``paper`` format or the ``fixed`` one
-(study §6). All randomness comes from explicit ``random.Random`` objects; query sets are keyed by
-(task, variant, seed, format) and demo streams by (task, query index, shots, seed, format), so every model
-and method sees the same items.
+Each task has a ``correct`` variant (the implicit shortcut gives the right answer) and misleading ones (same
+surface, shortcut wrong); prompts come in the release's ``paper`` format or the ``fixed`` one. All randomness
+comes from explicit ``random.Random`` objects; query sets are keyed by (task, variant, seed, format, split)
+and demo streams by (task, query index, shots, seed, format, split), so every model and method sees the same
+items. A task is one module (its generator, templates, cues and, optionally, its corruptor for prompt pairs)
+plus one line in ``TASKS``.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Collection
+from typing import Collection, Iterator, Sequence
 
 from icl_ft.tasks import algebra, boolean, code, expression, parity
-from icl_ft.tasks.base import ANSWER_KINDS, FORMATS, VARIANTS, Example, Task, check_name, keyed_rng
-from icl_ft.scoring import same_answer
-from icl_ft.tasks.formats import build_prompt, ft_text, generation_len, strict_len
+from icl_ft.tasks.base import (ANSWER_KINDS, FORMATS, VARIANTS, Example, Task, check_name, keyed_rng,
+                               same_answer)
+from icl_ft.tasks.formats import Template
 
 __all__ = [
-    "ANSWER_KINDS", "DATA_VERSION", "FORMATS", "TASKS", "VARIANTS", "Example", "Task", "answer_kind", "build_prompt", "ft_text",
-    "generation_len", "get_task", "make_demos", "make_ft_examples", "make_queries", "release_stream_prompt",
-    "sample", "shortcut_record", "strict_len", "SPLITS"]
+    "ANSWER_KINDS", "DATA_VERSION", "FORMATS", "SPLITS", "TASKS", "VARIANTS", "Example", "Task", "answer_kind",
+    "build_prompt", "ft_text", "generation_len", "get_task", "make_demos", "make_ft_examples", "make_queries",
+    "query_stream", "release_stream_prompt", "same_answer", "sample", "shortcut_record", "strict_len", "template"]
 
 # Bumped whenever a generator or template changes what it produces: part of every stage fingerprint, so a work
 # directory never reuses data, checkpoints or scores made by an older generator.
 DATA_VERSION = 2
+RELEASE_FT_MIXTURE = ("expression", "parity", "boolean", "algebra")  # the release's ft_data_4k.json
 
 TASKS: dict[str, Task] = {t.name: t for t in (expression.TASK, parity.TASK, boolean.TASK, code.TASK, algebra.TASK)}
 
@@ -55,6 +57,14 @@ def _split_key(split: str) -> tuple[str, ...]:
   return () if check_name("split", split, SPLITS) == "test" else (split,)
 
 
+def query_stream(task: str | Task, variant: str, fmt: str, seed: int, split: str = "test") -> Iterator[Example]:
+  """The endless item stream behind ``make_queries`` (item i of the stream is query i); names are checked now."""
+  t = get_task(task)
+  t.check(variant, fmt)
+  rng = keyed_rng("queries", t.name, variant, fmt, seed, *_split_key(split))
+  return (t.sample(variant, rng, fmt) for _ in iter(int, 1))
+
+
 def make_queries(task: str | Task, variant: str, n: int, seed: int, fmt: str, split: str = "test",
                  exclude: Collection[str] = ()) -> list[Example]:
   """The fixed query set of (task, variant, seed, fmt, split): the same for every model and method.
@@ -62,12 +72,11 @@ def make_queries(task: str | Task, variant: str, n: int, seed: int, fmt: str, sp
   ``split="dev"`` draws from a separate stream (for choosing settings such as the shot count without
   touching the test set); questions in ``exclude`` (e.g. the test set's) are skipped.
   """
-  t = get_task(task)
-  t.check(variant, fmt)
-  rng = keyed_rng("queries", t.name, variant, fmt, seed, *_split_key(split))
+  n = _count("n", n)
+  stream = query_stream(task, variant, fmt, seed, split)
   out: list[Example] = []
-  while len(out) < _count("n", n):
-    ex = t.sample(variant, rng, fmt)
+  while len(out) < n:
+    ex = next(stream)
     if ex.question not in exclude:
       out.append(ex)
   return out
@@ -103,6 +112,38 @@ def shortcut_record(ex: Example, fmt: str) -> dict:
               shortcut_right=None if pred is None else same_answer(pred, ex.answer, t.answer_kind))
 
 
+def template(task: str | Task, fmt: str) -> Template:
+  """The template of ``task`` in ``fmt`` (both names validated)."""
+  t = get_task(task)
+  return t.templates[check_name("format", fmt, FORMATS)]
+
+
+def build_prompt(task: str | Task, fmt: str, demos: Sequence[Example], query: Example) -> str:
+  """Header + demos + query."""
+  t = get_task(task)
+  tpl = template(t, fmt)
+  for ex in (*demos, query):
+    if ex.task != t.name:
+      raise ValueError(f"a {ex.task!r} example in a {t.name!r} prompt")
+  return tpl.header + "".join(tpl.demo(d) for d in demos) + tpl.query(query)
+
+
+def ft_text(example: Example, fmt: str, with_header: bool = False) -> str:
+  """Question + answer for fine-tuning, as the release's FT data (bare), optionally after the task header."""
+  tpl = template(example.task, fmt)
+  return (tpl.header if with_header else "") + tpl.ft(example)
+
+
+def generation_len(task: str | Task, fmt: str) -> int:
+  """Lenient new-token budget: the release's (paper) or the strict scorer's (fixed; 24 for code's floats)."""
+  return template(task, fmt).generation_len
+
+
+def strict_len(task: str | Task, fmt: str) -> int:
+  """Strict new-token budget: 8, or 24 for code (its float answers run to 20 characters)."""
+  return template(task, fmt).strict_len
+
+
 def answer_kind(task: str | Task) -> str:
   """``number`` (expression, code, algebra) or ``label`` (parity, boolean), for the strict scorer."""
   return get_task(task).answer_kind
@@ -113,7 +154,7 @@ def release_stream_prompt(task: str | Task, variant: str, k: int, rng: random.Ra
   """One prompt as the release's test loop draws it from one shared stream: k correct demos, then the query.
 
   With ``random.Random(114514)`` this reproduces the release's first prompt after ``random.seed(114514)``
-  (study §2 goldens). Returns (prompt, query).
+  (the goldens in tests/test_tasks.py). Returns (prompt, query).
   """
   t = get_task(task)
   t.check(variant, fmt)

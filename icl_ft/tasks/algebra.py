@@ -1,11 +1,11 @@
-"""Linear equations with a dependent equation (study §2.5, "equation" in the release).
+"""Linear equations with a dependent equation ("equation" in the release; docs/tasks.md).
 
 ``paper`` (the release): correct items have 2 independent rows with coefficients 1..4 plus one row that is a
 random combination of them; misleading items have 4 independent rows. The query hands the model a, so every
 row gives b and the misleading set breaks no shortcut; singular systems (12.5% of correct ones) are kept and
 flagged in ``meta["singular"]``. ``fixed`` gives the dependent row a pattern: in correct items it is the
 combination that eliminates a (b = its constant / its b coefficient), in misleading items a combination whose
-a term does not vanish, so that shortcut is wrong on every misleading item (see ``formats.py``). The gold is
+a term does not vanish, so that shortcut is wrong on every misleading item (docs/tasks.md). The gold is
 b in both formats (``meta["hands_over_a"]`` logs the hand-over).
 """
 
@@ -17,6 +17,7 @@ import random
 import re
 
 from icl_ft.tasks.base import Example, Task, numpy_rng_from
+from icl_ft.tasks.formats import EXAMPLES, Template, budget, solved
 
 VARIABLES = "ab"
 _ROW = re.compile(r"(-?\d+)a \+ (-?\d+)b = (-?\d+)")
@@ -90,7 +91,16 @@ def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
   return Example("algebra", variant, question, str(system["b"]), None, dict(system, hands_over_a=True))
 
 
-TASK = Task(name="algebra", release_name="equation", answer_kind="number", sampler=_sample,
+def _query(ex: Example) -> str:
+  return f"{ex.question}\n The solutions are: a = {ex.meta['a']}, b = "
+
+
+TEMPLATES = {fmt: Template(
+    header="Here are some equations, you need to find all solutions of given variables. " + EXAMPLES,
+    demo=solved(_query, "\n"), query=_query, ft=solved(_query), generation_len=budget(1, fmt))
+    for fmt in ("paper", "fixed")}
+
+TASK = Task(name="algebra", templates=TEMPLATES, release_name="equation", answer_kind="number", sampler=_sample,
             description="2 unknowns; 3 equations, one dependent (paper misleading: 4 independent); gold b",
             cues={"eliminated_a": eliminated_a_cue},
             # the release's sets have no shortcut to test (a is handed over: every row gives b)

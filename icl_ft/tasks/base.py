@@ -11,13 +11,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 VARIANTS = ("correct", "misleading")
+LABEL_VALUE = {"True": "1", "False": "0", "1": "1", "0": "0"}  # label answers: True is 1, False is 0
 FORMATS = ("paper", "fixed")
 ANSWER_KINDS = ("number", "label")
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One task item. ``question`` is the bare question text; templates (formats.py) add everything else."""
+  """One task item. ``question`` is the bare question text; the task's templates add everything else."""
 
   task: str
   variant: str
@@ -41,12 +42,19 @@ class Task:
   release_name: str  # the name the release's test.py uses
   answer_kind: str  # "number" | "label"
   sampler: Sampler
+  templates: Mapping[str, Any]  # format -> formats.Template
   variants: tuple[str, ...] = VARIANTS
   description: str = ""
   # Named shortcut cues; the first is the task's shortcut (the implicit pattern the study names).
   cues: Mapping[str, Cue] = dataclasses.field(default_factory=dict)
+  # The release's lenient rule also accepts 1/0 for True/False (its relation task did).
+  lenient_digits: bool = False
   # Variant, or (variant, format), -> the cue it tests (default: the first cue); None: the set has no shortcut.
   targets: Mapping[str | tuple[str, str], str | None] = dataclasses.field(default_factory=dict)
+  # (correct example, rng) -> a Corruption (the pattern broken at equal surface length) or a drop reason; None:
+  # the task has no clean/corrupt prompt pairs (no circuit analysis).
+  corrupt: Callable[[Example, random.Random], "Corruption | str"] | None = None
+  pair_formats: tuple[str, ...] = FORMATS  # the formats whose correct items carry a pattern to corrupt
 
   def target_cue(self, variant: str, fmt: str) -> str | None:
     """The cue whose shortcut ``variant`` tests in format ``fmt``: ``targets`` by (variant, format), then by
@@ -69,6 +77,43 @@ class Task:
     if ft and variant != "correct":
       raise ValueError(f"fine-tuning data is correct-variant only, got variant {variant!r}")
     return self.sampler(variant, rng, fmt, ft)
+
+
+@dataclasses.dataclass(frozen=True)
+class Corruption:
+  """A clean item's pattern broken by a small edit (circuit analysis pairs): the corrupted question and both
+  answers, each recomputed from its own question."""
+
+  question: str
+  clean_answer: str
+  corrupt_answer: str
+  meta: dict[str, Any]
+
+
+# Why a candidate pair was dropped (keys of PairSet.dropped); the corruptors return the first three.
+NO_PATTERN = "no_pattern"  # the item has no zero factor / absorbing clause / Z line to corrupt
+LABEL_FALSE = "clean_label_false"  # parity: only True items have a last Z line to corrupt
+ANSWER_UNCHANGED = "answer_unchanged"  # the corruption did not change the answer (e.g. cpl = 0, no label flip)
+
+
+def restricted_eval(expr: str, allowed: "re.Pattern", kind: type):
+  """Python's value of ``expr`` if it consists only of ``allowed`` tokens and is a ``kind``; else ValueError."""
+  if not allowed.fullmatch(expr):
+    raise ValueError(f"not a plain {kind.__name__} expression: {expr!r}")
+  value = eval(expr, {"__builtins__": {}}, {})  # noqa: S307 - validated above
+  if type(value) is not kind:
+    raise ValueError(f"{expr!r} evaluates to {value!r}, not a {kind.__name__}")
+  return value
+
+
+def same_answer(a: str | None, b: str | None, kind: str) -> bool:
+  """Whether two answers are equal after normalisation: numeric equality for ``number`` answers (``8.0`` ==
+  ``8``), ``1`` == ``True`` for ``label`` answers; None equals nothing."""
+  if a is None or b is None:
+    return False
+  if kind == "number":
+    return float(a) == float(b)
+  return LABEL_VALUE.get(a, a) == LABEL_VALUE.get(b, b)
 
 
 def check_name(kind: str, value: str, valid: Sequence[str], where: str = "") -> str:

@@ -1,4 +1,4 @@
-"""Boolean expressions with an absorbing clause (study §2.3, "bool" in the release).
+"""Boolean expressions with an absorbing clause ("bool" in the release; docs/tasks.md).
 
 Pattern mode appends ``and False`` (wrapping the rest in parentheses) or ``or True``: the suffix decides the
 label. Misleading items append an identity clause instead (``or False`` / ``and True``): it looks like the
@@ -9,8 +9,13 @@ no shortcut) for correct items; ``fixed`` uses pattern mode for them so the shor
 from __future__ import annotations
 
 import random
+import re
 
-from icl_ft.tasks.base import Example, Task, binary_foil, shortcut_foil
+from icl_ft.tasks.base import (ANSWER_UNCHANGED, NO_PATTERN, Corruption, Example, Task, binary_foil, restricted_eval,
+                               shortcut_foil)
+from icl_ft.tasks.formats import EXAMPLES, Template, budget, solved
+
+_INSTRUCTION = " The result is: "
 
 LABELS = ("1", "0")
 NUM_GROUPS = 3
@@ -99,6 +104,53 @@ def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
   return Example("boolean", variant, question, answer, foil, meta)
 
 
-TASK = Task(name="boolean", release_name="bool", answer_kind="label", sampler=_sample,
+_BOOL = re.compile(r"(?:True|False|and|or|[() ])+")
+_BOOL_SWAPS = {"and False": "and True", "or True": "or False"}  # absorbing clause -> identity clause
+
+
+def eval_boolean(expr: str) -> bool:
+  """Python's value of an expression made of True/False/and/or and parentheses (nothing else accepted)."""
+  return restricted_eval(expr, _BOOL, bool)
+
+
+def corrupt(ex: Example, rng: random.Random) -> Corruption | str:
+  """``and False`` <-> ``and True`` or ``or True`` <-> ``or False`` (pattern-mode items only, so ``fixed``);
+  only pairs whose label flips are kept; labels recomputed by evaluation."""
+  del rng  # deterministic swap
+  suffix = ex.meta.get("suffix")
+  if suffix not in _BOOL_SWAPS or not ex.meta.get("pattern_mode"):
+    return NO_PATTERN
+  old, new = " " + suffix, " " + _BOOL_SWAPS[suffix]
+  if not ex.question.endswith(old):
+    raise RuntimeError(f"{ex.question!r} does not end in its suffix {suffix!r}")
+  corrupt_q = ex.question[:-len(old)] + new
+  clean, corrupt = ("1" if eval_boolean(ex.question) else "0"), ("1" if eval_boolean(corrupt_q) else "0")
+  if clean != ex.answer:
+    raise RuntimeError(f"generator label {ex.answer!r} != eval {clean!r} for {ex.question!r}")
+  if clean == corrupt:
+    return ANSWER_UNCHANGED
+  return Corruption(corrupt_q, clean, corrupt, dict(swap=[old.strip(), new.strip()]))
+
+
+def _query(ex: Example) -> str:
+  return f"{ex.question}\n{_INSTRUCTION}"
+
+
+def _demo_paper(ex: Example) -> str:
+  # test.py: ``text += question + "\n" + instruction + '1' if answer else '0' + "\n"`` parses as
+  # (question + "\n" + instruction + "1") if answer else ("0" + "\n").
+  return f"{_query(ex)}1" if ex.answer == "1" else "0\n"
+
+
+_HEADER = "Here are some boolean expressions, you need to directly tell me the result. If it is true, print "
+TEMPLATES = {
+    # paper: the header at the release's HEAD (its gold is still 1/0); fixed: the header before commit cee7e00.
+    "paper": Template(header=_HEADER + "True, else print False. " + EXAMPLES, demo=_demo_paper, query=_query,
+                      ft=solved(_query), generation_len=budget(1, "paper")),
+    "fixed": Template(header=_HEADER + "1, else print 0. " + EXAMPLES, demo=solved(_query, "\n"), query=_query,
+                      ft=solved(_query), generation_len=budget(1, "fixed")),
+}
+
+TASK = Task(name="boolean", templates=TEMPLATES, corrupt=corrupt, pair_formats=("fixed",), release_name="bool", answer_kind="label", sampler=_sample,
             description="3 parenthesised and/or chains; an absorbing suffix decides the label",
             cues={"final_literal": final_literal_cue})

@@ -1,9 +1,10 @@
-"""Code reading with an irrelevant function (study §2.4; the release's ``data/code.json`` is unavailable).
+"""Code reading with an irrelevant function (docs/tasks.md; the release's
+``data/code.json`` is unavailable).
 
 Programs are generated procedurally: ``function1(x)`` is a random, deterministic composition of snippets
 (loops, arithmetic, lists, strings, ``math``, conditionals, comprehensions, ...); ``function2(z, a)``
 returns ``z <op> d`` and ignores ``a``, so the output is ``input <op> d`` (the shortcut). Misleading items
-(study §6 #5) return ``z <op> d + a % m`` instead, with ``a % m != 0``, so ignoring ``function1`` fails.
+return ``z <op> d + a % m`` instead, with ``a % m != 0``, so ignoring ``function1`` fails.
 The gold is what the program prints (``8.0`` for ``float(input())``, Python float text for ``/``) in
 ``fixed``; ``paper`` keeps the release's integer-maths gold (``8``; ``meta["printed"]`` has the printed value).
 """
@@ -16,6 +17,7 @@ import re
 from typing import Callable
 
 from icl_ft.tasks.base import Example, Task, shortcut_foil
+from icl_ft.tasks.formats import EXAMPLES, LONG_BUDGET, Template, solved
 
 OPERATORS: dict[str, Callable[[float, float], float]] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
@@ -250,6 +252,22 @@ def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
   return Example("code", variant, _program(defs, uses_math, input_type), answer, foil, meta)
 
 
-TASK = Task(name="code", release_name="code", answer_kind="number", sampler=_sample,
+_HINT, _INPUT, _OUTPUT = "The code is: \n", "The input is: ", ", so the output is: "
+
+
+def _query(ex: Example) -> str:
+  return f"{_HINT}{ex.question}{_INPUT}{ex.meta['input']}{_OUTPUT}"
+
+
+_HEADER = "Now you need to give me the printed result after running this python code . " + EXAMPLES
+TEMPLATES = {
+    "paper": Template(header=_HEADER, demo=solved(_query, "\nHere is next example:\n"),
+                      query=lambda ex: _INPUT + _query(ex),  # the release's stray "The input is: "
+                      ft=solved(_query), generation_len=2, strict_len=LONG_BUDGET),
+    "fixed": Template(header=_HEADER, demo=solved(_query, "\nHere is next example:\n"), query=_query,
+                      ft=solved(_query), generation_len=LONG_BUDGET, strict_len=LONG_BUDGET),
+}
+
+TASK = Task(name="code", templates=TEMPLATES, release_name="code", answer_kind="number", sampler=_sample,
             description="print(function2(v, function1(v))); function2 ignores function1's value",
             cues={"irrelevant_function": irrelevant_function_cue})

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
-from icl_ft import files, tasks
+from icl_ft import tasks
+from icl_ft.io import files
 
 FLAGS = flags.FLAGS
 

@@ -1,4 +1,4 @@
-"""Expression calculation with a reducible zero factor: ``(simple)+(zero)*(cpl)=`` (study §2.1).
+"""Expression calculation with a reducible zero factor: ``(simple)+(zero)*(cpl)=`` (docs/tasks.md).
 
 Shortcut: the factor sums to 0, so the product vanishes and the answer is ``simple``. Misleading items swap
 the zero factor for a non-zero one: answer ``simple + factor * cpl``.
@@ -10,7 +10,8 @@ import dataclasses
 import random
 import re
 
-from icl_ft.tasks.base import Example, Task, shortcut_foil
+from icl_ft.tasks.base import ANSWER_UNCHANGED, NO_PATTERN, Corruption, Example, Task, restricted_eval, shortcut_foil
+from icl_ft.tasks.formats import EXAMPLES, Template, budget, question, solved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,53 @@ def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
   return Example("expression", variant, question, str(value), foil, meta)
 
 
-TASK = Task(name="expression", release_name="expression", answer_kind="number", sampler=_sample,
+_LAST_TERM = re.compile(r"([+-])(\d+)$")
+_ARITH = re.compile(r"[0-9+\-*() ]+")
+
+
+def eval_arithmetic(expr: str) -> int:
+  """Python's value of an integer expression made of digits, + - * and parentheses (nothing else accepted)."""
+  return restricted_eval(expr, _ARITH, int)
+
+
+def corrupt(ex: Example, rng: random.Random) -> Corruption | str:
+  """The zero factor's last term gets another value with as many digits and the same sign, so the factor is
+  non-zero; both answers are recomputed by evaluating the expressions."""
+  m = ex.meta
+  if not m.get("zero_factor"):
+    return NO_PATTERN
+  simple, factor, cpl = m["simple"], m["factor"], m["cpl"]
+  suffix = "="
+  clean_q = f"({simple})+({factor})*({cpl}){suffix}"
+  if clean_q != ex.question:
+    raise RuntimeError(f"unexpected expression layout {ex.question!r} (expected {clean_q!r})")
+  match = _LAST_TERM.search(factor)
+  if match is None:  # a one-term factor (only "0"): no signed last term to change
+    return NO_PATTERN
+  sign, digits = match.groups()
+  width = len(digits)
+  choices = [v for v in range(0 if width == 1 else 10 ** (width - 1), 10 ** width) if v != int(digits)]
+  new_digits = str(rng.choice(choices))
+  new_factor = factor[:match.start(2)] + new_digits
+  corrupt_q = f"({simple})+({new_factor})*({cpl}){suffix}"
+  if eval_arithmetic(factor) != 0 or eval_arithmetic(new_factor) == 0:
+    raise RuntimeError(f"factor {factor!r} -> {new_factor!r} does not break the zero factor")
+  clean_value = eval_arithmetic(clean_q[:-len(suffix)])
+  corrupt_value = eval_arithmetic(corrupt_q[:-len(suffix)])
+  if str(clean_value) != ex.answer:
+    raise RuntimeError(f"{clean_q!r}: generator answer {ex.answer!r} != eval {clean_value}")
+  if corrupt_value == clean_value:
+    return ANSWER_UNCHANGED
+  return Corruption(corrupt_q, str(clean_value), str(corrupt_value),
+                     dict(term=f"{sign}{digits}", new_term=f"{sign}{new_digits}", factor=factor,
+                          new_factor=new_factor, new_factor_value=eval_arithmetic(new_factor)))
+
+
+TEMPLATES = {fmt: Template(
+    header="Now you need to calculate the answer of some mathematic equations. " + EXAMPLES,
+    demo=solved(question, " \n " if fmt == "paper" else "\n"), query=question, ft=solved(question),
+    generation_len=budget(3, fmt)) for fmt in ("paper", "fixed")}
+
+TASK = Task(name="expression", templates=TEMPLATES, corrupt=corrupt, release_name="expression", answer_kind="number", sampler=_sample,
             description="(simple)+(factor)*(cpl)=; the zero factor makes the answer `simple`",
             cues={"zero_factor": zero_factor_cue})

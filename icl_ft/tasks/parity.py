@@ -1,16 +1,24 @@
-"""Relation reasoning whose label follows the parity of the line count (study §2.2, "relation" in the release).
+"""Relation reasoning whose label follows the parity of the line count ("relation" in the release;
+docs/tasks.md).
 
 Correct items: A's neighbour x, a chain over the cities B..J, and with probability 1/2 the edge x–Z:
 10 lines => True, 9 => False (equivalently: Z appears). Misleading (release): the last chain edge is
-dropped and no Z is added: 8 lines (even) yet False. ``misleading-z`` (study §6 #6, an optional extra
-variant): Z hangs off a component without A and one chord brings the count to 10, so both cues say True.
+dropped and no Z is added: 8 lines (even) yet False. ``misleading-z`` (ours): Z hangs off a component without
+A and one chord brings the count to 10, so both cues say True.
 """
 
 from __future__ import annotations
 
+import collections
 import random
+import re
 
-from icl_ft.tasks.base import VARIANTS, Example, Task, binary_foil, shortcut_foil
+from icl_ft.tasks.base import (ANSWER_UNCHANGED, LABEL_FALSE, VARIANTS, Corruption, Example, Task, binary_foil,
+                               shortcut_foil)
+from icl_ft.tasks.formats import EXAMPLES, Template, budget, solved
+
+_INSTRUCTION = " So 'the city A and Z is connected' is "
+UNUSED_CITIES = tuple(chr(c) for c in range(ord("K"), ord("Y") + 1))  # never drawn by the generator
 
 LABELS = ("True", "False")
 CITIES = tuple(chr(c) for c in range(ord("B"), ord("J") + 1))  # the release's n=10 letters minus A and Z
@@ -78,7 +86,60 @@ def _sample(variant: str, rng: random.Random, fmt: str, ft: bool) -> Example:
   return Example("parity", variant, question, answer, foil, meta)
 
 
-TASK = Task(name="parity", release_name="relation", answer_kind="label", sampler=_sample,
-            variants=VARIANTS + ("misleading-z",),
+_EDGE = re.compile(r"([A-Z]) is connected with ([A-Z])")
+
+
+def relation_connected(question: str, start: str = "A", goal: str = "Z") -> bool:
+  """Whether ``start`` reaches ``goal`` in the undirected graph of the question's ``u is connected with v`` lines."""
+  graph = collections.defaultdict(set)
+  for line in question.splitlines():
+    if not line:
+      continue
+    edge = _EDGE.fullmatch(line)
+    if edge is None:
+      raise ValueError(f"not a relation line: {line!r}")
+    u, v = edge.groups()
+    graph[u].add(v)
+    graph[v].add(u)
+  seen, queue = {start}, collections.deque([start])
+  while queue:
+    for nxt in graph[queue.popleft()] - seen:
+      seen.add(nxt)
+      queue.append(nxt)
+  return goal in seen
+
+
+def corrupt(ex: Example, rng: random.Random) -> Corruption | str:
+  """A True item (10 lines, last ``x is connected with Z``) whose ``Z`` becomes an unused letter (K..Y), so A no
+  longer reaches Z: answer False; the labels are recomputed by graph search."""
+  if ex.answer != "True":
+    return LABEL_FALSE
+  lines = ex.question.splitlines(keepends=True)
+  last = lines[-1]
+  if not (last.endswith(" is connected with Z\n") and len(lines) == 10):
+    raise RuntimeError(f"unexpected True relation item: {ex.question!r}")
+  used = set(re.findall(r"[A-Z]", ex.question))
+  letter = rng.choice([c for c in UNUSED_CITIES if c not in used])
+  corrupt_q = "".join(lines[:-1]) + last[:-2] + letter + "\n"
+  clean, corrupt = str(relation_connected(ex.question)), str(relation_connected(corrupt_q))
+  if clean != ex.answer:
+    raise RuntimeError(f"generator label {ex.answer!r} != graph search {clean!r} for {ex.question!r}")
+  if clean == corrupt:
+    return ANSWER_UNCHANGED
+  return Corruption(corrupt_q, clean, corrupt, dict(replaced="Z", letter=letter))
+
+
+def _query(ex: Example) -> str:
+  return f"{ex.question}\n{_INSTRUCTION}"
+
+
+TEMPLATES = {fmt: Template(
+    header=("Here are some cities expressed as A, B, C, etc. I will show some connection relations, and you "
+            "need to tell me if city A and city Z are connected (Answer True or False). " + EXAMPLES),
+    demo=solved(_query, "\n"), query=_query, ft=solved(_query), generation_len=budget(2, fmt))
+    for fmt in ("paper", "fixed")}
+
+TASK = Task(name="parity", templates=TEMPLATES, corrupt=corrupt, release_name="relation", answer_kind="label", sampler=_sample,
+            variants=VARIANTS + ("misleading-z",), lenient_digits=True,
             description="is A connected to Z? correct items: 10 lines <=> True",
             cues={"line_parity": line_parity_cue, "z_present": z_cue}, targets={"misleading-z": "z_present"})

@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from icl_ft.config import ModelConfig
+from icl_ft.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from icl_ft import convert, sharding
-from icl_ft.config import ModelConfig
-from icl_ft.model import Params, abstract_params
+from icl_ft.io import convert
+from icl_ft.model import sharding
+from icl_ft.model.config import ModelConfig
+from icl_ft.model.decoder import Params, abstract_params
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,13 @@ class LoadedModel:
   params: Params
   tokenizer: Any
   source: str
+
+
+def pad_id(tokenizer) -> int:
+  """The token a tokenizer pads with: its pad token, else its EOS, else 0."""
+  if tokenizer.pad_token_id is not None:
+    return tokenizer.pad_token_id
+  return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
 def embedded_gguf_path() -> Path:

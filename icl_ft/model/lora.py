@@ -13,8 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from icl_ft.config import ModelConfig
-from icl_ft.model import Params, param_axes
+from icl_ft.model.config import ModelConfig
+from icl_ft.model.decoder import Params, param_axes
 
 # target -> number of leading (input) dims of its kernel after the layer axis
 TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}

@@ -1,6 +1,6 @@
 """Fine-tuning data: task examples -> tokenized sequences with loss masks -> deterministic padded batches.
 
-The release's recipe (study §5): bare question + answer (no header), correct variant only, loss on every
+The release's recipe (docs/study.md): bare question + answer (no header), correct variant only, loss on every
 token, no EOS appended, examples truncated to 512 tokens, shuffled with a seed. Options: per-task sets,
 the test header, loss on the answer tokens only, any size.
 """
@@ -12,11 +12,15 @@ import math
 import numpy as np
 
 from icl_ft import tasks
+from icl_ft.io.loading import pad_id
+
+
+LOSS_ON = ("all", "answer")  # every token (the release's), or the answer's only
 
 
 @dataclasses.dataclass(frozen=True)
 class FTDataConfig:
-  tasks: tuple[str, ...] = ("expression", "parity", "boolean", "algebra")  # the release's ft_data_4k mixture
+  tasks: tuple[str, ...] = tasks.RELEASE_FT_MIXTURE
   n_per_task: int = 1000
   format: str = "paper"
   with_header: bool = False
@@ -44,8 +48,8 @@ class FTDataset:
 
 def build(cfg: FTDataConfig, tokenizer) -> FTDataset:
   """Generates ``n_per_task`` correct-variant examples per task and tokenizes them."""
-  if cfg.loss_on not in ("all", "answer"):
-    raise ValueError(f"loss_on must be 'all' or 'answer', got {cfg.loss_on!r}")
+  if cfg.loss_on not in LOSS_ON:
+    raise ValueError(f"loss_on must be one of {LOSS_ON}, got {cfg.loss_on!r}")
   if cfg.n_per_task < 1:
     raise ValueError(f"n_per_task must be at least 1, got {cfg.n_per_task}")
   ids, masks, texts = [], [], []
@@ -62,7 +66,7 @@ def build(cfg: FTDataConfig, tokenizer) -> FTDataset:
       ids.append(seq)
       masks.append(mask)
       texts.append(text)
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  pad = pad_id(tokenizer)
   return FTDataset(ids, masks, texts, pad)
 
 

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from icl_ft.config import ModelConfig
-from icl_ft.model import param_axes
+from icl_ft.model.config import ModelConfig
+from icl_ft.model.decoder import param_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -21,8 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from icl_ft.config import ModelConfig
-from icl_ft.model import (SITES, Hooks, Params, attention_mask, block, positions_from_valid, run, unembed,
+from icl_ft.model.config import ModelConfig
+from icl_ft.model.decoder import (SITES, Hooks, Params, attention_mask, block, positions_from_valid, run, unembed,
                           windowed_layers)
 
 GRANULARITIES = {("layer",), ("layer", "head"), ("layer", "pos"), ("layer", "head", "pos")}
@@ -152,12 +152,6 @@ def _check_pair(src: jax.Array, target: Batch) -> None:
   if src.shape[1:3] != target.tokens.shape:
     raise ValueError(f"source activations cover (batch, tokens) {src.shape[1:3]} but the target batch is "
                      f"{target.tokens.shape}: prompt pairs must have the same batch size and token length")
-
-
-def normalized_effect(patched: jax.Array, target: jax.Array, source: jax.Array) -> jax.Array:
-  """(E[patched] - E[target]) / (E[source] - E[target]), means over the last (batch) axis."""
-  t, s = jnp.mean(target), jnp.mean(source)
-  return (jnp.mean(patched, axis=-1) - t) / (s - t)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sites"))

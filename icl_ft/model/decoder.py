@@ -1,4 +1,6 @@
-"""The decoder: a Flax NNX module that owns the parameters, and pure functions that compute.
+"""The decoder: one table of parameter leaves (shapes and logical sharding axes), a Flax NNX module that
+declares them (used only through ``nnx.eval_shape``, for the abstract tree checkpoints load into), and pure
+functions that compute.
 
 Parameters are a plain nested dict (``Params``) with layers stacked on a leading axis and
 head-split attention kernels, so they work directly with ``jax.jit``, ``jax.vmap``, ``jax.grad``,
@@ -11,8 +13,8 @@ optax and Orbax:
   pos_embed   [P, D] (gpt_neo)  layers/{o,up,down}_bias [L, D or F]   {final,attn,mlp}_norm_bias (LayerNorm)
 
 One decoder covers every family (Llama, Mistral, Qwen2, Gemma, GPT-NeoX, GPT-Neo): their differences
-are ``ModelConfig`` fields. ``Decoder`` declares each leaf once with its logical sharding axes;
-``forward`` is the math. Norms, softmax and logits are computed in float32 whatever the parameter dtype.
+are ``ModelConfig`` fields. ``forward`` is the math; parameters are the plain tree, never module state.
+Norms, softmax and logits are computed in float32 whatever the parameter dtype.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from icl_ft.config import ModelConfig
+from icl_ft.model.config import ModelConfig
 
 Params = dict[str, Any]
 F32 = jnp.float32
@@ -86,8 +88,8 @@ class _Group(nnx.Module):
 class Decoder(nnx.Module):
   """The decoder of every supported family. Holds ``nnx.Param`` leaves tagged with logical ``axes``.
 
-  ``Decoder(cfg, rngs=nnx.Rngs(0))`` initialises randomly; ``nnx.eval_shape`` of that gives the
-  abstract tree used to load checkpoints straight into their shardings.
+  ``nnx.eval_shape`` of ``Decoder(cfg, rngs=...)`` gives the abstract tree used to load checkpoints straight
+  into their shardings (no values are ever materialised here).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = F32):
@@ -107,18 +109,11 @@ class Decoder(nnx.Module):
   def params(self) -> Params:
     return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
-  def __call__(self, tokens, positions, valid, cache=None, logits_at=None):
-    return forward(self.config, self.params, tokens, positions, valid, cache, logits_at)
-
 
 def abstract_params(cfg: ModelConfig, dtype: Any = F32) -> Params:
   """Shapes and dtypes of the parameter tree, without allocating it."""
   model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype))
   return model.params
-
-
-def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = F32) -> Params:
-  return Decoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype).params
 
 
 @flax.struct.dataclass

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_ft.config import ModelConfig
-from icl_ft.model import KVCache, Params, forward, positions_from_valid
+from icl_ft.model.config import ModelConfig
+from icl_ft.model.decoder import KVCache, Params, forward, positions_from_valid
 
 
 def _prefill(cfg: ModelConfig, params: Params, tokens, valid, cache_size: int):

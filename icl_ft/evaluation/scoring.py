@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
+from icl_ft.tasks.base import LABEL_VALUE, same_answer
+
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _LABEL = re.compile(r"\b(?:True|False|1|0)\b")
-_LABEL_VALUE = {"True": "1", "False": "0", "1": "1", "0": "0"}
 
 
 def lenient_correct(gold: str, continuation: str, accept_binary_digits: bool = False) -> bool:
@@ -16,7 +17,7 @@ def lenient_correct(gold: str, continuation: str, accept_binary_digits: bool = F
   """
   if gold in continuation:
     return True
-  return accept_binary_digits and gold in ("True", "False") and _LABEL_VALUE[gold] in continuation
+  return accept_binary_digits and gold in ("True", "False") and LABEL_VALUE[gold] in continuation
 
 
 def strict_answer(continuation: str, kind: str) -> str | None:
@@ -24,16 +25,6 @@ def strict_answer(continuation: str, kind: str) -> str | None:
   line = continuation.lstrip().split("\n", 1)[0]
   match = (_NUMBER if kind == "number" else _LABEL).search(line)
   return None if match is None else match.group(0)
-
-
-def same_answer(a: str | None, b: str | None, kind: str) -> bool:
-  """Whether two answers are equal after normalisation: numeric equality for numbers (``8.0`` == ``8``),
-  ``1`` == ``True`` for labels; None equals nothing."""
-  if a is None or b is None:
-    return False
-  if kind == "number":
-    return float(a) == float(b)
-  return _LABEL_VALUE.get(a, a) == _LABEL_VALUE.get(b, b)
 
 
 def strict_correct(gold: str, continuation: str, kind: str) -> bool:

@@ -1,9 +1,10 @@
 """Checkpoint conversion: Hugging Face safetensors and GGUF tensors <-> our parameter tree.
 
 Every source exposes tensors under their Hugging Face names in the HF ``[out, in]`` layout; one
-table (``_hf_layout``) maps them to our leaves. Loading is streamed: each device shard is built by
-``jax.make_array_from_callback`` from the few HF tensors it covers, so host memory holds at most
-one layer's tensor at a time and never the whole state dict.
+table (``_hf_layout``) maps them to our leaves. Loading is streamed per leaf: each device shard is built by
+``jax.make_array_from_callback`` from the HF tensors it covers (for a stacked layer leaf, the slices of every
+layer that shard holds, stacked), so host memory holds one shard's worth of one leaf at a time, never the
+whole state dict.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import numpy as np
 
-from icl_ft.config import ModelConfig
-from icl_ft.model import Params, param_axes
+from icl_ft.model.config import ModelConfig
+from icl_ft.model.decoder import Params, param_axes
 
 
 class CheckpointError(ValueError):

@@ -20,9 +20,14 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from icl_ft import faults, files, flops, ft_data, lora, sharding
-from icl_ft.config import ModelConfig
-from icl_ft.model import Params, run
+from icl_ft import faults
+from icl_ft.io import checkpoints, files
+from icl_ft.model import flops
+from icl_ft.training import dataset
+from icl_ft.model import lora
+from icl_ft.model import sharding
+from icl_ft.model.config import ModelConfig
+from icl_ft.model.decoder import Params, run
 
 F32 = jnp.float32
 
@@ -31,8 +36,7 @@ class TrainingDivergedError(FloatingPointError):
   """The loss became NaN or infinite."""
 
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint directory belongs to another model or training setup."""
+SCHEDULES = ("constant_with_warmup", "cosine")  # the release's; or cosine decay after warmup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +72,7 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
   elif cfg.schedule == "cosine":
     after = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - cfg.warmup_steps, 1))
   else:
-    raise ValueError(f"schedule must be 'constant_with_warmup' or 'cosine', got {cfg.schedule!r}")
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
   if cfg.warmup_steps == 0:
     return after
   return optax.join_schedules([warm, after], [cfg.warmup_steps])
@@ -160,10 +164,6 @@ def _like_params(tree, params: Params, default: jax.sharding.Sharding):
   return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def _abstract(state: dict) -> dict:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
 def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
   """What a checkpoint must match to be resumed: the model's shapes and the trained parameter set."""
   shapes = dataclasses.asdict(model_cfg)
@@ -189,7 +189,7 @@ def check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
         f"must be a whole multiple of the data-parallel devices (data x fsdp = {n_data})")
 
 
-def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, cfg: TrainConfig,
+def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, cfg: TrainConfig,
           workdir: files.PathLike, mesh: jax.sharding.Mesh | None = None, length_multiple: int = 32,
           progress: bool = True) -> TrainResult:
   """Fine-tunes for ``cfg.steps`` steps, resuming from the latest checkpoint in ``workdir/checkpoints``.
@@ -199,60 +199,37 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
   A NaN/inf loss raises ``TrainingDivergedError`` without saving; the last good checkpoint remains.
   Metrics go to ``workdir/metrics.jsonl``.
   """
-  import orbax.checkpoint as ocp
   mesh = mesh or sharding.make_mesh()
   workdir = files.as_path(workdir)
   check_batch(cfg, mesh)
-  opt = optimizer(cfg)
   state, frozen = initial_state(model_cfg, base_params, cfg, mesh)
-  param_sh = sharding.tree_shardings(model_cfg, mesh)
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None))
-  frozen_sh = param_sh if frozen is not None else None
-  step_fn = jax.jit(make_train_step(model_cfg, cfg, opt), in_shardings=(state_sh, batch_sh, frozen_sh),
-                    out_shardings=(state_sh, None), donate_argnums=0)
-
+  step_fn, batch_sh = _compiled_step(model_cfg, cfg, mesh, state, frozen is not None)
   fingerprint = _fingerprint(model_cfg, cfg)
-  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True)
   metrics_path = workdir / "metrics.jsonl"
   history = files.read_jsonl(metrics_path) if metrics_path.exists() else []
-  with ocp.CheckpointManager(files.absolute(workdir / "checkpoints"), options=options) as mngr:
-    start = mngr.latest_step()
-    if start is not None:
-      meta = mngr.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      if meta["fingerprint"] != json.loads(json.dumps(fingerprint)):
-        raise CheckpointMismatchError(
-            f"{workdir / 'checkpoints'} holds checkpoints of another model or LoRA setup "
-            f"({meta['fingerprint']}); use a fresh work directory")
-      state = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(state))))["state"]
-      history = [m for m in history if m["step"] <= start]
-    start = start or 0
-    peak = cfg.peak_flops or flops.matmul_ceiling(dtype=jnp.dtype(cfg.compute_dtype)).median * 1e9 * jax.device_count()
-    adapters = lora.num_params(model_cfg, cfg.lora) if cfg.lora else None
-    rows = ft_data.split_rows(cfg.batch_size, jax.process_index(), jax.process_count())
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
+  with checkpoints.manager(workdir / "checkpoints", keep=cfg.keep) as mngr:
+    restored, start = checkpoints.restore_latest(mngr, checkpoints.abstract(state), fingerprint)
+    if restored is not None:
+      state, history = restored, [m for m in history if m["step"] <= start]
+    meter = _Meter(model_cfg, cfg)
+    rows = dataset.split_rows(cfg.batch_size, jax.process_index(), jax.process_count())
+    bar = tqdm(range(start or 0, cfg.steps), initial=start or 0, total=cfg.steps, desc="train", disable=not progress)
     for step in bar:
-      local = ft_data.batch_at(data, step, cfg.batch_size, cfg.seed, length_multiple, rows)
+      local = dataset.batch_at(data, step, cfg.batch_size, cfg.seed, length_multiple, rows)
       local = {k: v.reshape(cfg.grad_accum, -1, v.shape[-1]) for k, v in local.items()}
       batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
       t0 = time.perf_counter()
       state, m = step_fn(state, batch, frozen)
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      dt = time.perf_counter() - t0
+      m = meter(step, {k: float(v) for k, v in jax.device_get(m).items()}, time.perf_counter() - t0)
       if not math.isfinite(m["loss"]):
-        last = mngr.latest_step()
         raise TrainingDivergedError(
             f"loss is {m['loss']} at step {step + 1}; stopped without saving. The last good checkpoint is "
-            f"step {last} in {workdir / 'checkpoints'}. Lower the learning rate or use float32 compute.")
-      # Useful work only: real tokens (no bucket padding), LoRA charged for the gradients it needs.
-      m.update(step=step + 1, samples=(step + 1) * cfg.batch_size, step_time_s=dt, tokens_per_s=m["tokens"] / dt,
-               mfu=flops.train_flops(model_cfg, m["tokens"], m.pop("tokens_sq"), adapters) / dt / peak)
+            f"step {mngr.latest_step()} in {workdir / 'checkpoints'}. Lower the learning rate or use float32 compute.")
       history.append(m)
       bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
-      faults.point("finetune.step")
+      faults.point("finetune.step")  # a kill here loses the steps since the last checkpoint
       if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-        mngr.save(step + 1, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"fingerprint": fingerprint})))
+        checkpoints.save(mngr, step + 1, state, fingerprint)
         faults.point("finetune.save")  # a kill here leaves a half-written checkpoint, which Orbax ignores
         mngr.wait_until_finished()
         files.write_jsonl(metrics_path, history)
@@ -261,51 +238,58 @@ def train(model_cfg: ModelConfig, base_params: Params, data: ft_data.FTDataset, 
   return TrainResult(final, state["params"], history, str(workdir / "checkpoints"))
 
 
+def _compiled_step(model_cfg: ModelConfig, cfg: TrainConfig, mesh: jax.sharding.Mesh, state: dict, lora_on: bool):
+  """The jitted train step with its in/out shardings (state donated), and the batch sharding."""
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None))
+  frozen_sh = sharding.tree_shardings(model_cfg, mesh) if lora_on else None
+  step_fn = jax.jit(make_train_step(model_cfg, cfg, optimizer(cfg)), in_shardings=(state_sh, batch_sh, frozen_sh),
+                    out_shardings=(state_sh, None), donate_argnums=0)
+  return step_fn, batch_sh
+
+
+class _Meter:
+  """Per-step metrics: the step's own (loss, grad norm, tokens, lr) plus step, samples, time, real tokens/s and
+  MFU on useful work only (real tokens, no bucket padding; LoRA charged for the gradients it needs) against
+  the matmul ceiling measured in the compute dtype."""
+
+  def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig):
+    self.model_cfg, self.cfg = model_cfg, cfg
+    ceiling = cfg.peak_flops or flops.matmul_ceiling(dtype=jnp.dtype(cfg.compute_dtype)).median * 1e9
+    self.peak = ceiling * (1 if cfg.peak_flops else jax.device_count())
+    self.adapters = lora.num_params(model_cfg, cfg.lora) if cfg.lora else None
+
+  def __call__(self, step: int, m: dict, dt: float) -> dict:
+    work = flops.train_flops(self.model_cfg, m["tokens"], m.pop("tokens_sq"), self.adapters)
+    return dict(m, step=step + 1, samples=(step + 1) * self.cfg.batch_size, step_time_s=dt,
+                tokens_per_s=m["tokens"] / dt, mfu=work / dt / self.peak)
+
+
+def trained_params(model_cfg: ModelConfig, cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Params:
+  """The abstract tree of what training updates (float32 parameters in their shardings, or the LoRA adapters)."""
+  if cfg.lora:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shapes = jax.eval_shape(lambda: lora.init(model_cfg, cfg.lora, jax.random.key(0)))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
+  from icl_ft.model.decoder import abstract_params
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, F32, sharding=s), abstract_params(model_cfg),
+                      sharding.tree_shardings(model_cfg, mesh))
+
+
 def checkpoint_params(model_cfg: ModelConfig, base_params: Params, cfg: TrainConfig, workdir: files.PathLike,
                       steps: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None
                       ) -> Iterator[tuple[int, Params]]:
-  """Yields (step, full parameters with LoRA merged) for the saved ``steps`` (default: all kept)."""
-  import orbax.checkpoint as ocp
-  mesh = mesh or sharding.make_mesh()
-  state, _ = initial_state(model_cfg, base_params, cfg, mesh)
-  abstract = _abstract(state)
-  options = ocp.CheckpointManagerOptions(read_only=True)  # evaluation never touches the digested checkpoints
-  with ocp.CheckpointManager(files.absolute(files.as_path(workdir) / "checkpoints"), options=options) as mngr:
-    available = mngr.all_steps()
-    missing = sorted(set(steps or ()) - set(available))
-    if missing:
-      raise FileNotFoundError(f"no checkpoint for steps {missing} in {workdir}/checkpoints (saved: {sorted(available)})")
-    for step in sorted(steps or available):
-      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-      trained = restored["params"]
-      yield step, lora.merge(model_cfg, base_params, trained, cfg.lora) if cfg.lora else trained
-
-
-def evaluate_checkpoints(model, cfg: TrainConfig, workdir: files.PathLike, task_names: Sequence[str],
-                         variants: Sequence[str], fmt: str, shots: Sequence[int] = (0,), n: int = 199,
-                         seed: int = 114514, steps: Sequence[int] | None = None, engine=None,
-                         units=None) -> tuple[list[dict], list[dict]]:
-  """ICL-engine records of the fine-tuned model at each checkpoint, tagged ``method="ft"``, ``step`` and
-  ``samples`` (training examples seen): accuracy against training samples, next to ICL's few demos. Returns
-  (records, skipped queries). ``units`` (a ``workdir.Units``) saves each checkpoint's batches as they finish."""
-  from icl_ft import icl
-  from icl_ft.loading import LoadedModel
-  records, skipped = [], []
-  for step, params in checkpoint_params(model.config, model.params, cfg, workdir, steps):
-    recs, skip = icl.sweep(LoadedModel(model.config, params, model.tokenizer, model.source), task_names, variants,
-                           [fmt], shots, n, seed, engine or icl.EngineConfig(progress=False),
-                           units=units.sub(f"step{step}") if units else None)
-    for r in recs + skip:
-      r.update(method="ft", step=step, samples=step * cfg.batch_size)
-    records += recs
-    skipped += skip
-  return records, skipped
+  """Yields (step, full parameters with LoRA merged) for the saved ``steps`` (default: all kept), restoring
+  the trained parameters alone (no optimizer state)."""
+  abstract = trained_params(model_cfg, cfg, mesh or sharding.make_mesh())
+  for step, trained in checkpoints.saved_params(files.as_path(workdir) / "checkpoints", abstract, steps):
+    yield step, lora.merge(model_cfg, base_params, trained, cfg.lora) if cfg.lora else trained
 
 
 def compiled_memory(model_cfg: ModelConfig, cfg: TrainConfig, mesh: jax.sharding.Mesh, seq: int) -> dict[str, int]:
   """Ahead-of-time compiles the full-FT train step for abstract (never allocated) arrays on ``mesh`` and
   returns XLA's per-device memory analysis in bytes (works with simulated CPU devices)."""
-  from icl_ft.model import abstract_params
+  from icl_ft.model.decoder import abstract_params
   param_sh = sharding.tree_shardings(model_cfg, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, F32, sharding=s), abstract_params(model_cfg), param_sh)

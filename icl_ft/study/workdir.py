@@ -1,22 +1,18 @@
 """Work-directory bookkeeping that never loses a result: one run at a time (a lock), digests of every stage
-output (so damage is noticed), results moved aside rather than deleted, and per-unit partial results
-(so a killed stage resumes from its last completed batch, checkpoint or condition).
-"""
+output (so damage is noticed), and results moved aside rather than deleted."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import socket
 import time
 from typing import Any, Callable
 
-import numpy as np
 from etils import epath
 
-from icl_ft import files
+from icl_ft.io import files
 
 LOCK = ".lock"
 HASH_LIMIT = 64 << 20  # files larger than this (checkpoint shards) are recorded by size only
@@ -174,51 +170,3 @@ def move_aside(path: epath.Path, stamp: str) -> epath.Path:
   target = path.parent / f"{path.name}.replaced-{stamp}"
   path.rename(target)
   return target
-
-
-# -- partial results ----------------------------------------------------------------------------------------
-
-class Units:
-  """Completed units of a stage (a batch of queries, a checkpoint's evaluation, a condition's sweeps), each
-  saved atomically under ``directory/<key>`` as it completes, so a rerun after a kill skips them. A unit
-  returns the same value whether computed or reloaded (records pass through strict JSON both ways)."""
-
-  def __init__(self, directory: epath.Path, counts: list[int] | None = None):
-    self.dir = directory
-    self._counts = counts if counts is not None else [0, 0]  # [reused, computed], shared with sub-units
-
-  @property
-  def reused(self) -> int:
-    return self._counts[0]
-
-  @property
-  def computed(self) -> int:
-    return self._counts[1]
-
-  def sub(self, name: str) -> "Units":
-    return Units(self.dir / name, self._counts)
-
-  def records(self, key: str, compute: Callable[[], list[dict]]) -> list[dict]:
-    """JSON records of unit ``key``: loaded if saved, else computed and saved."""
-    path = self.dir / f"{key}.json"
-    if path.exists():
-      self._counts[0] += 1
-      return files.read_json(path)
-    value = json.loads(json.dumps(files.json_safe(compute())))
-    files.write_json(path, value)
-    self._counts[1] += 1
-    return value
-
-  def arrays(self, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Named arrays of unit ``key`` (saved exactly, as .npy inside an .npz)."""
-    path = self.dir / f"{key}.npz"
-    if path.exists():
-      self._counts[0] += 1
-      with path.open("rb") as f, np.load(f) as z:
-        return {k: z[k] for k in z.files}
-    value = {k: np.asarray(v) for k, v in compute().items()}
-    buf = io.BytesIO()
-    np.savez(buf, **value)
-    files.atomic_write_bytes(path, buf.getvalue())
-    self._counts[1] += 1
-    return value

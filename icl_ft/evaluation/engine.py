@@ -1,0 +1,194 @@
+"""The batched ICL evaluation engine: prompts -> length buckets -> one jitted prefill/score/decode -> scores.
+
+Prompts are sorted by token length and cut into fixed-size batches padded (on the left) to a multiple of
+``length_multiple``, so the number of compiled shapes stays small and padding waste stays low. Each
+batch runs one prefill shared by greedy decoding and teacher-forced scoring of the gold and foil
+answers. Scores: the release's lenient rule (gold substring of the decoded text after the prompt,
+within the task's token budget) and the strict rule (first answer-typed span of the new tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+from typing import Any, Collection, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from icl_ft import faults, tasks
+from icl_ft.evaluation import scoring
+from icl_ft.model import sharding
+from icl_ft.io.units import Units
+from icl_ft.evaluation.decoding import generate_and_score, left_pad, right_pad
+from icl_ft.io.loading import LoadedModel, pad_id
+from icl_ft.io.records import QueryRecord, SkippedQuery
+
+
+class PromptTooLongError(ValueError):
+  """A prompt does not fit the model's context window."""
+
+
+ON_TOO_LONG = ("error", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  batch_size: int = 8
+  length_multiple: int = 16  # bucket granularity of padded prompt lengths
+  on_too_long: str = "error"  # "error" or "skip" (skipped queries are counted)
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+  """One prompt to evaluate, with what scoring needs to know about it."""
+  prompt: str
+  gold: str
+  foil: str | None
+  task: str
+  lenient_tokens: int  # the release's generation_len
+  strict_tokens: int  # the strict scorer's budget (the task's; it stops at a newline)
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int, split: str = "test",
+                exclude: Collection[str] = ()) -> list[Query]:
+  """The fixed query set of (task, variant, seed, split) with ``shots`` correct-variant demos each; every
+  query's meta carries what the item's shortcut cues predict (``tasks.shortcut_record``)."""
+  if n < 1:
+    raise ValueError(f"the number of queries must be at least 1, got {n}")
+  out = []
+  for i, ex in enumerate(tasks.make_queries(task, variant, n, seed, fmt, split, exclude)):
+    demos = tasks.make_demos(task, shots, seed, i, fmt, split)
+    out.append(Query(tasks.build_prompt(task, fmt, demos, ex), ex.answer, ex.foil, task,
+                     tasks.generation_len(task, fmt), tasks.strict_len(task, fmt),
+                     dict(task=task, variant=variant, format=fmt, shots=shots, seed=seed, split=split, index=i,
+                          question=ex.question, **tasks.shortcut_record(ex, fmt))))
+  return out
+
+
+def continuation_ids(tokenizer, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
+  """Token ids of ``answer`` as the model would continue ``prompt`` (tokenized jointly when it splits cleanly)."""
+  joint = tokenizer(prompt + answer).input_ids
+  if joint[:len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+    return joint[len(prompt_ids):]
+  return tokenizer(answer, add_special_tokens=False).input_ids
+
+
+def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = EngineConfig(),
+        units: Units | None = None) -> tuple[list[QueryRecord], list[SkippedQuery]]:
+  """Evaluates ``queries``; returns (one record per evaluated query, the meta of each query skipped as too
+  long). A query is too long when its prompt plus its own budget (new tokens, or its longest candidate answer)
+  exceeds the context. Queries with the same budget are batched together. With ``units``, each batch's records
+  are saved as it completes and reloaded on a rerun (a killed evaluation resumes)."""
+  if not queries:
+    raise ValueError("no queries to evaluate")
+  if engine.on_too_long not in ON_TOO_LONG:
+    raise ValueError(f"on_too_long must be 'error' or 'skip', got {engine.on_too_long!r}")
+  tok, cfg = model.tokenizer, model.config
+  prompt_ids = tok([q.prompt for q in queries]).input_ids
+  answers = [[continuation_ids(tok, q.prompt, ids, a) for a in (q.gold, q.foil or q.gold)]
+             for q, ids in zip(queries, prompt_ids)]
+  budget = [max(q.strict_tokens, q.lenient_tokens) for q in queries]
+  keep, skipped = [], []
+  for i, ids in enumerate(prompt_ids):
+    need = max(budget[i], *map(len, answers[i]))
+    if len(ids) + need <= cfg.max_position_embeddings:
+      keep.append(i)
+    elif engine.on_too_long == "skip":
+      skipped.append(SkippedQuery(**queries[i].meta, prompt_tokens=len(ids)))
+    else:
+      raise PromptTooLongError(
+          f"query {i} has {len(ids)} prompt tokens; with {need} answer tokens it exceeds the model's context of "
+          f"{cfg.max_position_embeddings}. Use fewer shots, or set on_too_long='skip'.")
+  B = engine.batch_size
+  batches = []  # (new tokens, candidate length, query indices): one compiled shape family per budget group
+  for n_new in sorted({budget[i] for i in keep}):
+    group = sorted((i for i in keep if budget[i] == n_new), key=lambda i: len(prompt_ids[i]))
+    answer_len = max(len(a) for i in group for a in answers[i])
+    batches += [(n_new, answer_len, group[s:s + B]) for s in range(0, len(group), B)]
+  records: dict[int, dict] = {}
+  for b, (n_new, answer_len, batch) in enumerate(tqdm(batches, desc="icl", unit="batch",
+                                                      disable=not engine.progress)):
+    compute = functools.partial(_run_batch, model, queries, prompt_ids, answers, batch, n_new, answer_len, engine)
+    if units is None:
+      done = compute()
+    else:
+      digest = hashlib.sha1("\x00".join(queries[i].prompt + queries[i].gold for i in batch).encode()).hexdigest()
+      saved = units.records(f"batch{b:05d}-{digest[:12]}", lambda: [dict(r) for r in compute()])
+      done = [QueryRecord.from_dict(r) for r in saved]
+    faults.point("icl.batch")
+    records.update(zip(batch, done))
+  return [records[i] for i in sorted(records)], skipped
+
+
+def _run_batch(model: LoadedModel, queries, prompt_ids, answers, batch: list[int], n_new: int, answer_len: int,
+               engine: EngineConfig) -> list[dict]:
+  """Records of one batch: prompts left-padded to a multiple of ``length_multiple`` (rows repeated up to the
+  fixed batch size), gold and foil scored in the prefill, ``n_new`` greedy tokens."""
+  tok, cfg, B = model.tokenizer, model.config, engine.batch_size
+  pad = pad_id(tok)
+  rows = batch + [batch[0]] * (B - len(batch))  # fixed batch size: pad with repeats, dropped below
+  T = engine.length_multiple * math.ceil(max(len(prompt_ids[i]) for i in rows) / engine.length_multiple)
+  ids, valid = left_pad([prompt_ids[i] for i in rows], pad, T)
+  flat = [a for i in rows for a in answers[i]]
+  ans, ans_valid = right_pad(flat, pad, answer_len)
+  out = sharding.to_host(generate_and_score(cfg, model.params, ids, valid, ans.reshape(B, 2, -1),
+                                            ans_valid.reshape(B, 2, -1), n_new))
+  new, logprob, first = (out[k] for k in ("tokens", "logprob", "first_logit"))
+  return [record(queries[i], prompt_ids[i], [int(t) for t in new[r]], logprob[r], first[r], tok)
+          for r, i in enumerate(batch)]
+
+
+def record(q: Query, prompt_ids: list[int], new_ids: list[int], logprob, first_logit, tok) -> QueryRecord:
+  """One query's result: the greedy continuation ``new_ids`` scored by both rules within the query's budgets,
+  the gold/foil log-probabilities ``logprob`` [2] and first-token logits ``first_logit`` [2]."""
+  eos = tok.eos_token_id
+  if eos is not None and eos in new_ids:  # generation stops at EOS, as transformers' generate does
+    new_ids = new_ids[:new_ids.index(eos) + 1]
+  # Lenient (release): decode prompt + budgeted new tokens, slice the prompt's characters off.
+  lenient_text = tok.decode(prompt_ids + new_ids[:q.lenient_tokens], skip_special_tokens=True)[len(q.prompt):]
+  completion = tok.decode(new_ids[:q.strict_tokens], skip_special_tokens=True)
+  kind = tasks.answer_kind(q.task)
+  has_foil = q.foil is not None
+  return QueryRecord(
+      **q.meta, prompt=q.prompt, prompt_tokens=len(prompt_ids), gold=q.gold, foil=q.foil,
+      completion=completion, lenient_text=lenient_text,
+      correct_lenient=scoring.lenient_correct(q.gold, lenient_text, tasks.get_task(q.task).lenient_digits),
+      correct_strict=scoring.strict_correct(q.gold, completion, kind),
+      logprob_gold=float(logprob[0]), logprob_foil=float(logprob[1]) if has_foil else None,
+      logit_diff=float(first_logit[0] - first_logit[1]) if has_foil else None)
+
+
+DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
+
+
+def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str], shots: Sequence[int],
+                  n: int, seed: int, n_dev: int = 0) -> list[Query]:
+  """Every (task, variant, format, shots) cell's queries, for the variants each task has; with ``n_dev``,
+  also ``n_dev`` dev-split queries per cell with shots > 0 (disjoint from the test questions) for choosing k."""
+  out = []
+  for t in task_names:
+    for v in [v for v in variants if v in tasks.get_task(t).variants]:
+      for f in formats:
+        test = {ex.question for ex in tasks.make_queries(t, v, n, seed, f)}
+        for k in shots:
+          out += icl_queries(t, v, f, k, n, seed)
+          if n_dev and k:
+            out += icl_queries(t, v, f, k, n_dev, seed, "dev", exclude=test)
+  return out
+
+
+def sweep(model: LoadedModel, task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str],
+          shots: Sequence[int] = DEFAULT_SHOTS, n: int = 199, seed: int = 114514,
+          engine: EngineConfig = EngineConfig(), model_name: str = "", n_dev: int = 0,
+          units: Units | None = None) -> tuple[list[QueryRecord], list[SkippedQuery]]:
+  """Every cell of ``sweep_queries`` in one batched run (length buckets shared across cells); returns
+  (records, skipped queries), tagged with ``model`` and ``method``."""
+  records, skipped = run(model, sweep_queries(task_names, variants, formats, shots, n, seed, n_dev), engine, units)
+  tag = lambda r: r.tagged(model=model_name or model.source, method="icl" if r.shots else "base")
+  return [tag(r) for r in records], [tag(r) for r in skipped]

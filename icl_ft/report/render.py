@@ -1,0 +1,148 @@
+"""``REPORT.md``: the comparison table, the shortcut-breaking items, figures, circuit shifts, training, timings,
+config and versions, rendered from ``results.json``'s numbers."""
+
+from __future__ import annotations
+
+import json
+
+from icl_ft.report.tables import RULES
+
+
+def _fmt(cell: dict | None, extra: str = "") -> str:
+  if cell is None:
+    return "–"
+  skipped = f", {cell['n_skipped']} skipped" if cell.get("n_skipped") else ""
+  return f"{cell['acc']:.3f} [{cell['lo']:.2f}, {cell['hi']:.2f}]{extra}{skipped}"
+
+
+def _ci(item: dict) -> str:
+  if item.get("point") is None:
+    return "n/a"
+  lo, hi = item.get("lo"), item.get("hi")
+  ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+  flag = " *" if item.get("exceeds_floor") else ""
+  return f"{item['point']:.3f}{ci}{flag}"
+
+
+def render_study(results: dict, figures: dict[str, str], circuit_figures: dict[str, dict[str, str]]) -> str:
+  """``REPORT.md`` from ``results.json``'s numbers: header and warnings, the comparison table, the
+  shortcut-breaking items, training, the accuracy figures (title -> path), per task the circuit shift (with its
+  figures, name -> path), timings, config and versions."""
+  lines = _header(results) + _comparison(results) + _breaking(results) + _training(results)
+  for title, path in figures.items():
+    lines += [f"### {title[0].upper() + title[1:]}", "", f"![{title}]({path})", ""]
+  if results["circuits"]:
+    lines += _circuit_intro(results)
+    for task, res in results["circuits"].items():
+      lines += _circuit_task(task, res, circuit_figures.get(task, {}))
+  return "\n".join(lines + _footer(results)) + "\n"
+
+
+def _header(results: dict) -> list[str]:
+  cfg = results["config"]
+  lines = [f"# icl_ft study: {cfg['name']}", "",
+           f"Model `{cfg['model']}` ({cfg['dtype']}); tasks {cfg['tasks']}; prompt format `{cfg['format']}`; "
+           f"{cfg['icl']['n']} queries per cell; shots {cfg['icl']['shots']}; fine-tuning: {cfg['ft']['method']}, "
+           f"{cfg['ft']['steps']} steps x {cfg['ft']['batch_size']} examples.", ""]
+  if cfg.get("note"):
+    lines += [f"> {cfg['note']}", ""]
+  if results.get("warnings"):
+    lines += ["**Warnings** (the numbers below are complete; these figures are not):", ""]
+    lines += [f"- {w}" for w in results["warnings"]] + [""]
+  return lines
+
+
+def _comparison(results: dict) -> list[str]:
+  step = results.get("ft_report_step")
+  lines = ["## ICL vs fine-tuning", "",
+           f"Accuracy with 95% Wilson intervals. Base and fine-tuned models are evaluated 0-shot (the paper's FT "
+           f"condition; the fine-tuned column is checkpoint step {step}). ICL, best k on test: the release's score, "
+           "the best of the shot counts k > 0 chosen on the test items themselves (optimistic). ICL, k from dev: k "
+           "chosen on a disjoint dev query set, reported on the test items (unbiased). Lenient: the gold answer is "
+           "a substring of the continuation (the release's rule); strict: the first answer-typed span equals the "
+           "gold answer. Shortcut broken: share of the set's items on which the variant's target cue gives a wrong "
+           "answer (0 on correct sets, 1 on a fully misleading set; – where the set has no shortcut). Queries "
+           "too long for the context are skipped and counted in their cell.", "",
+           f"| task | variant | rule | base 0-shot | fine-tuned 0-shot (step {step}) | ICL, best k on test | "
+           "ICL, k from dev | shortcut broken |",
+           "|---|---|---|---|---|---|---|---|"]
+  for row in results["table"]:
+    broken = "–" if row.get("shortcut_breaking") is None else f"{row['shortcut_breaking']:.2f} ({row['shortcut_cue']})"
+    for rule in RULES:
+      c = row[rule]
+      icl, dev = c["icl_best"], c.get("icl_dev")
+      lines.append(f"| {row['task']} | {row['variant']} | {rule} | {_fmt(c['base_0shot'])} | {_fmt(c['ft_0shot'])} | "
+                   f"{_fmt(icl, ' (k = {})'.format(icl['shots']) if icl else '')} | "
+                   f"{_fmt(dev, ' (k = {})'.format(dev['shots']) if dev else '')} | {broken} |")
+  return lines
+
+
+def _breaking(results: dict) -> list[str]:
+  mis = [row for row in results["table"] if row["variant"] != "correct" and row.get("shortcut_breaking")]
+  if not mis:
+    return []
+  lines = ["", "On the shortcut-breaking items alone (the items of each misleading set where the target cue is "
+           "wrong; strict rule, n in parentheses), and the share of the set each cue gets right (a cue right on "
+           "every item answers the set without the pattern):", "",
+           "| task | variant | target cue | cues right on the set | base 0-shot | fine-tuned 0-shot | ICL, k from dev |",
+           "|---|---|---|---|---|---|---|"]
+  for row in mis:
+    c = row["strict"]
+    held = ", ".join(f"{k} {v:.2f}" for k, v in (row.get("cue_holding") or {}).items())
+    lines.append(f"| {row['task']} | {row['variant']} | {row['shortcut_cue']} | {held} | " + " | ".join(
+        _fmt(c.get(k), f" (n = {c[k]['n']})" if c.get(k) else "") for k in ("base_breaking", "ft_breaking",
+                                                                           "icl_dev_breaking")) + " |")
+  return lines
+
+
+def _training(results: dict) -> list[str]:
+  t = results["training"]
+  return ["", f"Fine-tuned for {t['steps']} steps ({t['samples']} samples); loss {t['first_loss']:.3f} -> "
+          f"{t['final_loss']:.3f}; median {t['median_tokens_per_s']:.0f} tokens/s, MFU {t['median_mfu']:.2f}."
+          if t["steps"] else "", ""]
+
+
+def _circuit_intro(results: dict) -> list[str]:
+  return ["## Circuit shift", "",
+          "Denoising activation patching (corrupted run, clean activations patched in) over attention heads "
+          "(layer x head, all positions) and MLPs per layer; effects are normalised patching effects. Shift "
+          "from the base model's 0-shot circuit: TV = total-variation distance of normalised importance, "
+          "rank = 1 - Spearman, topk = 1 - top-k overlap, centroid = layer-profile centroid shift (signed). "
+          "Point [95% bootstrap CI]; * = above the 95th percentile of the resampling noise floor. The "
+          f"fine-tuned condition (ft) is checkpoint step {results.get('ft_report_step')}, the same as the table's.", ""]
+
+
+def _circuit_task(task: str, res: dict, figures: dict[str, str]) -> list[str]:
+  lines = [f"### {task}", "", "Prompt pairs (kept of tried, dropped by reason): " + "; ".join(
+      f"{n}: {p['n_pairs']} of {p['n_tried']}, {p['length']} tokens, dropped {p['dropped']}"
+      for n, p in res["pairs"].items()), ""]
+  lines += ["| condition | clean-corrupt logit-diff gap | separated |", "|---|---|---|"]
+  lines += [f"| {n} | {c['separation']:.3f} | {c['separated']} |" if c["separation"] is not None else
+            f"| {n} | n/a | {c['separated']} |" for n, c in res["heads"]["conditions"].items()]
+  lines += ["", "| shift | components | TV | rank | topk | centroid |", "|---|---|---|---|---|---|"]
+  metrics = ("tv", "rank", "topk", "centroid")
+  for family in ("heads", "mlps"):
+    for key, entry in res[family]["shifts"].items():
+      if key.startswith("base|"):
+        lines.append(f"| {key.replace('|', ' → ')} | {family} | " + " | ".join(_ci(entry[m]) for m in metrics) + " |")
+  for family in ("heads", "mlps"):
+    for key, entry in res[family]["contrasts"].items():
+      lines.append(f"| contrast {key} (shift from base) | {family} | " +
+                   " | ".join(_ci(entry[m]) for m in metrics) + " |")
+  att = res.get("attribution", {})
+  if att:
+    lines += ["", "Attribution patching vs exact (heads): " + ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in att.items()
+        if not isinstance(v, (list, dict))) + "."]
+  lines.append("")
+  for name, path in figures.items():
+    lines += [f"![{task}: {name}]({path})", ""]
+  return lines
+
+
+def _footer(results: dict) -> list[str]:
+  lines = ["## Timings", "", "| stage | seconds |", "|---|---|"]
+  lines += [f"| {s} | {v:.0f} |" for s, v in results["timings_s"].items()]
+  return lines + ["", "## Config and versions", "", "```json", json.dumps(results["config"], indent=2, sort_keys=True),
+                  "```", "", "| package | version |", "|---|---|"] + [
+                      f"| {k} | {v} |" for k, v in results["versions"].items()]

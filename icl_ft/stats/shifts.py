@@ -1,0 +1,265 @@
+"""Circuit-shift metrics between two conditions' effect arrays (docs/circuits.md), with pair-bootstrap CIs and
+noise floors, and ``shift_report`` (every shift between a study's conditions).
+
+Effects are arrays over components κ (e.g. heads [L, H], MLPs [L], residual [L, P]); the layer axis is axis 0.
+Shifts between two conditions a, b: ``tv_shift`` (headline CS_TV), ``rank_shift`` (1 - Spearman rho),
+``topk_shift`` (1 - Jaccard of the top-k |e| sets: a fixed-k stand-in for CS_set, whose K needs a joint
+re-patch), ``centroid_shift`` (signed layer-centroid move of b relative to a).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from scipy import stats
+
+from icl_ft.stats import resampling
+from icl_ft.stats.effects import DEFAULT_TOL, PatchRuns, normalized_importance
+from icl_ft.stats.resampling import ALPHA
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+# ---------------------------------------------------------------------------------------------- shift metrics
+
+def _pair(e_a, e_b) -> tuple[np.ndarray, np.ndarray]:
+  a, b = np.asarray(e_a, np.float64), np.asarray(e_b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"effect shapes differ: {a.shape} vs {b.shape}")
+  if a.size == 0:
+    raise ValueError("empty effect arrays")
+  return a, b
+
+
+def tv_shift(e_a, e_b) -> float:
+  """CS_TV = ½ Σ_κ |p_a(κ) - p_b(κ)| ∈ [0, 1]; NaN if either condition has no non-zero effect (or a NaN)."""
+  a, b = _pair(e_a, e_b)
+  if not (np.abs(a).sum() > 0 and np.abs(b).sum() > 0):
+    return math.nan
+  return float(0.5 * np.abs(normalized_importance(a) - normalized_importance(b)).sum())
+
+
+def spearman(e_a, e_b) -> float:
+  """Spearman ρ of two effect arrays (ties averaged); NaN if either is constant or contains NaN."""
+  a, b = (x.ravel() for x in _pair(e_a, e_b))
+  if a.size < 2 or np.isnan(a).any() or np.isnan(b).any() or np.ptp(a) == 0 or np.ptp(b) == 0:
+    return math.nan
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def rank_shift(e_a, e_b, absolute: bool = False) -> float:
+  """CS_rank = 1 - Spearman ρ of the (signed, or |e| if ``absolute``) effects; in [0, 2]; NaN as ``spearman``."""
+  a, b = _pair(e_a, e_b)
+  if absolute:
+    a, b = np.abs(a), np.abs(b)
+  return 1.0 - spearman(a, b)
+
+
+def ranked(effects, k: int) -> list[int]:
+  """Flat indices of the k largest |e|, largest first (ties broken by lower index)."""
+  a = np.abs(np.asarray(effects, np.float64)).ravel()
+  if not 1 <= k <= a.size:
+    raise ValueError(f"k must be in 1..{a.size}, got {k}")
+  return [int(i) for i in np.argsort(-a, kind="stable")[:k]]
+
+
+def top_k(effects, k: int) -> set[int]:
+  """The set of ``ranked(effects, k)``."""
+  return set(ranked(effects, k))
+
+
+def topk_recall(estimate, truth, k: int) -> float:
+  """|top-k of ``estimate`` ∩ top-k of ``truth``| / k: how many of the true top components an estimate finds."""
+  return len(top_k(estimate, k) & top_k(truth, k)) / k
+
+
+def topk_overlap(e_a, e_b, k: int) -> float:
+  """Jaccard |K_a ∩ K_b| / |K_a ∪ K_b| of the top-k |e| sets; NaN if an input has a NaN."""
+  a, b = _pair(e_a, e_b)
+  if np.isnan(a).any() or np.isnan(b).any():
+    return math.nan
+  ka, kb = top_k(a, k), top_k(b, k)
+  return len(ka & kb) / len(ka | kb)
+
+
+def topk_shift(e_a, e_b, k: int) -> float:
+  """1 - topk_overlap."""
+  return 1.0 - topk_overlap(e_a, e_b, k)
+
+
+def layer_profile(effects) -> np.ndarray:
+  """P(l) = Σ over every non-layer axis of p (layer axis 0); sums to 1 (0 if all effects are 0)."""
+  p = normalized_importance(effects)
+  if p.ndim == 0:
+    raise ValueError("effects need a layer axis (axis 0)")
+  return p.reshape(p.shape[0], -1).sum(axis=1)
+
+
+def layer_centroid(effects) -> float:
+  """Σ_l l·P(l); NaN if all effects are 0."""
+  prof = layer_profile(effects)
+  return float(np.arange(prof.size) @ prof) if prof.sum() > 0 else math.nan
+
+
+def centroid_shift(e_a, e_b) -> float:
+  """Δℓ = Σ_l l·(P_b(l) - P_a(l)): positive when b's importance sits in later layers; NaN if either is all 0."""
+  a, b = _pair(e_a, e_b)
+  return layer_centroid(b) - layer_centroid(a)
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+
+def bootstrap_samples(fn: Metric, per_pair_a, per_pair_b, n_boot: int = 1000, seed: int = 0, *,
+                      paired: bool = True, tol: float = DEFAULT_TOL) -> np.ndarray:
+  """fn(effects_a*, effects_b*) on ``n_boot`` resamples of pairs (the same indices for a and b if ``paired``;
+  with one ``seed``, every call resamples the same indices, so shifts of several condition pairs share them)."""
+  a, b = PatchRuns.of(per_pair_a), PatchRuns.of(per_pair_b)
+  if paired and a.n != b.n:
+    raise ValueError(f"paired bootstrap needs the same pairs in both conditions, got {a.n} and {b.n}")
+  rng = np.random.default_rng(seed)
+  out = np.empty(n_boot)
+  for r in range(n_boot):
+    ia = resampling.indices(rng, a.n)
+    ib = ia if paired else resampling.indices(rng, b.n)
+    out[r] = fn(a.take(ia).effects(tol)[0], b.take(ib).effects(tol)[0])
+  return out
+
+
+def bootstrap(fn: Metric, per_pair_a, per_pair_b, n_boot: int = 1000, seed: int = 0, *, paired: bool = True,
+              tol: float = DEFAULT_TOL) -> tuple[float, float, float]:
+  """(point, lo, hi): fn on the full sets' ratio-of-means effects and its 95% percentile interval over pair
+  resamples (NaN resamples, e.g. non-separating ones, are left out)."""
+  a, b = PatchRuns.of(per_pair_a), PatchRuns.of(per_pair_b)
+  point = float(fn(a.effects(tol)[0], b.effects(tol)[0]))
+  lo, hi = resampling.interval(bootstrap_samples(fn, a, b, n_boot, seed, paired=paired, tol=tol))
+  return point, lo, hi
+
+
+def noise_floor_samples(fn: Metric, per_pair_a, n_boot: int = 1000, seed: int = 0, *, signed: bool = False,
+                        tol: float = DEFAULT_TOL) -> np.ndarray:
+  """fn(effects of a on all pairs, effects of a on a resample of its pairs) per resample (|value| for a
+  ``signed`` metric): the shift CS(B, B*) that resampling alone produces."""
+  a = PatchRuns.of(per_pair_a)
+  full = a.effects(tol)[0]
+  rng = np.random.default_rng(seed)
+  samples = np.array([fn(full, a.take(resampling.indices(rng, a.n)).effects(tol)[0]) for _ in range(n_boot)])
+  return np.abs(samples) if signed else samples
+
+
+def noise_floor(fn: Metric, per_pair_a, n_boot: int = 1000, seed: int = 0, *, signed: bool = False,
+                tol: float = DEFAULT_TOL) -> tuple[float, float]:
+  """(median, 95th percentile) of ``noise_floor_samples``."""
+  samples = noise_floor_samples(fn, per_pair_a, n_boot, seed, signed=signed, tol=tol)
+  ok = samples[np.isfinite(samples)]
+  if ok.size == 0:
+    return math.nan, math.nan
+  return float(np.median(ok)), float(np.percentile(ok, 95))
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+SIGNED_METRICS = frozenset({"centroid"})  # floors of signed metrics are taken on |value|
+
+
+def default_metrics(k: int = 10) -> dict[str, Metric]:
+  return {"tv": tv_shift, "rank": rank_shift, "topk": lambda a, b: topk_shift(a, b, min(k, a.size)),
+          "centroid": centroid_shift}
+
+
+def _num(x) -> float | None:
+  x = float(x)
+  return x if math.isfinite(x) else None
+
+
+def _json_array(a: np.ndarray) -> list:
+  return [_num(v) for v in np.asarray(a, np.float64).ravel()]
+
+
+def _ci(point: float, samples: np.ndarray) -> dict[str, Any]:
+  lo, hi = resampling.interval(samples)
+  return dict(point=_num(point), lo=_num(lo), hi=_num(hi), n_valid=int(np.isfinite(samples).sum()))
+
+
+def _condition(run: PatchRuns, floors: dict[str, np.ndarray], tol: float, include_effects: bool) -> dict[str, Any]:
+  """One condition's summary: separation, the noise floor per metric and (optionally) its effects."""
+  e, separated = run.effects(tol)
+  ok = {m: s[np.isfinite(s)] for m, s in floors.items()}
+  info: dict[str, Any] = dict(
+      n_pairs=run.n, mean_target=_num(run.target.mean()), mean_source=_num(run.source.mean()),
+      separation=_num(run.source.mean() - run.target.mean()), separated=bool(separated),
+      noise_floor={m: dict(median=_num(np.median(s)) if s.size else None,
+                           p95=_num(np.percentile(s, 95)) if s.size else None, n_valid=int(s.size))
+                   for m, s in ok.items()})
+  if include_effects:
+    info.update(shape=list(e.shape), effects=_json_array(e), importance=_json_array(normalized_importance(e)),
+                layer_profile=_json_array(layer_profile(e)) if e.ndim else None)
+  return info
+
+
+def _shift(point: float, samples: np.ndarray, floor: dict[str, Any], signed: bool) -> dict[str, Any]:
+  """A shift's point and CI, against the first condition's noise floor (signed metrics compare |point|)."""
+  item = _ci(point, samples)
+  value = None if item["point"] is None else (abs(item["point"]) if signed else item["point"])
+  item.update(floor_median=floor["median"], floor_p95=floor["p95"],
+              minus_floor=None if value is None or floor["median"] is None else value - floor["median"],
+              exceeds_floor=None if value is None or floor["p95"] is None else bool(value > floor["p95"]))
+  return item
+
+
+def shift_report(effects_by_condition: Mapping[str, Any], baseline: str = "base", n_boot: int = 1000,
+                 seed: int = 0, *, k: int = 10, tol: float = DEFAULT_TOL, paired: bool = True,
+                 metrics: Mapping[str, Metric] | None = None, include_effects: bool = True) -> dict[str, Any]:
+  """Every circuit-shift number between the conditions, as JSON-serialisable values (NaN -> None).
+
+  ``effects_by_condition`` maps a condition name to its per-pair runs (anything ``PatchRuns.of`` accepts);
+  one component family (heads, MLPs or residual) per call. Every bootstrap uses the same ``seed``, so when
+  ``paired`` all conditions share one resample of pair indices per replicate (they must then hold the same
+  pairs, in the same order) and contrasts are differences of the same replicates.
+
+  Returns ``conditions`` (per condition: n_pairs, separation E[source] - E[target], separated, effects,
+  importance, layer profile, noise floor per metric = (median, p95) of CS(m, m*)), ``shifts`` (per pair of
+  conditions "a|b", baseline first: point, 95% CI, the first condition's floor, point minus floor median and
+  whether the point exceeds the floor's p95; signed metrics compare |point|), and ``contrasts`` ("m-m'":
+  CS(baseline, m) - CS(baseline, m') with its paired CI; the study's claim is contrasts["icl-ft"] > 0).
+  """
+  runs = _checked_runs(effects_by_condition, baseline, n_boot, paired)
+  names = list(runs)
+  fns = dict(metrics) if metrics is not None else default_metrics(k)
+  effects = {n: r.effects(tol)[0] for n, r in runs.items()}
+  conditions = {n: _condition(r, {m: noise_floor_samples(fn, r, n_boot, seed, signed=m in SIGNED_METRICS, tol=tol)
+                                  for m, fn in fns.items()}, tol, include_effects) for n, r in runs.items()}
+  samples = {(a, b, m): bootstrap_samples(fn, runs[a], runs[b], n_boot, seed, paired=paired, tol=tol)
+             for a, b in itertools.combinations(names, 2) for m, fn in fns.items()}
+  point = {(a, b, m): float(fn(effects[a], effects[b])) for (a, b, m), fn in
+           ((key, fns[key[2]]) for key in samples)}
+  shifts = {f"{a}|{b}": {m: _shift(point[a, b, m], samples[a, b, m], conditions[a]["noise_floor"][m],
+                                   m in SIGNED_METRICS) for m in fns}
+            for a, b in itertools.combinations(names, 2)}
+  contrasts = {f"{a}-{b}": {m: _ci(point[baseline, a, m] - point[baseline, b, m],
+                                   samples[baseline, a, m] - samples[baseline, b, m]) for m in fns}
+               for a, b in itertools.combinations(names[1:], 2)}
+  return dict(baseline=baseline, conditions=conditions, shifts=shifts, contrasts=contrasts, n_boot=n_boot,
+              seed=seed, k=k, tol=tol, paired=paired, alpha=ALPHA, metrics=list(fns))
+
+
+def _checked_runs(effects_by_condition: Mapping[str, Any], baseline: str, n_boot: int,
+                  paired: bool) -> dict[str, PatchRuns]:
+  """The conditions as PatchRuns, baseline first, after checking the baseline, n_boot, shapes and pairing."""
+  if baseline not in effects_by_condition:
+    raise ValueError(f"baseline {baseline!r} not among the conditions {list(effects_by_condition)}")
+  if n_boot < 1:
+    raise ValueError(f"n_boot must be positive, got {n_boot}")
+  runs = {baseline: PatchRuns.of(effects_by_condition[baseline])}
+  runs.update((name, PatchRuns.of(v)) for name, v in effects_by_condition.items() if name != baseline)
+  shapes = {name: r.patched.shape[1:] for name, r in runs.items()}
+  if len(set(shapes.values())) != 1:
+    raise ValueError(f"component shapes differ between conditions: {shapes}")
+  if paired and len({r.n for r in runs.values()}) != 1:
+    raise ValueError(f"paired bootstrap needs the same pairs in every condition: {({n: r.n for n, r in runs.items()})}")
+  return runs

@@ -1,0 +1,8 @@
+"""The study: its typed config (``config``), its six stages (``stages``) and the pipeline that runs them into a
+work directory that never loses a result (``pipeline``, with the bookkeeping in ``workdir``)."""
+
+from icl_ft.study.config import STAGES, ConfigError, StudyConfig, saved_steps
+from icl_ft.study.pipeline import MissingInputError, Step, Study, UnreadableRecordError, check_workdir
+
+__all__ = ["STAGES", "ConfigError", "MissingInputError", "Step", "Study", "StudyConfig", "UnreadableRecordError",
+           "check_workdir", "saved_steps"]

@@ -1,0 +1,216 @@
+"""The study's typed config: ``StudyConfig.from_dict`` turns an ``ml_collections`` config (configs/*.py) into
+typed sections, naming the key and the valid values on any bad input, and says what each stage's outputs
+depend on (its fingerprint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Sequence
+
+from etils import epath
+
+from icl_ft import tasks
+from icl_ft.evaluation import engine
+from icl_ft.interp import circuits
+from icl_ft.io import files
+from icl_ft.model import lora
+from icl_ft.training import dataset, trainer
+
+from icl_ft.study import stages
+
+STAGES = tuple(stages.ALL)  # in the order they run
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key and the valid values."""
+
+
+def _ints(key: str, spec: Any, lo: int = 0) -> tuple[int, ...]:
+  items = spec if isinstance(spec, (list, tuple)) else [s for s in str(spec).split(",") if s.strip()]
+  try:
+    out = tuple(int(s) for s in items)
+  except ValueError:
+    raise ConfigError(f"{key} must be comma-separated integers, got {spec!r}") from None
+  if any(v < lo for v in out):
+    raise ConfigError(f"{key} values must be >= {lo}, got {spec!r}")
+  if len(set(out)) != len(out):
+    raise ConfigError(f"{key} lists a value twice: {spec!r}")
+  return out
+
+
+def _names(key: str, spec: Any, valid: Sequence[str], default: Sequence[str] = ()) -> tuple[str, ...]:
+  items = spec if isinstance(spec, (list, tuple)) else [s.strip() for s in str(spec).split(",") if s.strip()]
+  items = tuple(items) or tuple(default)
+  bad = [s for s in items if s not in valid]
+  if bad:
+    raise ConfigError(f"{key}: unknown value(s) {bad}; valid: {', '.join(valid)}")
+  if not items:
+    raise ConfigError(f"{key} is empty; valid values: {', '.join(valid)}")
+  if len(set(items)) != len(items):
+    raise ConfigError(f"{key} lists a value twice: {spec!r}")
+  return items
+
+
+def _choice(key: str, value: Any, valid: Sequence[Any]) -> Any:
+  if value not in valid:
+    raise ConfigError(f"{key} must be one of {list(valid)}, got {value!r}")
+  return value
+
+
+def _positive(key: str, value: int) -> int:
+  if not isinstance(value, int) or value < 1:
+    raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """The validated study config (built from an ``ml_collections.ConfigDict`` by ``from_dict``)."""
+  raw: dict  # the config as given, for fingerprints and the report
+  name: str
+  model: str
+  dtype: str
+  workdir: epath.Path  # local path or object-store URI (gs://...)
+  tasks: tuple[str, ...]
+  variants: tuple[str, ...]
+  format: str
+  seed: int
+  stages: tuple[str, ...]
+  mesh: dict
+  progress: bool
+  overwrite: bool  # finished results of another config are moved aside (never deleted) instead of refused
+  shots: tuple[int, ...]
+  icl_engine: engine.EngineConfig
+  n_queries: int
+  n_dev: int  # dev-split queries per ICL cell (k > 0) for choosing k without the test set; 0: none
+  ft_data: dataset.FTDataConfig
+  train: trainer.TrainConfig
+  ft_eval_shots: tuple[int, ...]
+  ft_eval_steps: tuple[int, ...]  # checkpoints to evaluate (the report step included); empty: every kept one
+  ft_report_step: int  # the checkpoint step of the table's fine-tuned column
+  circuits: tuple[circuits.CircuitConfig, ...]  # one per analysed task
+
+  @classmethod
+  def from_dict(cls, c: Any) -> "StudyConfig":
+    """Validates every value (a ``ConfigError`` names the key and the valid values) and builds the sections."""
+    raw = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+    task_names = _names("tasks", raw["tasks"], tuple(tasks.TASKS))
+    fmt = _choice("format", raw["format"], tasks.FORMATS)
+    train, data = _ft_section(raw["ft"], task_names, fmt)
+    eval_shots, eval_steps, report_step = _ft_eval_section(raw["ft_eval"], train)
+    icl = raw["icl"]
+    return cls(
+        raw=raw, name=str(raw["name"]), model=str(raw["model"]),
+        dtype=_choice("dtype", raw["dtype"], ("float32", "bfloat16")), workdir=files.as_path(raw["workdir"]),
+        tasks=task_names, variants=_variants(raw["variants"], task_names), format=fmt, seed=int(raw["seed"]),
+        stages=STAGES if raw["stages"] == "all" else _names("stages", raw["stages"], STAGES),
+        mesh=dict(raw["mesh"]), progress=bool(raw["progress"]), overwrite=bool(raw.get("overwrite", False)),
+        shots=_ints("icl.shots", icl["shots"]), icl_engine=_engine_section(icl, bool(raw["progress"])),
+        n_queries=_positive("icl.n", icl["n"]), n_dev=_ints("icl.n_dev", [icl["n_dev"]])[0],
+        ft_data=data, train=train, ft_eval_shots=eval_shots, ft_eval_steps=eval_steps, ft_report_step=report_step,
+        circuits=_circuit_section(raw["circuits"], task_names, int(raw["seed"])))
+
+  def inputs(self, stage: str) -> dict:
+    """The config values a stage's outputs depend on (its fingerprint, with its upstream stages')."""
+    from icl_ft.io import loading
+    r = self.raw
+    # What the data depends on beyond the config: the generators' version and the model a name resolves to.
+    common = {k: r[k] for k in ("dtype", "tasks", "variants", "format", "seed")}
+    common.update(model=loading.REGISTRY.get(r["model"], r["model"]), data_version=tasks.DATA_VERSION)
+    ft_eval = dict(shots=r["ft_eval"]["shots"], steps=self.ft_eval_steps or "all kept",
+                   on_too_long=r["icl"]["on_too_long"])
+    return {
+        "data": dict(common, n=r["icl"]["n"], ft=r["ft"]),
+        "icl": dict(common, icl=r["icl"]),
+        "finetune": dict(common, ft=r["ft"]),
+        "ft_eval": dict(common, n=r["icl"]["n"], batch_size=r["icl"]["batch_size"], ft_eval=ft_eval),
+        "circuits": dict(common, circuits=r["circuits"], ft_step=self.ft_report_step),
+        "report": dict(name=r["name"], ft_report_step=self.ft_report_step),
+    }[stage]
+
+  def needs(self, stage: str) -> tuple[str, ...]:
+    skip = () if self.circuits else ("circuits",)
+    return tuple(s for s in stages.ALL[stage].needs if s not in skip)
+
+  def fingerprint(self, stage: str) -> str:
+    payload = dict(stage=stage, inputs=self.inputs(stage), upstream=[self.fingerprint(s) for s in self.needs(stage)])
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _engine_section(icl: dict, progress: bool) -> engine.EngineConfig:
+  return engine.EngineConfig(batch_size=_positive("icl.batch_size", icl["batch_size"]),
+                             on_too_long=_choice("icl.on_too_long", icl["on_too_long"], engine.ON_TOO_LONG),
+                             progress=progress)
+
+
+def _ft_section(ft: dict, task_names: Sequence[str], fmt: str) -> tuple[trainer.TrainConfig, dataset.FTDataConfig]:
+  method = _choice("ft.method", ft["method"], ("full", "lora"))
+  targets = _names("ft.lora_targets", ft["lora_targets"], tuple(lora.TARGETS))
+  data = dataset.FTDataConfig(
+      tasks=_names("ft.tasks", ft["tasks"], tuple(tasks.TASKS), default=task_names),
+      n_per_task=_positive("ft.n_per_task", ft["n_per_task"]), format=fmt, with_header=bool(ft["with_header"]),
+      loss_on=_choice("ft.loss_on", ft["loss_on"], dataset.LOSS_ON), seed=ft["seed"])
+  train = trainer.TrainConfig(
+      steps=_positive("ft.steps", ft["steps"]), batch_size=_positive("ft.batch_size", ft["batch_size"]),
+      grad_accum=_positive("ft.grad_accum", ft["grad_accum"]), lr=float(ft["lr"]), warmup_steps=ft["warmup_steps"],
+      schedule=_choice("ft.schedule", ft["schedule"], trainer.SCHEDULES), weight_decay=float(ft["weight_decay"]),
+      clip_norm=float(ft["clip_norm"]),
+      compute_dtype=_choice("ft.compute_dtype", ft["compute_dtype"], ("float32", "bfloat16")),
+      remat=bool(ft["remat"]), unroll_layers=bool(ft["unroll_layers"]),
+      save_every=_positive("ft.save_every", ft["save_every"]), keep=_positive("ft.keep", ft["keep"]), seed=ft["seed"],
+      lora=lora.LoRAConfig(ft["lora_rank"], float(ft["lora_alpha"]), targets) if method == "lora" else None)
+  return train, data
+
+
+def _ft_eval_section(ev: dict, train: trainer.TrainConfig) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+  """(shots, checkpoint steps to evaluate (empty: every kept one), the report step), each checked against the
+  checkpoints training will keep."""
+  report_step = _ints("ft_eval.report_step", [ev["report_step"]])[0] or train.steps
+  steps = _ints("ft_eval.steps", ev["steps"], lo=1)
+  _check_kept(train, steps, report_step)
+  shots = _ints("ft_eval.shots", ev["shots"])
+  if 0 not in shots:
+    raise ConfigError(f"ft_eval.shots must include 0 (the fine-tuned 0-shot column), got {shots}")
+  return shots, tuple(sorted(set(steps) | {report_step})) if steps else (), report_step
+
+
+def _circuit_section(cc: dict, task_names: Sequence[str], seed: int) -> tuple[circuits.CircuitConfig, ...]:
+  """One ``CircuitConfig`` per analysed task: ``circuits.tasks``, or (empty) those of the study's tasks that
+  have prompt pairs, which may be none."""
+  from icl_ft.interp import pairs
+  default = [t for t in task_names if t in pairs.pair_tasks()]
+  if not cc["enabled"] or not (cc["tasks"] or default):
+    return ()
+  return tuple(circuits.CircuitConfig(
+      task=t, fmt=_choice("circuits.format", cc["format"], tasks.FORMATS),
+      n_pairs=_positive("circuits.n_pairs", cc["n_pairs"]), seed=seed,
+      icl_shots=_ints("circuits.icl_shots", cc["icl_shots"], lo=1), chunk=_positive("circuits.chunk", cc["chunk"]),
+      n_boot=_positive("circuits.n_boot", cc["n_boot"]), top_k=_positive("circuits.top_k", cc["top_k"]),
+      resid_last=_ints("circuits.resid_last", [cc["resid_last"]])[0], tol=float(cc["tol"]))
+      for t in _names("circuits.tasks", cc["tasks"], pairs.pair_tasks(), default=default))
+
+
+def _variants(spec: Any, task_names: Sequence[str]) -> tuple[str, ...]:
+  """The variants to evaluate: each must exist in at least one selected task (a task is evaluated on the
+  variants it has)."""
+  offered = dict.fromkeys(v for t in task_names for v in tasks.get_task(t).variants)
+  return _names("variants", spec, tuple(offered))
+
+
+def saved_steps(train: trainer.TrainConfig) -> list[int]:
+  """The checkpoint steps a training run keeps: every ``save_every`` and the last, the newest ``keep`` of them."""
+  steps = sorted(set(range(train.save_every, train.steps + 1, train.save_every)) | {train.steps})
+  return steps[-train.keep:]
+
+
+def _check_kept(train: trainer.TrainConfig, eval_steps: Sequence[int], report_step: int) -> None:
+  kept = saved_steps(train)
+  for key, wanted in (("ft_eval.steps", list(eval_steps)), ("ft_eval.report_step", [report_step])):
+    missing = [s for s in wanted if s not in kept]
+    if missing:
+      raise ConfigError(f"{key}: no checkpoint will exist for step(s) {missing}; with ft.steps={train.steps}, "
+                        f"ft.save_every={train.save_every} and ft.keep={train.keep} the kept steps are {kept}")
+
+
