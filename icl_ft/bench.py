@@ -343,10 +343,9 @@ def _patching(argv):
   base = np.asarray(patching.capture(cfg, m.params, corrupt)[0])
   est_mean = est.mean(axis=1)
   true_mean = np.array([[np.mean(exact[l, h] - base) for h in range(H)] for l in range(L)])
-  top = np.argsort(-np.abs(est_mean).ravel())[:k]
-  top_true = set(np.argsort(-np.abs(true_mean).ravel())[:k])
-  from scipy.stats import spearmanr
-  rho = spearmanr(est_mean.ravel(), true_mean.ravel()).statistic
+  from icl_ft.stats import shifts
+  top = shifts.ranked(est_mean, k)
+  rho = shifts.spearman(est_mean, true_mean)
   # FLOPs actually executed by our sweep: each patched run does layers l..L-1 on N*T tokens (+ the head at
   # one position), plus the capture passes.
   per_tok_layer = (flops.forward_flops_per_token(cfg, T, head=False)) / L
@@ -360,7 +359,7 @@ def _patching(argv):
         f"   max |effect diff| vs hooks {diff:.1e}; {done / t_ours / 1e9:.1f} GFLOP/s executed, "
         f"MFU {done / t_ours / 1e9 / ceiling.median:.2f}")
   print(f"{'ours: attribution patching (all l,h,pos)':40} {t_atp:7.2f} {runs / t_atp:7.1f} {t_torch / t_atp:8.2f}"
-        f"   Spearman vs exact {rho:.3f}; top-{k} overlap {len(set(top) & top_true) / k:.2f}")
+        f"   Spearman vs exact {rho:.3f}; top-{k} overlap {shifts.topk_recall(est_mean, true_mean, k):.2f}")
   print("AtP top-k verified exactly (layer, head, AtP estimate, exact effect):")
   for i in top:
     print(f"  L{i // H:02d}H{i % H}  {est_mean.ravel()[i]:+.4f}  {true_mean.ravel()[i]:+.4f}")

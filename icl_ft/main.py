@@ -46,7 +46,7 @@ def main(argv) -> int:
     done = runner.run()
   except (study.MissingInputError, study.ConfigError, loading.ModelNotFoundError, convert.CheckpointError,
           config.UnsupportedModelError, sharding.MeshError, trainer.TrainingDivergedError,
-          checkpoints.CheckpointMismatchError, workdir.LockedError, OSError) as e:
+          checkpoints.CheckpointMismatchError, workdir.LockedError, study.UnreadableRecordError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"\nfinished in {(time.time() - t0) / 60:.1f} min. Outputs (in {cfg.workdir}):")

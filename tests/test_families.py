@@ -136,7 +136,7 @@ def test_real_configs(name):
 
 
 def test_registry_pythia_is_the_releases_v0_checkpoint():
-  assert loading.REGISTRY["pythia-1.4b"] == "EleutherAI/pythia-1.4b-v0"  # the release's final grid (study §4)
+  assert loading.REGISTRY["pythia-1.4b"] == "EleutherAI/pythia-1.4b-v0"  # the release's final grid (docs/study.md)
 
 
 def test_registry_names():

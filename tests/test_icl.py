@@ -217,3 +217,18 @@ def test_a_cell_whose_queries_were_all_skipped_is_reported_not_fatal(tmp_path):
   assert tables.dev_chosen_shots(summary)[0]["dev_shots"] == 1
   assert plots.plot_accuracy([r for r in summary if r["split"] == "test"], tmp_path / "a.png").exists()
   files.write_csv(tmp_path / "s.csv", summary)
+
+
+def test_query_records_round_trip_with_their_schema(model, tmp_path):
+  from icl_ft.io import records
+  recs, _ = icl.run(model, icl.icl_queries("parity", "misleading", "fixed", 1, 2, seed=1),
+                    icl.EngineConfig(progress=False))
+  records.write_queries(tmp_path / "r.jsonl", recs)
+  assert records.read_queries(tmp_path / "r.jsonl") == recs
+  rows = files.read_jsonl(tmp_path / "r.jsonl")
+  files.write_jsonl(tmp_path / "old.jsonl", [dict(r, schema=0) for r in rows])
+  with pytest.raises(records.SchemaError, match="schema 0"):
+    records.read_queries(tmp_path / "old.jsonl")
+  with pytest.raises(records.SchemaError, match="holds a 'summary' document, not 'circuits'"):
+    records.write_document(tmp_path / "s.json", "summary", {"cells": []})
+    records.read_document(tmp_path / "s.json", "circuits")

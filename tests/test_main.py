@@ -479,3 +479,21 @@ def test_the_two_reported_typos_leave_a_finished_run_untouched(finished):
   assert r.returncode == 2 and "needs 3 devices, but 1 are available" in r.stderr
   assert "clearing" not in r.stdout + r.stderr
   assert _tree(workdir) == tree
+
+
+def test_a_stage_record_of_an_older_version_is_refused_by_name_then_replaced(tiny_lm, tmp_path):
+  kw = {"circuits.enabled": False, "icl.n_dev": 0, "stages": "data"}
+  _run(_config(tiny_lm[0], tmp_path, **kw))
+  old = {k: v for k, v in files.read_json(tmp_path / "data" / "DONE.json").items() if k in ("fingerprint", "outputs")}
+  (tmp_path / "data" / "DONE.json").write_text(json.dumps(dict(old, fingerprint="0123")))  # no schema, no inputs
+  with pytest.raises(study.ConfigError, match="recorded by an older version of icl_ft"):
+    _run(_config(tiny_lm[0], tmp_path, **kw))
+  _run(_config(tiny_lm[0], tmp_path, **kw, overwrite=True))
+  assert len(list(tmp_path.glob("data.replaced-*"))) == 1
+
+
+def test_summaries_of_icl_records_have_no_fine_tuning_keys(finished):
+  _, workdir, _, _ = finished
+  cells = files.read_json(workdir / "icl" / "summary.json")["cells"]
+  assert cells and all("step" not in c and "samples" not in c for c in cells)
+  assert all("step" in c for c in files.read_json(workdir / "ft_eval" / "summary.json")["cells"])

@@ -185,3 +185,25 @@ def test_shift_report_checks_inputs(conditions):
   with pytest.raises(ValueError, match="same pairs"):
     shift.shift_report(short, n_boot=2)
   assert shift.shift_report(short, n_boot=5, paired=False, k=4)["paired"] is False
+
+
+def test_rank_and_top_k_helpers_by_hand():
+  a, b = [3.0, 1.0, 2.0, -5.0], [1.0, 2.0, 3.0, -4.0]
+  assert shift.spearman(a, b) == pytest.approx(0.4)  # ranks [3,1,2,0] vs [1,2,3,0]
+  assert np.isnan(shift.spearman([1.0, 1.0], [1.0, 2.0]))
+  assert shift.ranked(a, 3) == [3, 0, 2]  # by |e|, largest first
+  assert shift.ranked([1.0, -1.0, 1.0], 2) == [0, 1]  # ties: lower index first
+  assert shift.topk_recall(a, b, 2) == 0.5  # {3, 0} vs {3, 2}
+
+
+def test_signed_noise_floor_takes_absolute_values(conditions):
+  signed = shift.noise_floor(shift.centroid_shift, conditions["base"], n_boot=100, seed=0, signed=True)
+  raw = shift.noise_floor(shift.centroid_shift, conditions["base"], n_boot=100, seed=0)
+  assert signed[0] >= 0 and signed[0] >= raw[0]
+
+
+def test_percentile_interval():
+  from icl_ft.stats import resampling
+  lo, hi = resampling.interval(np.r_[np.arange(101.0), np.nan])
+  assert (lo, hi) == pytest.approx((2.5, 97.5))
+  assert all(np.isnan(resampling.interval(np.array([np.nan]))))

@@ -87,7 +87,7 @@ def test_expression_release_ft_generator():
   items = tasks.make_ft_examples("expression", 500, 0, "paper")
   assert all(ex.question.endswith("+=") and ex.variant == "correct" for ex in items)
   assert all(eval(ex.question[:-2]) == int(ex.answer) for ex in items)  # noqa: S307
-  assert any(ex.meta["factor"] == "0" for ex in items)  # 1-term zero factors occur (study §2.1)
+  assert any(ex.meta["factor"] == "0" for ex in items)  # 1-term zero factors occur (docs/tasks.md)
   assert tasks.ft_text(items[0], "paper") == items[0].question + items[0].answer
   fixed = tasks.make_ft_examples("expression", 50, 0, "fixed")
   assert all(ex.question.endswith(")=") for ex in fixed)
@@ -460,7 +460,7 @@ def test_query_records_and_summaries_carry_the_shortcut_share():
   from icl_ft.evaluation import engine as icl
   from icl_ft.report import tables as report
   qs = icl.icl_queries("boolean", "misleading", "paper", 0, 200, seed=0)
-  recs = [dict(q.meta, gold=q.gold, correct_lenient=True, correct_strict=q.meta["shortcut_right"] is False) for q in qs]
+  recs = [dict(q.cell, gold=q.gold, correct_lenient=True, correct_strict=q.cell.shortcut_right is False) for q in qs]
   assert all(r["shortcut_cue"] == "final_literal" and r["shortcut"] in ("0", "1") for r in recs)
   row = report.summarize(recs)[0]
   expected = sum(r["shortcut_right"] is False for r in recs) / len(recs)
@@ -488,6 +488,6 @@ def test_summaries_give_every_cues_share_of_a_set():
   from icl_ft.evaluation import engine as icl
   from icl_ft.report import tables as report
   qs = icl.icl_queries("parity", "misleading", "fixed", 0, 100, seed=0)
-  row = report.summarize([dict(q.meta, gold=q.gold, correct_lenient=False, correct_strict=False) for q in qs])[0]
+  row = report.summarize([dict(q.cell, gold=q.gold, correct_lenient=False, correct_strict=False) for q in qs])[0]
   # the misleading set breaks line parity on every item and leaves the Z cue right on every item
   assert row["cue_holding"] == {"line_parity": 0.0, "z_present": 1.0} and row["shortcut_breaking"] == 1.0

@@ -202,3 +202,13 @@ def test_mfu_ceiling_is_measured_in_the_compute_dtype(setup, tmp_path, monkeypat
   cfg = dataclasses.replace(FAST, steps=1, peak_flops=None, compute_dtype="bfloat16")
   training.train(m.config, m.params, ds, cfg, tmp_path, progress=False)
   assert seen == [jnp.bfloat16]
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_evaluation_restores_the_trained_parameters_alone(setup, tmp_path, use_lora):
+  m, ds, _ = setup
+  cfg = dataclasses.replace(FAST, steps=2, lora=lora.LoRAConfig(rank=2, targets=("q", "v")) if use_lora else None)
+  res = training.train(m.config, m.params, ds, cfg, tmp_path, progress=False)
+  (step, restored), = training.checkpoint_params(m.config, m.params, cfg, tmp_path, [2])
+  assert step == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), jax.tree.map(np.asarray, res.params))

@@ -25,7 +25,7 @@ from icl_ft.model import sharding
 from icl_ft.io.units import Units
 from icl_ft.evaluation.decoding import generate_and_score, left_pad, right_pad
 from icl_ft.io.loading import LoadedModel, pad_id
-from icl_ft.io.records import QueryRecord, SkippedQuery
+from icl_ft.io.records import QueryCell, QueryRecord, SkippedQuery
 
 
 class PromptTooLongError(ValueError):
@@ -52,13 +52,13 @@ class Query:
   task: str
   lenient_tokens: int  # the release's generation_len
   strict_tokens: int  # the strict scorer's budget (the task's; it stops at a newline)
-  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  cell: QueryCell  # its cell and item (typed: the record keeps it)
 
 
 def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int, split: str = "test",
                 exclude: Collection[str] = ()) -> list[Query]:
   """The fixed query set of (task, variant, seed, split) with ``shots`` correct-variant demos each; every
-  query's meta carries what the item's shortcut cues predict (``tasks.shortcut_record``)."""
+  query's cell carries what the item's shortcut cues predict (``tasks.shortcut_record``)."""
   if n < 1:
     raise ValueError(f"the number of queries must be at least 1, got {n}")
   out = []
@@ -66,8 +66,8 @@ def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int
     demos = tasks.make_demos(task, shots, seed, i, fmt, split)
     out.append(Query(tasks.build_prompt(task, fmt, demos, ex), ex.answer, ex.foil, task,
                      tasks.generation_len(task, fmt), tasks.strict_len(task, fmt),
-                     dict(task=task, variant=variant, format=fmt, shots=shots, seed=seed, split=split, index=i,
-                          question=ex.question, **tasks.shortcut_record(ex, fmt))))
+                     QueryCell(task=task, variant=variant, format=fmt, shots=shots, seed=seed, split=split, index=i,
+                               question=ex.question, **tasks.shortcut_record(ex, fmt))))
   return out
 
 
@@ -100,7 +100,7 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
     if len(ids) + need <= cfg.max_position_embeddings:
       keep.append(i)
     elif engine.on_too_long == "skip":
-      skipped.append(SkippedQuery(**queries[i].meta, prompt_tokens=len(ids)))
+      skipped.append(SkippedQuery(**queries[i].cell, prompt_tokens=len(ids)))
     else:
       raise PromptTooLongError(
           f"query {i} has {len(ids)} prompt tokens; with {need} answer tokens it exceeds the model's context of "
@@ -156,7 +156,7 @@ def record(q: Query, prompt_ids: list[int], new_ids: list[int], logprob, first_l
   kind = tasks.answer_kind(q.task)
   has_foil = q.foil is not None
   return QueryRecord(
-      **q.meta, prompt=q.prompt, prompt_tokens=len(prompt_ids), gold=q.gold, foil=q.foil,
+      **q.cell, prompt=q.prompt, prompt_tokens=len(prompt_ids), gold=q.gold, foil=q.foil,
       completion=completion, lenient_text=lenient_text,
       correct_lenient=scoring.lenient_correct(q.gold, lenient_text, tasks.get_task(q.task).lenient_digits),
       correct_strict=scoring.strict_correct(q.gold, completion, kind),

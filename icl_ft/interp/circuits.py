@@ -21,6 +21,7 @@ from icl_ft import faults
 from icl_ft.interp import patching
 from icl_ft.stats import shifts
 from icl_ft.stats.effects import PatchRuns
+from icl_ft.io import records
 from icl_ft.io.units import Units
 from icl_ft.model.config import ModelConfig
 from icl_ft.model.decoder import Params
@@ -86,6 +87,7 @@ def attribution_check(cfg: ModelConfig, params: Params, p: pairs_lib.PairSet, ex
   grid = atp.sum(axis=-1)  # [L, N, T, H]: per (layer, head, position)
   est = grid.sum(axis=2).mean(axis=1)  # [L, H]: estimated E[patched] - E[target] per head
   true = exact.patched.mean(axis=0) - exact.target.mean()
+  k = min(k, est.size)
   return {
       "spearman_atp_vs_exact": shifts.spearman(est, true),
       "topk_overlap_with_exact": shifts.topk_recall(est, true, k),
@@ -125,10 +127,7 @@ def _saved(units: Units | None, key: str, compute: Callable[[], dict[str, PatchR
   """PatchRuns by name, computed or (with ``units``) reloaded exactly from a saved unit."""
   if units is None:
     return compute()
-  fields = ("patched", "target", "source")
-  arrays = units.arrays(key, lambda: {f"{n}.{k}": getattr(r, k) for n, r in compute().items() for k in fields})
-  names = dict.fromkeys(k.split(".")[0] for k in arrays)
-  return {n: PatchRuns(*(arrays[f"{n}.{k}"] for k in fields)) for n in names}
+  return records.patch_runs_from_arrays(units.arrays(key, lambda: records.patch_runs_arrays(compute())))
 
 
 def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,

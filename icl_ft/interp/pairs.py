@@ -104,7 +104,7 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def first_answer_token(tokenizer, prompt: str, prompt_ids: list[int], answer: str) -> int | None:
-  """First token of ``answer`` as the model would continue ``prompt`` (see ``icl.continuation_ids``)."""
+  """First token of ``answer`` as the model would continue ``prompt`` (see ``engine.continuation_ids``)."""
   ids = continuation_ids(tokenizer, prompt, prompt_ids, answer)
   return int(ids[0]) if ids else None
 

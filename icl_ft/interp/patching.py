@@ -107,8 +107,9 @@ def component_masks(cfg: ModelConfig, site: str, shape: tuple[int, ...], granula
   return eye[:, None, :, :]  # H == 1: broadcasts against [B, T, D]
 
 
-def _run_from(cfg, params, batch, layer, x, site, src, mask):
-  """Layers ``layer``..L-1 from residual ``x``, with ``site`` at ``layer`` patched; returns the metric [B]."""
+def _run_from(cfg, params, batch, layer, x, site, src, mask, start=None):
+  """Layers ``start``..L-1 (default ``layer``) from residual ``x``, with ``site`` at ``layer`` patched; returns
+  the metric [B]."""
   L = cfg.num_layers
   att_mask, _ = attention_mask(batch.valid, None, batch.tokens.shape[1])
   positions = batch.positions
@@ -121,7 +122,7 @@ def _run_from(cfg, params, batch, layer, x, site, src, mask):
                     jnp.asarray(windowed_layers(cfg))[i])
     return x
 
-  x = jax.lax.fori_loop(layer, L, body, x)
+  x = jax.lax.fori_loop(layer if start is None else start, L, body, x)
   return logit_diff(unembed(cfg, params, x, batch.answer_pos[:, None]), batch)
 
 
@@ -146,6 +147,43 @@ def patch_sweep(cfg: ModelConfig, params: Params, target: Batch, source_cache: d
     return jax.lax.map(lambda m: _run_from(cfg, params, target, layer, x0, site, src, m), masks, batch_size=chunk)
 
   return jax.lax.map(per_layer, jnp.arange(cfg.num_layers))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "site", "chunk"))
+def patch_list(cfg: ModelConfig, params: Params, target: Batch, source_cache: dict, site: str, layers: jax.Array,
+               masks: jax.Array, chunk: int = 16) -> jax.Array:
+  """Metric [M, B] of M single patches of ``site``: patch m replaces, at layer ``layers[m]``, what
+  ``masks[m]`` (broadcastable to the per-layer activation [B, T, ...]) selects, from ``source_cache``.
+
+  For sweeping a chosen set of components (e.g. the heads an attribution screen ranks highest): patches are
+  sorted by layer and evaluated ``chunk`` at a time, each chunk starting from the target's cached residual at
+  its lowest layer, so the cost follows the components' depth, not the model's.
+  """
+  _check_site(site)
+  src = source_cache[site]
+  _check_pair(src, target)
+  _, tgt = capture(cfg, params, target, taps=("resid_pre",))
+  order = jnp.argsort(layers, stable=True)
+  m = layers.shape[0]
+  pad = -m % chunk
+  ls = jnp.concatenate([layers[order], jnp.repeat(layers[order][-1:], pad)]).reshape(-1, chunk)
+  ms = jnp.concatenate([masks[order], jnp.repeat(masks[order][-1:], pad, axis=0)]).reshape(
+      (-1, chunk) + masks.shape[1:])
+
+  def per_chunk(args):
+    chunk_layers, chunk_masks = args
+    start = chunk_layers.min()
+    x0 = jax.lax.dynamic_index_in_dim(tgt["resid_pre"], start, keepdims=False)
+    return jax.vmap(lambda layer, mask: _run_from(cfg, params, target, layer, x0, site, src, mask, start))(
+        chunk_layers, chunk_masks)
+
+  out = jax.lax.map(per_chunk, (ls, ms)).reshape(-1, target.tokens.shape[0])[:m]
+  return out[jnp.argsort(order)]
+
+
+def head_masks(cfg: ModelConfig, site: str, heads: jax.Array) -> jax.Array:
+  """Per-layer one-hot masks [M, 1, 1, H, 1] of heads ``heads`` (indices within their layer), all positions."""
+  return jax.nn.one_hot(heads, getattr(cfg, _HEAD_SITES[site]))[:, None, None, :, None]
 
 
 def _check_pair(src: jax.Array, target: Batch) -> None:

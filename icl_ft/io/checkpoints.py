@@ -4,6 +4,7 @@ parameters alone (about a third of the full state's memory with Adam)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Iterator, Sequence
 
@@ -14,6 +15,19 @@ from icl_ft.io import files
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint directory belongs to another model or training setup."""
+
+
+@contextlib.contextmanager
+def quiet_orbax(level: str = "warning"):
+  """Orbax logs every read and write through absl (and warns about read-only managers); keep the console for
+  our own progress."""
+  from absl import logging as absl_logging
+  before = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(getattr(absl_logging, level.upper()))
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(before)
 
 
 def abstract(tree: Any) -> Any:
@@ -57,7 +71,9 @@ def saved_params(directory: files.PathLike, abstract_params: Any,
   """(step, parameters) of the saved ``steps`` (default: every kept one), restoring the parameters alone
   (``state/params``: the optimizer state is never read)."""
   import orbax.checkpoint as ocp
-  with manager(directory, read_only=True) as mngr:  # evaluation never touches the (digested) checkpoints
+  with quiet_orbax("error"):  # (Orbax warns that a read-only manager will not save)
+    mngr = manager(directory, read_only=True)  # evaluation never touches the (digested) checkpoints
+  with mngr:
     available = mngr.all_steps()
     missing = sorted(set(steps or ()) - set(available))
     if missing:

@@ -1,10 +1,10 @@
 """Checkpoint conversion: Hugging Face safetensors and GGUF tensors <-> our parameter tree.
 
 Every source exposes tensors under their Hugging Face names in the HF ``[out, in]`` layout; one
-table (``_hf_layout``) maps them to our leaves. Loading is streamed per leaf: each device shard is built by
-``jax.make_array_from_callback`` from the HF tensors it covers (for a stacked layer leaf, the slices of every
-layer that shard holds, stacked), so host memory holds one shard's worth of one leaf at a time, never the
-whole state dict.
+table (``_hf_layout``) maps them to our leaves. Loading goes leaf by leaf: ``jax.make_array_from_callback``
+builds each of this host's shards of a leaf from the HF tensors it covers (a stacked layer leaf reads every
+layer's tensor once per shard), so host memory holds this host's shards of one leaf plus the tensors being
+read, never the whole state dict.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ so a second load restores the tree directly into its shardings.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -20,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from icl_ft.io import convert
+from icl_ft.io import checkpoints, convert
 from icl_ft.model import sharding
 from icl_ft.model.config import ModelConfig
 from icl_ft.model.decoder import Params, abstract_params
@@ -183,7 +182,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh: jax
     shardings = sharding.tree_shardings(cfg, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params(cfg, jdtype), shardings)
-    with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
+    with checkpoints.quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore((entry / "params").resolve(), target)
     tok_dir = entry / "tokenizer"
     tokenizer = _auto_tokenizer(tok_dir) if tok_dir.exists() else None
@@ -195,18 +194,6 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh: jax
   if use_cache:
     _write_cache(entry, cfg, params, tokenizer)
   return LoadedModel(cfg, params, tokenizer, str(path))
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-  """Orbax logs every read and write at INFO through absl; keep the console for our own progress."""
-  from absl import logging as absl_logging
-  level = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
-    yield
-  finally:
-    absl_logging.set_verbosity(level)
 
 
 def _auto_tokenizer(directory: Path):
@@ -223,7 +210,7 @@ def _write_cache(entry: Path, cfg: ModelConfig, params: Params, tokenizer) -> No
       shutil.rmtree(entry)
     entry.mkdir(parents=True)
   sharding.barrier("icl_ft cache directory")
-  with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
+  with checkpoints.quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
     ckptr.save((entry / "params").resolve(), params)
     ckptr.wait_until_finished()
   if writer:

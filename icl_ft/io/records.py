@@ -4,6 +4,9 @@
   both scores, gold/foil log-probabilities); ``SkippedQuery``: one query too long for the context.
 - ``StageRecord``: a finished stage (``DONE.json``): its fingerprint, what it was computed from, its outputs by
   name, their digests and its warnings.
+- Documents (``write_document``/``read_document``): a JSON object of a named kind (``summary``: per-cell
+  accuracy tables, ``circuits``: one task's circuit analysis, ``results``: a run's every number).
+- Patch runs (``patch_runs_arrays``/``patch_runs_from_arrays``): per-pair patching metrics as named arrays.
 
 Each file carries ``schema`` (``SCHEMA_VERSION``); reading a file of another version raises
 ``SchemaError`` instead of mis-reading it. Records are frozen dataclasses that also read like mappings
@@ -15,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
+
 from icl_ft.io import files
+from icl_ft.stats.effects import PatchRuns
 
 SCHEMA_VERSION = 1
 
@@ -117,6 +123,41 @@ def _checked(d: Mapping[str, Any], path: files.PathLike) -> Mapping[str, Any]:
   return d
 
 
+DOCUMENT_KINDS = ("summary", "circuits", "results")
+
+
+def write_document(path: files.PathLike, kind: str, payload: Mapping[str, Any]) -> files.epath.Path:
+  """A JSON object of ``kind`` with the schema version."""
+  if kind not in DOCUMENT_KINDS:
+    raise ValueError(f"unknown document kind {kind!r}; valid kinds: {', '.join(DOCUMENT_KINDS)}")
+  return files.write_json(path, dict(payload, schema=SCHEMA_VERSION, kind=kind))
+
+
+def read_document(path: files.PathLike, kind: str) -> dict[str, Any]:
+  """A document written by ``write_document`` (its schema version and kind checked)."""
+  d = dict(_checked(files.read_json(path), path))
+  if d.get("kind") != kind:
+    raise SchemaError(f"{path} holds a {d.get('kind')!r} document, not {kind!r}")
+  return d
+
+
+_RUN_FIELDS = ("patched", "target", "source")
+
+
+def patch_runs_arrays(runs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """PatchRuns by name as flat named arrays (``<name>.patched`` etc.) plus a schema marker."""
+  out = {f"{name}.{f}": np.asarray(getattr(r, f)) for name, r in runs.items() for f in _RUN_FIELDS}
+  return dict(out, schema=np.asarray(SCHEMA_VERSION))
+
+
+def patch_runs_from_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, PatchRuns]:
+  """The inverse of ``patch_runs_arrays``."""
+  if int(arrays.get("schema", -1)) != SCHEMA_VERSION:
+    raise SchemaError(f"patch runs of schema {arrays.get('schema')}, this icl_ft reads {SCHEMA_VERSION}")
+  names = dict.fromkeys(k.split(".")[0] for k in arrays if k != "schema")
+  return {n: PatchRuns(*(arrays[f"{n}.{f}"] for f in _RUN_FIELDS)) for n in names}
+
+
 def write_queries(path: files.PathLike, records: Sequence[QueryCell]) -> files.epath.Path:
   """Query records (evaluated or skipped) as JSON lines, each with its schema version."""
   return files.write_jsonl(path, [dict(r, schema=SCHEMA_VERSION) for r in records])
@@ -131,4 +172,10 @@ def write_stage(path: files.PathLike, record: StageRecord) -> files.epath.Path:
 
 
 def read_stage(path: files.PathLike) -> StageRecord:
-  return StageRecord.from_dict(_checked(files.read_json(path), path))
+  """A stage record; one written before schema versions (version 0: no ``schema``, maybe no ``inputs``,
+  ``upstream``, ``files`` or ``warnings``) is read with those empty, so its stage counts as another config's."""
+  d = files.read_json(path)
+  if "schema" not in d:
+    d = dict(dict(inputs={}, upstream={}, seconds=0.0, finished="", files={}, warnings=[]), **d,
+             schema=SCHEMA_VERSION)
+  return StageRecord.from_dict(_checked(d, path))

@@ -1,6 +1,6 @@
 """Device mesh, logical-axis rules, and parameter shardings.
 
-One table (``RULES``) maps the logical axes that ``model.param_axes`` declares to mesh axes. The
+One table (``RULES``) maps the logical axes that ``decoder.param_axes`` declares to mesh axes. The
 default mesh is data x FSDP x tensor parallelism; few KV heads limit ``tensor``, so FSDP + data
 parallelism is the default for training.
 """

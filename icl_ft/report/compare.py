@@ -16,9 +16,9 @@ from absl import app, flags
 
 from icl_ft.io import files
 
-# Keys whose values measure the machine or name places, not results.
+# Keys whose values measure the machine, name places or mark the file format, not results.
 VOLATILE = frozenset({"timings_s", "versions", "workdir", "median_tokens_per_s", "median_mfu", "seconds",
-                      "step_time_s", "tokens_per_s", "mfu", "model", "source"})
+                      "step_time_s", "tokens_per_s", "mfu", "model", "source", "schema", "kind"})
 
 
 def differences(a: Any, b: Any, tol: float = 0.0, path: str = "") -> Iterator[str]:

@@ -10,22 +10,21 @@ from icl_ft.io import records as records_io
 from icl_ft.report import plots, tables
 
 
-def write_icl_results(outdir, records: Sequence[dict], skipped: Sequence[dict] = (), title: str = "",
-                  figure: files.FigureGuard = files.draw) -> dict[str, Any]:
+def write_icl_results(outdir, records: Sequence[records_io.QueryRecord], skipped: Sequence[records_io.SkippedQuery] = (),
+                      title: str = "", figure: files.FigureGuard = files.draw) -> dict[str, Any]:
   """Per-query JSONL and the summary JSON/CSV (per cell; with best-of-shots and dev-chosen k), then the
   accuracy-vs-shots plot of the test split through ``figure(name, draw)``. Returns the paths by name."""
-  from icl_ft.report import tables as report
   out = files.as_path(outdir)
-  summary = report.summarize(records, skipped)
+  summary = tables.summarize(records, skipped)
   paths = {
       "records": records_io.write_queries(out / "records.jsonl", records),
-      "summary_json": files.write_json(out / "summary.json", dict(
+      "summary": records_io.write_document(out / "summary.json", "summary", dict(
           cells=summary, best_of_shots={rule: tables.best_of_shots(summary, rule) for rule in tables.RULES},
           dev_chosen={rule: tables.dev_chosen_shots(summary, rule) for rule in tables.RULES},
           skipped_too_long=len(skipped))),
       "summary_csv": files.write_csv(out / "summary.csv", summary),
   }
   test = [row for row in summary if row.get("split", "test") == "test"]
-  paths["plot"] = figure("accuracy vs shots", lambda: plots.plot_accuracy(test, out / "accuracy_vs_shots.png",
-                                                                             title=title))
+  paths["plot"] = figure(plots.TITLES["shots"], lambda: plots.plot_accuracy(test, out / "accuracy_vs_shots.png",
+                                                                               title=title))
   return paths

@@ -12,6 +12,10 @@ from icl_ft.io import files
 from icl_ft.report.tables import GROUP_KEYS
 
 
+# The accuracy figures' titles, by their x axis: how stages name them (figure guard) and the report heads them.
+TITLES = {"shots": "accuracy vs shots", "samples": "accuracy vs training samples"}
+
+
 def _plt():
   import matplotlib
   matplotlib.use("Agg")

@@ -39,8 +39,8 @@ def summarize(records: Sequence[dict], skipped: Sequence[dict] = ()) -> list[dic
   first-token logit difference, the number of skipped (too long) queries, and the shortcut statistics:
   ``shortcut_breaking`` (share of items whose target cue disagrees with the gold), ``shortcut_holding`` (share
   where it agrees) and the accuracy on the shortcut-breaking items alone (``acc_*_breaking``)."""
-  first = records[0] if records else skipped[0] if skipped else {}
-  keys = [k for k in GROUP_KEYS if k in first]
+  rows_in = (*records, *skipped)
+  keys = [k for k in GROUP_KEYS if any(r.get(k) is not None for r in rows_in)]  # (e.g. no "step" for ICL)
   groups: dict[tuple, list[dict]] = defaultdict(list)
   for r in records:
     groups[tuple(r.get(k) for k in keys)].append(r)

@@ -18,6 +18,17 @@ def interval(samples: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
   return float(lo), float(hi)
 
 
+def component_intervals(samples: np.ndarray, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
+  """``interval`` of each component over the replicates of ``samples`` [R, ...] (NaN replicates left out)."""
+  samples = np.where(np.isfinite(samples), samples, np.nan)
+  if np.isnan(samples).all():
+    nan = np.full(samples.shape[1:], np.nan)
+    return nan, nan.copy()
+  with np.errstate(all="ignore"):
+    lo, hi = np.nanpercentile(samples, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+  return np.asarray(lo), np.asarray(hi)
+
+
 def indices(rng: np.random.Generator, n: int) -> np.ndarray:
   """One bootstrap resample of n items (with replacement)."""
   return rng.integers(0, n, size=n)

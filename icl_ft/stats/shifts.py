@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -115,20 +115,26 @@ def centroid_shift(e_a, e_b) -> float:
 
 # ---------------------------------------------------------------------------------------------- bootstrap
 
+def replicates(runs: Mapping[str, PatchRuns], n_boot: int, seed: int, *, paired: bool = True,
+               tol: float = DEFAULT_TOL) -> Iterator[dict[str, np.ndarray]]:
+  """Per bootstrap replicate, every condition's effects on a resample of its pairs: one stream of indices from
+  ``seed``, shared by all conditions when ``paired`` (they must hold the same pairs, in the same order), drawn
+  per condition in order otherwise. Every bootstrap and noise floor in this module is computed from it."""
+  rng = np.random.default_rng(seed)
+  n = {name: r.n for name, r in runs.items()}
+  for _ in range(n_boot):
+    shared = resampling.indices(rng, next(iter(n.values()))) if paired else None
+    yield {name: r.take(shared if paired else resampling.indices(rng, n[name])).effects(tol)[0]
+           for name, r in runs.items()}
+
+
 def bootstrap_samples(fn: Metric, per_pair_a, per_pair_b, n_boot: int = 1000, seed: int = 0, *,
                       paired: bool = True, tol: float = DEFAULT_TOL) -> np.ndarray:
-  """fn(effects_a*, effects_b*) on ``n_boot`` resamples of pairs (the same indices for a and b if ``paired``;
-  with one ``seed``, every call resamples the same indices, so shifts of several condition pairs share them)."""
+  """fn(effects_a*, effects_b*) on ``n_boot`` resamples of pairs (``replicates``)."""
   a, b = PatchRuns.of(per_pair_a), PatchRuns.of(per_pair_b)
   if paired and a.n != b.n:
     raise ValueError(f"paired bootstrap needs the same pairs in both conditions, got {a.n} and {b.n}")
-  rng = np.random.default_rng(seed)
-  out = np.empty(n_boot)
-  for r in range(n_boot):
-    ia = resampling.indices(rng, a.n)
-    ib = ia if paired else resampling.indices(rng, b.n)
-    out[r] = fn(a.take(ia).effects(tol)[0], b.take(ib).effects(tol)[0])
-  return out
+  return np.array([fn(e["a"], e["b"]) for e in replicates({"a": a, "b": b}, n_boot, seed, paired=paired, tol=tol)])
 
 
 def bootstrap(fn: Metric, per_pair_a, per_pair_b, n_boot: int = 1000, seed: int = 0, *, paired: bool = True,
@@ -141,25 +147,27 @@ def bootstrap(fn: Metric, per_pair_a, per_pair_b, n_boot: int = 1000, seed: int 
   return point, lo, hi
 
 
-def noise_floor_samples(fn: Metric, per_pair_a, n_boot: int = 1000, seed: int = 0, *, signed: bool = False,
-                        tol: float = DEFAULT_TOL) -> np.ndarray:
-  """fn(effects of a on all pairs, effects of a on a resample of its pairs) per resample (|value| for a
-  ``signed`` metric): the shift CS(B, B*) that resampling alone produces."""
-  a = PatchRuns.of(per_pair_a)
-  full = a.effects(tol)[0]
-  rng = np.random.default_rng(seed)
-  samples = np.array([fn(full, a.take(resampling.indices(rng, a.n)).effects(tol)[0]) for _ in range(n_boot)])
+def floor_samples(fn: Metric, full: np.ndarray, resampled: Sequence[np.ndarray], signed: bool = False) -> np.ndarray:
+  """fn(effects on all pairs, effects on a resample) per resample (|value| for a ``signed`` metric): the shift
+  CS(B, B*) that resampling alone produces."""
+  samples = np.array([fn(full, e) for e in resampled])
   return np.abs(samples) if signed else samples
+
+
+def floor_stats(samples: np.ndarray) -> dict[str, Any]:
+  """(median, 95th percentile, count) of the finite floor samples (None where there are none)."""
+  ok = samples[np.isfinite(samples)]
+  return dict(median=_num(np.median(ok)) if ok.size else None, p95=_num(np.percentile(ok, 95)) if ok.size else None,
+              n_valid=int(ok.size))
 
 
 def noise_floor(fn: Metric, per_pair_a, n_boot: int = 1000, seed: int = 0, *, signed: bool = False,
                 tol: float = DEFAULT_TOL) -> tuple[float, float]:
-  """(median, 95th percentile) of ``noise_floor_samples``."""
-  samples = noise_floor_samples(fn, per_pair_a, n_boot, seed, signed=signed, tol=tol)
-  ok = samples[np.isfinite(samples)]
-  if ok.size == 0:
-    return math.nan, math.nan
-  return float(np.median(ok)), float(np.percentile(ok, 95))
+  """(median, 95th percentile) of ``floor_samples`` over ``n_boot`` resamples of one condition's pairs."""
+  a = PatchRuns.of(per_pair_a)
+  resampled = [e["a"] for e in replicates({"a": a}, n_boot, seed, tol=tol)]
+  stats_ = floor_stats(floor_samples(fn, a.effects(tol)[0], resampled, signed))
+  return (math.nan, math.nan) if stats_["median"] is None else (stats_["median"], stats_["p95"])
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -189,13 +197,10 @@ def _ci(point: float, samples: np.ndarray) -> dict[str, Any]:
 def _condition(run: PatchRuns, floors: dict[str, np.ndarray], tol: float, include_effects: bool) -> dict[str, Any]:
   """One condition's summary: separation, the noise floor per metric and (optionally) its effects."""
   e, separated = run.effects(tol)
-  ok = {m: s[np.isfinite(s)] for m, s in floors.items()}
   info: dict[str, Any] = dict(
       n_pairs=run.n, mean_target=_num(run.target.mean()), mean_source=_num(run.source.mean()),
       separation=_num(run.source.mean() - run.target.mean()), separated=bool(separated),
-      noise_floor={m: dict(median=_num(np.median(s)) if s.size else None,
-                           p95=_num(np.percentile(s, 95)) if s.size else None, n_valid=int(s.size))
-                   for m, s in ok.items()})
+      noise_floor={m: floor_stats(s) for m, s in floors.items()})
   if include_effects:
     info.update(shape=list(e.shape), effects=_json_array(e), importance=_json_array(normalized_importance(e)),
                 layer_profile=_json_array(layer_profile(e)) if e.ndim else None)
@@ -232,15 +237,14 @@ def shift_report(effects_by_condition: Mapping[str, Any], baseline: str = "base"
   names = list(runs)
   fns = dict(metrics) if metrics is not None else default_metrics(k)
   effects = {n: r.effects(tol)[0] for n, r in runs.items()}
-  conditions = {n: _condition(r, {m: noise_floor_samples(fn, r, n_boot, seed, signed=m in SIGNED_METRICS, tol=tol)
+  boots = list(replicates(runs, n_boot, seed, paired=paired, tol=tol))
+  conditions = {n: _condition(r, {m: floor_samples(fn, effects[n], [e[n] for e in boots], m in SIGNED_METRICS)
                                   for m, fn in fns.items()}, tol, include_effects) for n, r in runs.items()}
-  samples = {(a, b, m): bootstrap_samples(fn, runs[a], runs[b], n_boot, seed, paired=paired, tol=tol)
-             for a, b in itertools.combinations(names, 2) for m, fn in fns.items()}
-  point = {(a, b, m): float(fn(effects[a], effects[b])) for (a, b, m), fn in
-           ((key, fns[key[2]]) for key in samples)}
+  pairs = list(itertools.combinations(names, 2))
+  samples = {(a, b, m): np.array([fn(e[a], e[b]) for e in boots]) for a, b in pairs for m, fn in fns.items()}
+  point = {(a, b, m): float(fns[m](effects[a], effects[b])) for a, b, m in samples}
   shifts = {f"{a}|{b}": {m: _shift(point[a, b, m], samples[a, b, m], conditions[a]["noise_floor"][m],
-                                   m in SIGNED_METRICS) for m in fns}
-            for a, b in itertools.combinations(names, 2)}
+                                   m in SIGNED_METRICS) for m in fns} for a, b in pairs}
   contrasts = {f"{a}-{b}": {m: _ci(point[baseline, a, m] - point[baseline, b, m],
                                    samples[baseline, a, m] - samples[baseline, b, m]) for m in fns}
                for a, b in itertools.combinations(names[1:], 2)}

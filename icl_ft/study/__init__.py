@@ -2,7 +2,7 @@
 work directory that never loses a result (``pipeline``, with the bookkeeping in ``workdir``)."""
 
 from icl_ft.study.config import STAGES, ConfigError, StudyConfig, saved_steps
-from icl_ft.study.pipeline import MissingInputError, Step, Study, UnreadableRecordError, check_workdir
+from icl_ft.study.pipeline import MissingInputError, Step, Study, UnreadableRecordError
 
 __all__ = ["STAGES", "ConfigError", "MissingInputError", "Step", "Study", "StudyConfig", "UnreadableRecordError",
-           "check_workdir", "saved_steps"]
+           "saved_steps"]

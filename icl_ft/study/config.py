@@ -21,6 +21,7 @@ from icl_ft.training import dataset, trainer
 from icl_ft.study import stages
 
 STAGES = tuple(stages.ALL)  # in the order they run
+DTYPES = ("float32", "bfloat16")  # parameter and compute dtypes
 
 
 class ConfigError(ValueError):
@@ -103,7 +104,7 @@ class StudyConfig:
     icl = raw["icl"]
     return cls(
         raw=raw, name=str(raw["name"]), model=str(raw["model"]),
-        dtype=_choice("dtype", raw["dtype"], ("float32", "bfloat16")), workdir=files.as_path(raw["workdir"]),
+        dtype=_choice("dtype", raw["dtype"], DTYPES), workdir=files.as_path(raw["workdir"]),
         tasks=task_names, variants=_variants(raw["variants"], task_names), format=fmt, seed=int(raw["seed"]),
         stages=STAGES if raw["stages"] == "all" else _names("stages", raw["stages"], STAGES),
         mesh=dict(raw["mesh"]), progress=bool(raw["progress"]), overwrite=bool(raw.get("overwrite", False)),
@@ -114,25 +115,14 @@ class StudyConfig:
 
   def inputs(self, stage: str) -> dict:
     """The config values a stage's outputs depend on (its fingerprint, with its upstream stages')."""
-    from icl_ft.io import loading
-    r = self.raw
-    # What the data depends on beyond the config: the generators' version and the model a name resolves to.
-    common = {k: r[k] for k in ("dtype", "tasks", "variants", "format", "seed")}
-    common.update(model=loading.REGISTRY.get(r["model"], r["model"]), data_version=tasks.DATA_VERSION)
-    ft_eval = dict(shots=r["ft_eval"]["shots"], steps=self.ft_eval_steps or "all kept",
-                   on_too_long=r["icl"]["on_too_long"])
-    return {
-        "data": dict(common, n=r["icl"]["n"], ft=r["ft"]),
-        "icl": dict(common, icl=r["icl"]),
-        "finetune": dict(common, ft=r["ft"]),
-        "ft_eval": dict(common, n=r["icl"]["n"], batch_size=r["icl"]["batch_size"], ft_eval=ft_eval),
-        "circuits": dict(common, circuits=r["circuits"], ft_step=self.ft_report_step),
-        "report": dict(name=r["name"], ft_report_step=self.ft_report_step),
-    }[stage]
+    return stages.ALL[stage].inputs(self)
+
+  def enabled(self, stage: str) -> bool:
+    """Whether this study has ``stage`` at all (no circuit stage without a task that has prompt pairs)."""
+    return stages.ALL[stage].enabled(self)
 
   def needs(self, stage: str) -> tuple[str, ...]:
-    skip = () if self.circuits else ("circuits",)
-    return tuple(s for s in stages.ALL[stage].needs if s not in skip)
+    return tuple(s for s in stages.ALL[stage].needs if self.enabled(s))
 
   def fingerprint(self, stage: str) -> str:
     payload = dict(stage=stage, inputs=self.inputs(stage), upstream=[self.fingerprint(s) for s in self.needs(stage)])
@@ -157,7 +147,7 @@ def _ft_section(ft: dict, task_names: Sequence[str], fmt: str) -> tuple[trainer.
       grad_accum=_positive("ft.grad_accum", ft["grad_accum"]), lr=float(ft["lr"]), warmup_steps=ft["warmup_steps"],
       schedule=_choice("ft.schedule", ft["schedule"], trainer.SCHEDULES), weight_decay=float(ft["weight_decay"]),
       clip_norm=float(ft["clip_norm"]),
-      compute_dtype=_choice("ft.compute_dtype", ft["compute_dtype"], ("float32", "bfloat16")),
+      compute_dtype=_choice("ft.compute_dtype", ft["compute_dtype"], DTYPES),
       remat=bool(ft["remat"]), unroll_layers=bool(ft["unroll_layers"]),
       save_every=_positive("ft.save_every", ft["save_every"]), keep=_positive("ft.keep", ft["keep"]), seed=ft["seed"],
       lora=lora.LoRAConfig(ft["lora_rank"], float(ft["lora_alpha"]), targets) if method == "lora" else None)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from etils import epath
 
-from icl_ft.io import files, records
+from icl_ft.io import files, loading, records
 from icl_ft.io.units import Units
 from icl_ft.model import sharding
 from icl_ft.study import stages, workdir
@@ -36,25 +36,6 @@ class UnreadableRecordError(RuntimeError):
   """A stage's DONE.json or STARTED.json exists but cannot be read."""
 
 
-def check_workdir(path: epath.Path) -> None:
-  """Raises a ``ConfigError`` that says what to do unless ``path`` could be created and written; writes
-  nothing (local paths: permission of the nearest existing ancestor; object stores: the backend is installed)."""
-  try:
-    files.check_store(path)
-  except OSError as e:
-    raise ConfigError(str(e)) from None
-  if files.has_scheme(path):
-    return
-  probe = path
-  while not probe.exists() and probe != probe.parent:
-    probe = probe.parent
-  problem = (None if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK) else
-             f"{probe} is not a directory" if not probe.is_dir() else f"{probe} is not writable")
-  if problem:
-    raise ConfigError(f"work directory {str(path)!r} cannot be written ({problem}); "
-                      f"choose another with --config.workdir=DIR")
-
-
 @dataclasses.dataclass(frozen=True)
 class Step:
   """What ``Study.run`` will do with one stage: skip, run, resume (a killed run of this config), restart (an
@@ -63,20 +44,6 @@ class Step:
   stage: str
   action: str
   reason: str = ""
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-  """Nested dicts as ``{"a.b": value}``."""
-  if not isinstance(d, dict) or not d:
-    return {prefix: d}
-  return {k: v for key, value in d.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}
-
-
-def config_diff(old: dict, new: dict) -> list[str]:
-  """``key: old -> new`` for every (dotted) key whose value differs."""
-  a, b = _flat(json.loads(json.dumps(old, default=str))), _flat(json.loads(json.dumps(new, default=str)))
-  return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k)]
 
 
 class Study:
@@ -162,9 +129,9 @@ class Study:
     return Step(stage, "run")
 
   def _why(self, stage: str, rec: dict) -> str:
-    if "inputs" not in rec:
+    if not rec["inputs"]:
       return "recorded by an older version of icl_ft"
-    diff = config_diff(rec["inputs"], self.cfg.inputs(stage))
+    diff = workdir.config_diff(rec["inputs"], self.cfg.inputs(stage))
     fingerprint = lambda up: up.get("fingerprint") if isinstance(up, dict) else up  # (older records: a string)
     changed = [s for s, up in rec.get("upstream", {}).items() if fingerprint(up) != self.cfg.fingerprint(s)]
     return "; ".join(diff + ([f"upstream stage(s) {', '.join(changed)} changed"] if changed else [])) or "?"
@@ -177,13 +144,19 @@ class Study:
     divides over the data-parallel devices. Raises on the first kind of problem (naming every refused stage);
     returns the steps otherwise."""
     cfg = self.cfg
-    check_workdir(self.root)
+    try:
+      workdir.check_writable(self.root)
+    except workdir.WorkdirError as e:
+      raise ConfigError(str(e)) from None
     if files.is_writer():  # only process 0 takes the lock (run() makes the others stop with it)
       self.lock.check()
-    from icl_ft.io import loading
     loading.check_name(cfg.model)  # a typo in the name is caught here, before anything else
     mesh = sharding.make_mesh(cfg.mesh)
-    selected = [s for s in STAGES if s in cfg.stages and not (s == "circuits" and not cfg.circuits)]
+    absent = [s for s in cfg.stages if not cfg.enabled(s)]
+    if absent and cfg.raw["stages"] != "all":
+      raise ConfigError(f"stage(s) {absent} selected but this study has none: no task of {cfg.tasks} has prompt "
+                        "pairs for circuit analysis (circuits.tasks lists the tasks to analyse)")
+    selected = [s for s in STAGES if s in cfg.stages and cfg.enabled(s)]
     steps = [self._step(s) for s in selected]
     problems = [s.reason for s in steps if s.action == "error"]
     for stage in selected:
@@ -201,15 +174,11 @@ class Study:
       raise ConfigError("\n".join(problems) + "\nNothing was changed. Keep those results and use a new "
                         "--config.workdir=DIR, or pass --config.overwrite=true to move them aside (to "
                         "<stage>.replaced-<time>/) and rerun.")
-    if any(s.action != "skip" and stages.ALL[s.stage].uses_model for s in steps):
-      from icl_ft.training import trainer
-      mcfg = loading.check(cfg.model)
-      sharding.check_divisible(mcfg, mesh)
-      if any(s.action != "skip" and s.stage == "finetune" for s in steps):
-        try:
-          trainer.check_batch(cfg.train, mesh)
-        except ValueError as e:
-          raise ConfigError(f"ft.batch_size / ft.grad_accum: {e}") from None
+    running = [stages.ALL[s.stage] for s in steps if s.action != "skip"]
+    if any(stage.uses_model for stage in running):
+      sharding.check_divisible(loading.check(cfg.model), mesh)
+    for stage in running:
+      stage.check(cfg, mesh)
     return steps
 
   # -- running -------------------------------------------------------------------------------------------------
@@ -242,8 +211,9 @@ class Study:
       elif step.action == "restart":
         self.log(f"[{stage}] {step.reason}")
         d.rmtree()
-      if stage == "report" and any((self.root / n).exists() for n in stages.REPORT_FILES) and not d.exists():
-        self._move_aside(stage, stamp, root_only=True)  # a report with no record of its run
+      root_files = stages.ALL[stage].root_files
+      if any((self.root / n).exists() for n in root_files) and not d.exists():
+        self._move_aside(stage, stamp, root_only=True)  # files of a run with no record
       d.mkdir(parents=True, exist_ok=True)
       if step.action != "resume":
         files.write_json(d / "STARTED.json", {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -269,7 +239,7 @@ class Study:
     self.log(f"[{stage}] done in {rec['seconds']:.0f}s")
 
   def _move_aside(self, stage: str, stamp: str, root_only: bool = False) -> None:
-    """Moves a stage's directory (and, for the report, ``REPORT.md``/``results.json``) to
+    """Moves a stage's directory (and the files it writes in the work directory itself) to
     ``<stage>.replaced-<stamp>/``."""
     d = self.dir(stage)
     if root_only:
@@ -279,10 +249,9 @@ class Study:
       target = workdir.move_aside(d, stamp)
     else:
       return
-    if stage == "report":
-      for name in stages.REPORT_FILES:
-        if (self.root / name).exists():
-          (self.root / name).rename(target / name)
+    for name in stages.ALL[stage].root_files:
+      if (self.root / name).exists():
+        (self.root / name).rename(target / name)
     self.log(f"[{stage}] previous results moved to {target}")
 
   def _downstream(self, stage: str) -> list[str]:
@@ -315,7 +284,6 @@ class Study:
   @property
   def model(self):
     if self._model is None:
-      from icl_ft.io import loading
       t0 = time.time()
       self._model = loading.load(self.cfg.model, dtype=self.cfg.dtype, mesh=self.mesh)
       c = self._model.config

@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from etils import epath
 
-from icl_ft import faults
+from icl_ft import faults, tasks
 from icl_ft.evaluation import engine
 from icl_ft.interp import circuits
 from icl_ft.io import files
+from icl_ft.io import loading
 from icl_ft.io.loading import LoadedModel
-from icl_ft.io.records import write_queries
+from icl_ft.io.records import read_document, write_document, write_queries
 from icl_ft.io.units import Units
 from icl_ft.report import outputs, plots, render, tables
 from icl_ft.tasks import export
@@ -30,19 +31,50 @@ REPORT_FILES = ("REPORT.md", "results.json")  # the report stage's outputs in th
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
+  """One stage, declared once."""
   name: str
   needs: tuple[str, ...]  # stages whose outputs it reads
   uses_model: bool
-  outputs: tuple[str, ...]  # the names of its outputs ("*": one entry per task, each a mapping)
+  outputs: tuple[str, ...]  # the names of its outputs ("prefix_*": any number of them; "*": one entry per task)
   run: Callable[["Study", epath.Path, Units], dict[str, Any]]
+  inputs: Callable[[Any], dict]  # (StudyConfig) -> the config values its outputs depend on (its fingerprint)
+  per_task: tuple[str, ...] = ()  # with outputs ("*",): the names each task's entry holds
+  enabled: Callable[[Any], bool] = lambda cfg: True  # whether the study has this stage at all
+  root_files: tuple[str, ...] = ()  # outputs written in the work directory itself (moved aside with the stage)
+  check: Callable[[Any, Any], None] = lambda cfg, mesh: None  # (StudyConfig, mesh): ConfigError before any write
 
   def check_outputs(self, outputs: dict[str, Any]) -> None:
-    """RuntimeError unless ``outputs`` has exactly the declared names (``prefix_*``: any number of them)."""
-    fixed = {o for o in self.outputs if not o.endswith("*")}
-    patterns = [o[:-1] for o in self.outputs if o.endswith("*")]
-    extra = [k for k in outputs if k not in fixed and not any(k.startswith(p) for p in patterns)]
-    if extra or fixed - set(outputs):
-      raise RuntimeError(f"stage {self.name!r} returned outputs {sorted(outputs)}, declared {self.outputs}")
+    """RuntimeError unless ``outputs`` has exactly the declared names."""
+    if self.outputs == ("*",):
+      wrong = {t: sorted(v) for t, v in outputs.items() if set(v) != set(self.per_task)}
+    else:
+      fixed = {o for o in self.outputs if not o.endswith("*")}
+      patterns = [o[:-1] for o in self.outputs if o.endswith("*")]
+      extra = [k for k in outputs if k not in fixed and not any(k.startswith(p) for p in patterns)]
+      wrong = {"unexpected": extra, "missing": sorted(fixed - set(outputs))} if extra or fixed - set(outputs) else {}
+    if wrong:
+      raise RuntimeError(f"stage {self.name!r} returned outputs {outputs}, declared {self.outputs} {self.per_task}: "
+                         f"{wrong}")
+
+
+def _common(cfg) -> dict:
+  """What every stage's data depends on beyond its own section: the generators' version and the model a name
+  resolves to."""
+  r = cfg.raw
+  common = {k: r[k] for k in ("dtype", "tasks", "variants", "format", "seed")}
+  return dict(common, model=loading.REGISTRY.get(r["model"], r["model"]), data_version=tasks.DATA_VERSION)
+
+
+def _check_batch(cfg, mesh) -> None:
+  from icl_ft.study.config import ConfigError
+  try:
+    trainer.check_batch(cfg.train, mesh)
+  except ValueError as e:
+    raise ConfigError(f"ft.batch_size / ft.grad_accum: {e}") from None
+
+
+def _circuit_title(task: str, name: str) -> str:
+  return f"{task}: {name}"
 
 
 def _data(study: Study, d: epath.Path, units: Units) -> dict:
@@ -97,8 +129,8 @@ def _ft_eval(study: Study, d: epath.Path, units: Units) -> dict:
   records, skipped = evaluate_checkpoints(study, units)
   summary = tables.summarize(records, skipped)
   out = dict(records=study.rel(write_queries(d / "records.jsonl", records)),
-             summary=study.rel(files.write_json(d / "summary.json", summary)))
-  plot = study.figure("accuracy vs training samples", lambda: plots.plot_accuracy(
+             summary=study.rel(write_document(d / "summary.json", "summary", dict(cells=summary))))
+  plot = study.figure(plots.TITLES["samples"], lambda: plots.plot_accuracy(
       summary, d / "accuracy_vs_samples.png", x="samples", title=f"{cfg.model}: fine-tuned accuracy vs training samples"))
   return dict(out, plot=study.rel(plot) if plot else None)
 
@@ -113,25 +145,25 @@ def _circuits(study: Study, d: epath.Path, units: Units) -> dict:
               f"{', '.join(f'icl{k}' for k in ccfg.icl_shots)}, ft@{step}")
     found = circuits.analyze(m.config, m.params, m.tokenizer, ccfg, tuned={"ft": tuned}, units=units.sub(ccfg.task))
     task_dir = d / ccfg.task
-    out[ccfg.task] = {"json": study.rel(files.write_json(task_dir / "circuits.json", found.numbers))}  # numbers first
+    numbers = write_document(task_dir / "circuits.json", "circuits", found.numbers)  # numbers before figures
+    out[ccfg.task] = {"json": study.rel(numbers)}
     for name, draw in plots.CIRCUIT_FIGURES.items():
-      path = study.figure(f"{ccfg.task}: {name}", lambda: draw(task_dir, found.numbers, found.effects))
+      path = study.figure(_circuit_title(ccfg.task, name), lambda: draw(task_dir, found.numbers, found.effects))
       out[ccfg.task][name] = study.rel(path) if path else None
   return out
 
 
 def _figures(study: Study) -> tuple[dict[str, str], dict[str, dict[str, str]], list[str]]:
   """The figures the report links (only those that exist): accuracy figures by title, circuit figures by task and
-  name; and every warning of the stages (plus one per missing figure)."""
+  name; and every warning: the stages' (a figure that failed to draw) plus one per figure drawn but gone since."""
   warnings = [w for s in ALL if study.done(s) for w in study.done(s).get("warnings", [])]
   exists = lambda path: path is not None and (study.root / path).exists()
-  accuracy = {"accuracy vs shots": study.output("icl", "plot"),
-              "accuracy vs training samples": study.output("ft_eval", "plot")}
+  accuracy = {plots.TITLES["shots"]: study.output("icl", "plot"),
+              plots.TITLES["samples"]: study.output("ft_eval", "plot")}
   circuit = {t: {name: p[name] for name in plots.CIRCUIT_FIGURES}
              for t, p in (study.output("circuits").items() if study.cfg.circuits else ())}
-  titled = dict(accuracy, **{f"{t}: {n}": p for t, figs in circuit.items() for n, p in figs.items()})
-  warnings += [f"figure {k!r} is missing" for k, v in titled.items()
-               if not exists(v) and not any(k in w for w in warnings)]
+  titled = dict(accuracy, **{_circuit_title(t, n): p for t, figs in circuit.items() for n, p in figs.items()})
+  warnings += [f"figure {k!r} is missing" for k, v in titled.items() if v is not None and not exists(v)]
   return ({k: v for k, v in accuracy.items() if exists(v)},
           {t: {n: p for n, p in figs.items() if exists(p)} for t, figs in circuit.items()}, warnings)
 
@@ -139,25 +171,36 @@ def _figures(study: Study) -> tuple[dict[str, str], dict[str, dict[str, str]], l
 def _report(study: Study, d: epath.Path, units: Units) -> dict:
   del d, units
   cfg = study.cfg
-  circuit = ({t: files.read_json(study.path("circuits", t, "json")) for t in study.output("circuits")}
+  circuit = ({t: read_document(study.path("circuits", t, "json"), "circuits") for t in study.output("circuits")}
              if cfg.circuits else {})
   timings = {s: study.done(s)["seconds"] for s in ALL if study.done(s)}
-  results = tables.study_results(cfg.raw, files.read_json(study.path("icl", "summary_json")),
-                                 files.read_json(study.path("ft_eval", "summary")),
+  results = tables.study_results(cfg.raw, read_document(study.path("icl", "summary"), "summary"),
+                                 read_document(study.path("ft_eval", "summary"), "summary")["cells"],
                                  files.read_jsonl(study.path("finetune", "metrics")), circuit, timings,
                                  cfg.ft_report_step)
   figures, circuit_figures, results["warnings"] = _figures(study)
-  files.write_json(study.root / "results.json", results)
+  write_document(study.root / "results.json", "results", results)
   faults.point("report.write")
   files.atomic_write_text(study.root / "REPORT.md", render.render_study(results, figures, circuit_figures))
   return dict(report="REPORT.md", results="results.json")
 
 
 ALL: dict[str, Stage] = {s.name: s for s in (
-    Stage("data", (), False, ("queries_*", "ft_train"), _data),
-    Stage("icl", (), True, ("records", "summary_json", "summary_csv", "plot"), _icl),
-    Stage("finetune", (), True, ("checkpoints", "metrics"), _finetune),
-    Stage("ft_eval", ("finetune",), True, ("records", "summary", "plot"), _ft_eval),
-    Stage("circuits", ("finetune",), True, ("*",), _circuits),
-    Stage("report", ("icl", "finetune", "ft_eval", "circuits"), False, ("report", "results"), _report),
+    Stage("data", (), False, ("queries_*", "ft_train"), _data,
+          inputs=lambda cfg: dict(_common(cfg), n=cfg.raw["icl"]["n"], ft=cfg.raw["ft"])),
+    Stage("icl", (), True, ("records", "summary", "summary_csv", "plot"), _icl,
+          inputs=lambda cfg: dict(_common(cfg), icl=cfg.raw["icl"])),
+    Stage("finetune", (), True, ("checkpoints", "metrics"), _finetune,
+          inputs=lambda cfg: dict(_common(cfg), ft=cfg.raw["ft"]), check=_check_batch),
+    Stage("ft_eval", ("finetune",), True, ("records", "summary", "plot"), _ft_eval,
+          inputs=lambda cfg: dict(_common(cfg), n=cfg.raw["icl"]["n"], batch_size=cfg.raw["icl"]["batch_size"],
+                                  ft_eval=dict(shots=cfg.raw["ft_eval"]["shots"],
+                                               steps=cfg.ft_eval_steps or "all kept",
+                                               on_too_long=cfg.raw["icl"]["on_too_long"]))),
+    Stage("circuits", ("finetune",), True, ("*",), _circuits, per_task=("json", *plots.CIRCUIT_FIGURES),
+          inputs=lambda cfg: dict(_common(cfg), circuits=cfg.raw["circuits"], ft_step=cfg.ft_report_step),
+          enabled=lambda cfg: bool(cfg.circuits)),
+    Stage("report", ("icl", "finetune", "ft_eval", "circuits"), False, ("report", "results"), _report,
+          inputs=lambda cfg: dict(name=cfg.raw["name"], ft_report_step=cfg.ft_report_step),
+          root_files=REPORT_FILES),
 )}

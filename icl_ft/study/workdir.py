@@ -22,6 +22,10 @@ class LockedError(RuntimeError):
   """Another run holds the work directory."""
 
 
+class WorkdirError(ValueError):
+  """The work directory cannot be written."""
+
+
 def _start_time(pid: int) -> str | None:
   """The kernel's start time of process ``pid`` (None where /proc is unavailable or it does not exist)."""
   try:
@@ -119,6 +123,39 @@ class Lock:
     if rec is not None and all(rec.get(k) == v for k, v in _me().items()):  # only ever our own lock
       self.path.unlink()
     self.held = False
+
+
+def check_writable(path: epath.Path) -> None:
+  """Raises a ``ConfigError`` that says what to do unless ``path`` could be created and written; writes
+  nothing (local paths: permission of the nearest existing ancestor; object stores: the backend is installed)."""
+  try:
+    files.check_store(path)
+  except OSError as e:
+    raise WorkdirError(str(e)) from None
+  if files.has_scheme(path):
+    return
+  probe = path
+  while not probe.exists() and probe != probe.parent:
+    probe = probe.parent
+  problem = (None if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK) else
+             f"{probe} is not a directory" if not probe.is_dir() else f"{probe} is not writable")
+  if problem:
+    raise WorkdirError(f"work directory {str(path)!r} cannot be written ({problem}); "
+                      f"choose another with --config.workdir=DIR")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  """Nested dicts as ``{"a.b": value}``."""
+  if not isinstance(d, dict) or not d:
+    return {prefix: d}
+  return {k: v for key, value in d.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+  """``key: old -> new`` for every (dotted) key whose value differs."""
+  a, b = _flat(json.loads(json.dumps(old, default=str))), _flat(json.loads(json.dumps(new, default=str)))
+  return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k)]
 
 
 # -- digests ------------------------------------------------------------------------------------------------

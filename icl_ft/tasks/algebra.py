@@ -16,7 +16,7 @@ import math
 import random
 import re
 
-from icl_ft.tasks.base import Example, Task, numpy_rng_from
+from icl_ft.tasks.base import FORMATS, Example, Task, numpy_rng_from
 from icl_ft.tasks.formats import EXAMPLES, Template, budget, solved
 
 VARIABLES = "ab"
@@ -98,9 +98,9 @@ def _query(ex: Example) -> str:
 TEMPLATES = {fmt: Template(
     header="Here are some equations, you need to find all solutions of given variables. " + EXAMPLES,
     demo=solved(_query, "\n"), query=_query, ft=solved(_query), generation_len=budget(1, fmt))
-    for fmt in ("paper", "fixed")}
+    for fmt in FORMATS}
 
-TASK = Task(name="algebra", templates=TEMPLATES, release_name="equation", answer_kind="number", sampler=_sample,
+TASK = Task(name="algebra", release_name="equation", answer_kind="number", sampler=_sample, templates=TEMPLATES,
             description="2 unknowns; 3 equations, one dependent (paper misleading: 4 independent); gold b",
             cues={"eliminated_a": eliminated_a_cue},
             # the release's sets have no shortcut to test (a is handed over: every row gives b)

@@ -10,7 +10,8 @@ import dataclasses
 import random
 import re
 
-from icl_ft.tasks.base import ANSWER_UNCHANGED, NO_PATTERN, Corruption, Example, Task, restricted_eval, shortcut_foil
+from icl_ft.tasks.base import (ANSWER_UNCHANGED, FORMATS, NO_PATTERN, Corruption, Example, Task, restricted_eval,
+                               shortcut_foil)
 from icl_ft.tasks.formats import EXAMPLES, Template, budget, question, solved
 
 
@@ -142,8 +143,9 @@ def corrupt(ex: Example, rng: random.Random) -> Corruption | str:
 TEMPLATES = {fmt: Template(
     header="Now you need to calculate the answer of some mathematic equations. " + EXAMPLES,
     demo=solved(question, " \n " if fmt == "paper" else "\n"), query=question, ft=solved(question),
-    generation_len=budget(3, fmt)) for fmt in ("paper", "fixed")}
+    generation_len=budget(3, fmt)) for fmt in FORMATS}
 
-TASK = Task(name="expression", templates=TEMPLATES, corrupt=corrupt, release_name="expression", answer_kind="number", sampler=_sample,
+TASK = Task(name="expression", release_name="expression", answer_kind="number", sampler=_sample, templates=TEMPLATES,
+            corrupt=corrupt,
             description="(simple)+(factor)*(cpl)=; the zero factor makes the answer `simple`",
             cues={"zero_factor": zero_factor_cue})

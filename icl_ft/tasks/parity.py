@@ -13,7 +13,7 @@ import collections
 import random
 import re
 
-from icl_ft.tasks.base import (ANSWER_UNCHANGED, LABEL_FALSE, VARIANTS, Corruption, Example, Task, binary_foil,
+from icl_ft.tasks.base import (ANSWER_UNCHANGED, FORMATS, LABEL_FALSE, VARIANTS, Corruption, Example, Task, binary_foil,
                                shortcut_foil)
 from icl_ft.tasks.formats import EXAMPLES, Template, budget, solved
 
@@ -137,9 +137,10 @@ TEMPLATES = {fmt: Template(
     header=("Here are some cities expressed as A, B, C, etc. I will show some connection relations, and you "
             "need to tell me if city A and city Z are connected (Answer True or False). " + EXAMPLES),
     demo=solved(_query, "\n"), query=_query, ft=solved(_query), generation_len=budget(2, fmt))
-    for fmt in ("paper", "fixed")}
+    for fmt in FORMATS}
 
-TASK = Task(name="parity", templates=TEMPLATES, corrupt=corrupt, release_name="relation", answer_kind="label", sampler=_sample,
+TASK = Task(name="parity", release_name="relation", answer_kind="label", sampler=_sample, templates=TEMPLATES,
+            corrupt=corrupt,
             variants=VARIANTS + ("misleading-z",), lenient_digits=True,
             description="is A connected to Z? correct items: 10 lines <=> True",
             cues={"line_parity": line_parity_cue, "z_present": z_cue}, targets={"misleading-z": "z_present"})
