@@ -18,6 +18,14 @@ def interval(samples: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
   return float(lo), float(hi)
 
 
+def basic_interval(point: float, samples: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
+  """The basic (reverse-percentile) bootstrap interval (2θ̂ - q_hi, 2θ̂ - q_lo): it corrects a statistic's
+  first-order bias (shift metrics are biased by noise in small components), where the percentile interval
+  carries the bias twice."""
+  lo, hi = interval(samples, alpha)
+  return 2 * point - hi, 2 * point - lo
+
+
 def component_intervals(samples: np.ndarray, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
   """``interval`` of each component over the replicates of ``samples`` [R, ...] (NaN replicates left out)."""
   samples = np.where(np.isfinite(samples), samples, np.nan)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from icl_ft.stats import resampling
+from icl_ft.stats import resampling, significance
 from icl_ft.stats.effects import DEFAULT_TOL, PatchRuns, normalized_importance
 from icl_ft.stats.resampling import ALPHA
 
@@ -147,13 +147,6 @@ def bootstrap(fn: Metric, per_pair_a, per_pair_b, n_boot: int = 1000, seed: int 
   return point, lo, hi
 
 
-def floor_samples(fn: Metric, full: np.ndarray, resampled: Sequence[np.ndarray], signed: bool = False) -> np.ndarray:
-  """fn(effects on all pairs, effects on a resample) per resample (|value| for a ``signed`` metric): the shift
-  CS(B, B*) that resampling alone produces."""
-  samples = np.array([fn(full, e) for e in resampled])
-  return np.abs(samples) if signed else samples
-
-
 def floor_stats(samples: np.ndarray) -> dict[str, Any]:
   """(median, 95th percentile, count) of the finite floor samples (None where there are none)."""
   ok = samples[np.isfinite(samples)]
@@ -161,18 +154,10 @@ def floor_stats(samples: np.ndarray) -> dict[str, Any]:
               n_valid=int(ok.size))
 
 
-def noise_floor(fn: Metric, per_pair_a, n_boot: int = 1000, seed: int = 0, *, signed: bool = False,
-                tol: float = DEFAULT_TOL) -> tuple[float, float]:
-  """(median, 95th percentile) of ``floor_samples`` over ``n_boot`` resamples of one condition's pairs."""
-  a = PatchRuns.of(per_pair_a)
-  resampled = [e["a"] for e in replicates({"a": a}, n_boot, seed, tol=tol)]
-  stats_ = floor_stats(floor_samples(fn, a.effects(tol)[0], resampled, signed))
-  return (math.nan, math.nan) if stats_["median"] is None else (stats_["median"], stats_["p95"])
-
-
 # ---------------------------------------------------------------------------------------------- report
 
 SIGNED_METRICS = frozenset({"centroid"})  # floors of signed metrics are taken on |value|
+SELECTABLE = ("tv", "rank", "topk")  # metrics also computed on the components distinguishable from 0
 
 
 def default_metrics(k: int = 10) -> dict[str, Metric]:
@@ -190,70 +175,123 @@ def _json_array(a: np.ndarray) -> list:
 
 
 def _ci(point: float, samples: np.ndarray) -> dict[str, Any]:
-  lo, hi = resampling.interval(samples)
+  """Point and basic bootstrap interval (``resampling.basic_interval``)."""
+  lo, hi = resampling.basic_interval(point, samples)
   return dict(point=_num(point), lo=_num(lo), hi=_num(hi), n_valid=int(np.isfinite(samples).sum()))
 
 
-def _condition(run: PatchRuns, floors: dict[str, np.ndarray], tol: float, include_effects: bool) -> dict[str, Any]:
-  """One condition's summary: separation, the noise floor per metric and (optionally) its effects."""
-  e, separated = run.effects(tol)
+def _on(fn: Metric, selected: np.ndarray) -> Metric:
+  """``fn`` on the ``selected`` components only (NaN if fewer than two are selected)."""
+  return lambda a, b: fn(a[selected], b[selected]) if selected.sum() >= 2 else math.nan
+
+
+def _condition(run: PatchRuns, effects: np.ndarray, boots: np.ndarray, fns: Mapping[str, Metric], n_boot: int,
+               n_splits: int, seed: int, tol: float, include_effects: bool) -> dict[str, Any]:
+  """One condition: its clean-corrupt gap with a CI (no circuit when the CI includes 0), per-component effect
+  CIs (which components are distinguishable from 0) and split-half floors per metric."""
+  gap, gap_lo, gap_hi = significance.gap_interval(run, n_boot, seed)
+  lo, hi = resampling.component_intervals(boots)
   info: dict[str, Any] = dict(
       n_pairs=run.n, mean_target=_num(run.target.mean()), mean_source=_num(run.source.mean()),
-      separation=_num(run.source.mean() - run.target.mean()), separated=bool(separated),
-      noise_floor={m: floor_stats(s) for m, s in floors.items()})
+      separation=_num(gap), gap_lo=_num(gap_lo), gap_hi=_num(gap_hi), separated=bool(run.effects(tol)[1]),
+      has_circuit=bool(run.effects(tol)[1] and (gap_lo > 0 or gap_hi < 0)),
+      n_distinguishable=int(significance.distinguishable(lo, hi).sum()),
+      split_half={m: floor_stats(np.abs(x) if m in SIGNED_METRICS else x) for m, fn in fns.items()
+                  for x in [significance.split_half_shifts(fn, run, n_splits, seed, tol)]})
   if include_effects:
-    info.update(shape=list(e.shape), effects=_json_array(e), importance=_json_array(normalized_importance(e)),
-                layer_profile=_json_array(layer_profile(e)) if e.ndim else None)
+    info.update(shape=list(effects.shape), effects=_json_array(effects), effects_lo=_json_array(lo),
+                effects_hi=_json_array(hi), importance=_json_array(normalized_importance(effects)),
+                layer_profile=_json_array(layer_profile(effects)) if effects.ndim else None)
   return info
 
 
-def _shift(point: float, samples: np.ndarray, floor: dict[str, Any], signed: bool) -> dict[str, Any]:
-  """A shift's point and CI, against the first condition's noise floor (signed metrics compare |point|)."""
+def _shift(point: float, samples: np.ndarray, floor: float | None, signed: bool) -> dict[str, Any]:
+  """A shift's point and CI against a noise floor: it counts (``exceeds_floor``) only when its whole CI lies
+  beyond the floor (for a signed metric, outside [-floor, floor])."""
   item = _ci(point, samples)
-  value = None if item["point"] is None else (abs(item["point"]) if signed else item["point"])
-  item.update(floor_median=floor["median"], floor_p95=floor["p95"],
-              minus_floor=None if value is None or floor["median"] is None else value - floor["median"],
-              exceeds_floor=None if value is None or floor["p95"] is None else bool(value > floor["p95"]))
-  return item
+  lo, hi = item["lo"], item["hi"]
+  exceeds = None if lo is None or floor is None else bool(lo > floor or (signed and hi < -floor))
+  return dict(item, floor=floor, exceeds_floor=exceeds)
+
+
+def _pair_shifts(a: str, b: str, runs: Mapping[str, PatchRuns], effects, boots, conditions, fns, n_splits: int,
+                 seed: int, tol: float) -> dict[str, Any]:
+  """Every metric between conditions a and b (all components, and for ``SELECTABLE`` metrics also the
+  components distinguishable from 0 in a or b), each against the larger of the two conditions' split-half
+  floors (recomputed on the selection for selected metrics)."""
+  missing = [n for n in (a, b) if not conditions[n]["has_circuit"]]
+  if missing:
+    return {m: dict(point=None, reason=f"no circuit in {', '.join(missing)}") for m in fns}
+  dist = [significance.distinguishable(*resampling.component_intervals(np.stack([e[n] for e in boots])))
+          for n in (a, b)]
+  selected = dist[0] | dist[1]
+  out = {}
+  for m, fn in dict(fns, **{f"{m}_sel": _on(fns[m], selected) for m in SELECTABLE if m in fns}).items():
+    base_m = m.removesuffix("_sel")
+    if m.endswith("_sel"):
+      halves = [significance.split_half_shifts(fn, runs[n], n_splits, seed, tol) for n in (a, b)]
+      floors = [floor_stats(x)["median"] for x in halves]
+    else:
+      floors = [conditions[n]["split_half"][m]["median"] for n in (a, b)]
+    floor = max((f for f in floors if f is not None), default=None)
+    samples = np.array([fn(e[a], e[b]) for e in boots])
+    out[m] = _shift(float(fn(effects[a], effects[b])), samples, floor, base_m in SIGNED_METRICS)
+  out["n_selected"] = int(selected.sum())
+  return out
+
+
+def _contrast(a: str, b: str, baseline: str, runs, effects, boots, fns, n_perm: int, seed: int,
+              tol: float) -> dict[str, Any]:
+  """CS(baseline, a) - CS(baseline, b) per metric: point, paired bootstrap CI, whether the CI excludes 0, and
+  (with ``n_perm``) the paired permutation test's p-value (a and b exchanged on random pairs)."""
+  out = {}
+  for m, fn in fns.items():
+    point = fn(effects[baseline], effects[a]) - fn(effects[baseline], effects[b])
+    samples = np.array([fn(e[baseline], e[a]) - fn(e[baseline], e[b]) for e in boots])
+    item = _ci(point, samples)
+    item["excludes_zero"] = None if item["lo"] is None else bool(item["lo"] > 0 or item["hi"] < 0)
+    if n_perm:
+      item["p_value"] = _num(significance.contrast_permutation(fn, runs[baseline], runs[a], runs[b], n_perm, seed,
+                                                               tol)[1])
+    out[m] = item
+  return out
 
 
 def shift_report(effects_by_condition: Mapping[str, Any], baseline: str = "base", n_boot: int = 1000,
-                 seed: int = 0, *, k: int = 10, tol: float = DEFAULT_TOL, paired: bool = True,
-                 metrics: Mapping[str, Metric] | None = None, include_effects: bool = True) -> dict[str, Any]:
+                 seed: int = 0, *, k: int = 10, tol: float = DEFAULT_TOL, metrics: Mapping[str, Metric] | None = None,
+                 include_effects: bool = True, n_splits: int = 50, n_perm: int = 0,
+                 contrasts: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
   """Every circuit-shift number between the conditions, as JSON-serialisable values (NaN -> None).
 
-  ``effects_by_condition`` maps a condition name to its per-pair runs (anything ``PatchRuns.of`` accepts);
-  one component family (heads, MLPs or residual) per call. Every bootstrap uses the same ``seed``, so when
-  ``paired`` all conditions share one resample of pair indices per replicate (they must then hold the same
-  pairs, in the same order) and contrasts are differences of the same replicates.
+  ``effects_by_condition`` maps a condition name to its per-pair runs (anything ``PatchRuns.of`` accepts), all
+  on the same pairs in the same order; one component family (heads, MLPs or residual) per call. Every interval
+  resamples pairs with one shared stream (``replicates``), so shifts and contrasts are paired.
 
-  Returns ``conditions`` (per condition: n_pairs, separation E[source] - E[target], separated, effects,
-  importance, layer profile, noise floor per metric = (median, p95) of CS(m, m*)), ``shifts`` (per pair of
-  conditions "a|b", baseline first: point, 95% CI, the first condition's floor, point minus floor median and
-  whether the point exceeds the floor's p95; signed metrics compare |point|), and ``contrasts`` ("m-m'":
-  CS(baseline, m) - CS(baseline, m') with its paired CI; the study's claim is contrasts["icl-ft"] > 0).
+  Returns ``conditions`` (per condition: the clean-corrupt gap and its CI, ``has_circuit``, per-component
+  effect CIs, split-half floors per metric), ``shifts`` ("a|b", baseline first: per metric the point, CI, floor
+  and whether the CI clears it; ``*_sel`` metrics on the components distinguishable from 0 in a or b; no
+  numbers when either condition has no circuit) and ``contrasts`` ("a-b": CS(baseline, a) - CS(baseline, b)
+  with its CI, whether it excludes 0 and, with ``n_perm``, a permutation p-value; default: every pair of
+  non-baseline conditions).
   """
-  runs = _checked_runs(effects_by_condition, baseline, n_boot, paired)
+  runs = _checked_runs(effects_by_condition, baseline, n_boot)
   names = list(runs)
   fns = dict(metrics) if metrics is not None else default_metrics(k)
   effects = {n: r.effects(tol)[0] for n, r in runs.items()}
-  boots = list(replicates(runs, n_boot, seed, paired=paired, tol=tol))
-  conditions = {n: _condition(r, {m: floor_samples(fn, effects[n], [e[n] for e in boots], m in SIGNED_METRICS)
-                                  for m, fn in fns.items()}, tol, include_effects) for n, r in runs.items()}
-  pairs = list(itertools.combinations(names, 2))
-  samples = {(a, b, m): np.array([fn(e[a], e[b]) for e in boots]) for a, b in pairs for m, fn in fns.items()}
-  point = {(a, b, m): float(fns[m](effects[a], effects[b])) for a, b, m in samples}
-  shifts = {f"{a}|{b}": {m: _shift(point[a, b, m], samples[a, b, m], conditions[a]["noise_floor"][m],
-                                   m in SIGNED_METRICS) for m in fns} for a, b in pairs}
-  contrasts = {f"{a}-{b}": {m: _ci(point[baseline, a, m] - point[baseline, b, m],
-                                   samples[baseline, a, m] - samples[baseline, b, m]) for m in fns}
-               for a, b in itertools.combinations(names[1:], 2)}
-  return dict(baseline=baseline, conditions=conditions, shifts=shifts, contrasts=contrasts, n_boot=n_boot,
-              seed=seed, k=k, tol=tol, paired=paired, alpha=ALPHA, metrics=list(fns))
+  boots = list(replicates(runs, n_boot, seed, tol=tol))
+  conditions = {n: _condition(r, effects[n], np.stack([e[n] for e in boots]), fns, n_boot, n_splits, seed, tol,
+                              include_effects) for n, r in runs.items()}
+  shifts = {f"{a}|{b}": _pair_shifts(a, b, runs, effects, boots, conditions, fns, n_splits, seed, tol)
+            for a, b in itertools.combinations(names, 2)}
+  pairs = list(contrasts) if contrasts is not None else list(itertools.combinations(names[1:], 2))
+  return dict(baseline=baseline, conditions=conditions, shifts=shifts,
+              contrasts={f"{a}-{b}": _contrast(a, b, baseline, runs, effects, boots, fns, n_perm, seed, tol)
+                         for a, b in pairs},
+              n_boot=n_boot, n_splits=n_splits, n_perm=n_perm, seed=seed, k=k, tol=tol, alpha=ALPHA,
+              metrics=list(fns))
 
 
-def _checked_runs(effects_by_condition: Mapping[str, Any], baseline: str, n_boot: int,
-                  paired: bool) -> dict[str, PatchRuns]:
+def _checked_runs(effects_by_condition: Mapping[str, Any], baseline: str, n_boot: int) -> dict[str, PatchRuns]:
   """The conditions as PatchRuns, baseline first, after checking the baseline, n_boot, shapes and pairing."""
   if baseline not in effects_by_condition:
     raise ValueError(f"baseline {baseline!r} not among the conditions {list(effects_by_condition)}")
@@ -264,6 +302,6 @@ def _checked_runs(effects_by_condition: Mapping[str, Any], baseline: str, n_boot
   shapes = {name: r.patched.shape[1:] for name, r in runs.items()}
   if len(set(shapes.values())) != 1:
     raise ValueError(f"component shapes differ between conditions: {shapes}")
-  if paired and len({r.n for r in runs.values()}) != 1:
+  if len({r.n for r in runs.values()}) != 1:
     raise ValueError(f"paired bootstrap needs the same pairs in every condition: {({n: r.n for n, r in runs.items()})}")
   return runs

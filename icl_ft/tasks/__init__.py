@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from typing import Collection, Iterator, Sequence
 
-from icl_ft.tasks import algebra, boolean, code, expression, parity
+from icl_ft.tasks import algebra, boolean, code, controls, expression, parity
 from icl_ft.tasks.base import (ANSWER_KINDS, FORMATS, VARIANTS, Example, Task, check_name, keyed_rng,
                                same_answer)
 from icl_ft.tasks.formats import Template
@@ -118,14 +118,31 @@ def template(task: str | Task, fmt: str) -> Template:
   return t.templates[check_name("format", fmt, FORMATS)]
 
 
-def build_prompt(task: str | Task, fmt: str, demos: Sequence[Example], query: Example) -> str:
-  """Header + demos + query."""
+def build_prompt(task: str | Task, fmt: str, demos: Sequence[Example], query: Example, control: str | None = None,
+                 key: tuple = ()) -> str:
+  """Header + demos + query. ``control`` replaces the demos: ``shuffled`` (their answers permuted among them)
+  or ``irrelevant`` (as many characters of the ``irrelevant_from`` task's demos); ``key`` seeds it."""
   t = get_task(task)
   tpl = template(t, fmt)
   for ex in (*demos, query):
     if ex.task != t.name:
       raise ValueError(f"a {ex.task!r} example in a {t.name!r} prompt")
-  return tpl.header + "".join(tpl.demo(d) for d in demos) + tpl.query(query)
+  return tpl.header + _demo_text(t, fmt, demos, control, key) + tpl.query(query)
+
+
+def _demo_text(t: Task, fmt: str, demos: Sequence[Example], control: str | None, key: tuple) -> str:
+  tpl = template(t, fmt)
+  if control is None:
+    return "".join(tpl.demo(d) for d in demos)
+  check_name("control", control, controls.CONTROLS)
+  if control == "shuffled":
+    return "".join(tpl.demo(d) for d in controls.shuffled_labels(demos, keyed_rng("shuffled", t.name, fmt, *key)))
+  if t.irrelevant_from is None:
+    raise ValueError(f"task {t.name!r} names no task for irrelevant demos (Task.irrelevant_from)")
+  other = get_task(t.irrelevant_from)
+  rng = keyed_rng("irrelevant", t.name, other.name, fmt, *key)
+  return controls.fill(lambda: template(other, fmt).demo(other.sample("correct", rng, fmt)),
+                       len("".join(tpl.demo(d) for d in demos)))
 
 
 def ft_text(example: Example, fmt: str, with_header: bool = False) -> str:

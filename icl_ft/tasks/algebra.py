@@ -100,7 +100,7 @@ TEMPLATES = {fmt: Template(
     demo=solved(_query, "\n"), query=_query, ft=solved(_query), generation_len=budget(1, fmt))
     for fmt in FORMATS}
 
-TASK = Task(name="algebra", release_name="equation", answer_kind="number", sampler=_sample, templates=TEMPLATES,
+TASK = Task(name="algebra", irrelevant_from="expression", release_name="equation", answer_kind="number", sampler=_sample, templates=TEMPLATES,
             description="2 unknowns; 3 equations, one dependent (paper misleading: 4 independent); gold b",
             cues={"eliminated_a": eliminated_a_cue},
             # the release's sets have no shortcut to test (a is handed over: every row gives b)

@@ -268,6 +268,6 @@ TEMPLATES = {
                       ft=solved(_query), generation_len=LONG_BUDGET, strict_len=LONG_BUDGET),
 }
 
-TASK = Task(name="code", release_name="code", answer_kind="number", sampler=_sample, templates=TEMPLATES,
+TASK = Task(name="code", irrelevant_from="parity", release_name="code", answer_kind="number", sampler=_sample, templates=TEMPLATES,
             description="print(function2(v, function1(v))); function2 ignores function1's value",
             cues={"irrelevant_function": irrelevant_function_cue})

@@ -139,7 +139,7 @@ TEMPLATES = {fmt: Template(
     demo=solved(_query, "\n"), query=_query, ft=solved(_query), generation_len=budget(2, fmt))
     for fmt in FORMATS}
 
-TASK = Task(name="parity", release_name="relation", answer_kind="label", sampler=_sample, templates=TEMPLATES,
+TASK = Task(name="parity", irrelevant_from="boolean", release_name="relation", answer_kind="label", sampler=_sample, templates=TEMPLATES,
             corrupt=corrupt,
             variants=VARIANTS + ("misleading-z",), lenient_digits=True,
             description="is A connected to Z? correct items: 10 lines <=> True",
