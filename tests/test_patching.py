@@ -134,3 +134,73 @@ def test_bad_input(setup):
     patching.patch_sweep(m.config, m.params, short, cache, "attn_z")
   with pytest.raises(ValueError, match="no head axis"):
     patching.patch_sweep(m.config, m.params, corrupt, {"mlp_out": cache["attn_z"]}, "mlp_out", ("layer", "head"))
+
+
+def test_shared_prefix_gives_the_full_runs_numbers(setup):
+  """Runs that start after a cached common prefix (left padding included) give the full runs' metrics,
+  sweeps, list patches and attribution, restricted to the suffix."""
+  m, _, clean, corrupt, _ = setup
+  pad = lambda b: patching.Batch(b.tokens, b.valid.at[0, :2].set(False), b.answer_pos, b.gold, b.foil)
+  clean, corrupt = pad(clean), pad(corrupt)
+  start = 3  # the first position where the prompts differ
+  c2, x2 = patching.shared_prefix(m.config, m.params, clean, corrupt, start)
+  assert c2.tokens.shape == (B, T - start)
+  full_ld, full = patching.capture(m.config, m.params, clean, taps=("attn_z", "mlp_out", "resid_pre"))
+  ld, cut = patching.capture(m.config, m.params, c2, taps=("attn_z", "mlp_out", "resid_pre"))
+  np.testing.assert_allclose(np.asarray(ld), np.asarray(full_ld), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(cut["attn_z"]), np.asarray(full["attn_z"][:, :, start:]), atol=1e-5)
+  heads = patching.patch_sweep(m.config, m.params, corrupt, full, "attn_z", ("layer", "head"), chunk=3)
+  np.testing.assert_allclose(np.asarray(patching.patch_sweep(m.config, m.params, x2, cut, "attn_z", ("layer", "head"),
+                                                             chunk=3)), np.asarray(heads), atol=1e-5)
+  resid = np.asarray(patching.patch_sweep(m.config, m.params, corrupt, full, "resid_pre", ("layer", "pos")))
+  np.testing.assert_allclose(np.asarray(patching.patch_sweep(m.config, m.params, x2, cut, "resid_pre", ("layer", "pos"))),
+                             resid[:, start:], atol=1e-5)
+  target, _ = patching.capture(m.config, m.params, corrupt)
+  np.testing.assert_allclose(resid[:, :start], np.broadcast_to(np.asarray(target), resid[:, :start].shape), atol=1e-5)
+  layers, which = jnp.asarray([1, 0, 1]), jnp.asarray([2, 0, 3])
+  masks = patching.head_masks(m.config, "attn_z", which)
+  listed = patching.patch_list(m.config, m.params, x2, cut, "attn_z", layers, masks, chunk=2)
+  np.testing.assert_allclose(np.asarray(listed), np.asarray(heads)[np.asarray(layers), np.asarray(which)], atol=1e-5)
+  atp = patching.attribution_patch(m.config, m.params, x2, cut, ("mlp_out",))["mlp_out"]
+  atp_full = patching.attribution_patch(m.config, m.params, corrupt, full, ("mlp_out",))["mlp_out"]
+  np.testing.assert_allclose(np.asarray(atp).sum((2, 3)), np.asarray(atp_full).sum((2, 3)), atol=1e-5)
+  with pytest.raises(ValueError, match="differ before position 4"):
+    patching.shared_prefix(m.config, m.params, clean, corrupt, 4)
+
+
+def test_patch_list_equals_the_sweep(setup):
+  m, _, clean, corrupt, _ = setup
+  _, cache = patching.capture(m.config, m.params, clean, taps=("attn_z",))
+  heads = np.asarray(patching.patch_sweep(m.config, m.params, corrupt, cache, "attn_z", ("layer", "head"), chunk=3))
+  L, H = m.config.num_layers, m.config.num_heads
+  layers = jnp.repeat(jnp.arange(L), H)[::-1]  # every head, deepest first: patch_list sorts them
+  which = jnp.tile(jnp.arange(H), L)[::-1]
+  listed = patching.patch_list(m.config, m.params, corrupt, cache, "attn_z", layers,
+                               patching.head_masks(m.config, "attn_z", which), chunk=5)
+  np.testing.assert_allclose(np.asarray(listed), heads[np.asarray(layers), np.asarray(which)], atol=1e-5)
+
+
+def test_joint_patch_of_every_head_and_mlp_recovers_the_clean_run(setup):
+  """The answer position's residual is the embeddings plus every head's and MLP's output: patching them all
+  from the clean run restores the clean metric exactly (the faithfulness curve's endpoint)."""
+  m, _, clean, corrupt, _ = setup
+  clean_ld, cache = patching.capture(m.config, m.params, clean, taps=("attn_z", "mlp_out"))
+  ld = patching.intervene(m.config, m.params, corrupt, {s: (cache[s], jnp.ones(())) for s in ("attn_z", "mlp_out")})
+  np.testing.assert_allclose(np.asarray(ld), np.asarray(clean_ld), atol=1e-5)
+
+
+def test_function_vector_injection_equals_patching_the_same_delta_by_hand(setup):
+  from icl_ft.interp import vectors
+  m, _, _, corrupt, _ = setup
+  L, D = m.config.num_layers, m.config.hidden_size
+  v = jnp.asarray(np.random.default_rng(3).normal(size=(L, D)).astype(np.float32))
+  injected = np.asarray(vectors.inject(m.config, m.params, corrupt, v))
+  _, tgt = patching.capture(m.config, m.params, corrupt, taps=("resid_pre",))
+  for layer in range(L):
+    mask = np.zeros((L, 1, T, 1), np.float32)
+    mask[layer, 0, T - 1] = 1  # the answer position
+    src = tgt["resid_pre"] + jnp.asarray(mask) * v[:, None, None, :]
+    by_hand = patching.patched_metric(m.config, m.params, corrupt, "resid_pre", src, jnp.asarray(mask))
+    np.testing.assert_allclose(injected[layer], np.asarray(by_hand), atol=1e-5)
+  resid = vectors.answer_residuals(m.config, m.params, corrupt)
+  np.testing.assert_allclose(np.asarray(resid), np.asarray(tgt["resid_pre"][:, :, T - 1]), atol=1e-6)

@@ -5,7 +5,8 @@ equal length; each task says how (``Task.corrupt`` in its module), and both answ
 strings, never taken from the edit.
 
 With ``shots`` > 0 the same k correct demos (``tasks.make_demos(task, k, seed, i, fmt)``, i = the candidate's
-query index) precede both queries. Candidate i is item i of ``tasks.make_queries(task, "correct", ., seed,
+query index) precede both queries; with a ``control`` (``tasks.controls``) they are replaced the same way in
+both (labels shuffled among them, or another task's demos of the same length). Candidate i is item i of ``tasks.make_queries(task, "correct", ., seed,
 fmt)``. A pair is kept only if both prompts have the same token count, their ids differ in 1..``max_changed``
 positions, and the first answer tokens differ; everything else is counted in ``PairSet.dropped`` by reason.
 """
@@ -47,6 +48,7 @@ class PairSet:
   fmt: str
   shots: int
   seed: int
+  control: str | None
   clean_ids: np.ndarray  # [N, T] int32
   corrupt_ids: np.ndarray  # [N, T] int32
   valid: np.ndarray  # [N, T] bool (False on left padding; the same for both prompts)
@@ -94,7 +96,7 @@ class PairSet:
 
   def summary(self) -> dict[str, Any]:
     """JSON-serialisable description (no arrays)."""
-    return dict(task=self.task, fmt=self.fmt, shots=self.shots, seed=self.seed, n_pairs=len(self),
+    return dict(task=self.task, fmt=self.fmt, shots=self.shots, seed=self.seed, control=self.control, n_pairs=len(self),
                 length=self.length, n_tried=self.n_tried, dropped=dict(self.dropped),
                 n_changed=[int(len(c)) for c in self.changed])
 
@@ -132,7 +134,7 @@ def check_pair_task(task: str | tasks.Task) -> tasks.Task:
 
 
 def build_pairs(task: str, tokenizer, n: int, seed: int, fmt: str = "fixed", shots: int = 0, *,
-                max_changed: int = 3, max_tries: int | None = None) -> PairSet:
+                max_changed: int = 3, max_tries: int | None = None, control: str | None = None) -> PairSet:
   """Up to ``n`` clean/corrupt pairs of ``task`` from at most ``max_tries`` (default 20*n) candidates.
 
   Raises ValueError for tasks without pairs or a format whose correct items have no pattern to break (boolean
@@ -146,26 +148,28 @@ def build_pairs(task: str, tokenizer, n: int, seed: int, fmt: str = "fixed", sho
   for label, value, low in (("n", n, 1), ("shots", shots, 0), ("max_changed", max_changed, 1)):
     if not isinstance(value, int) or value < low:
       raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+  if control is not None and shots < 2:
+    raise ValueError(f"the {control} control replaces demos: it needs shots >= 2, got {shots}")
   limit = TRIES_PER_PAIR * n if max_tries is None else max_tries
   stream = tasks.query_stream(t.name, "correct", fmt, seed)  # the items of tasks.make_queries, in order
   dropped: collections.Counter[str] = collections.Counter()
   kept: list[dict[str, Any]] = []
   tried = 0
   while len(kept) < n and tried < limit:
-    pair = _candidate(t, next(stream), tried, tokenizer, seed, fmt, shots, max_changed)
+    pair = _candidate(t, next(stream), tried, tokenizer, seed, fmt, shots, max_changed, control)
     tried += 1
     if isinstance(pair, str):
       dropped[pair] += 1
     else:
       kept.append(pair)
   if not kept:
-    raise ValueError(f"no usable {t.name} pairs (fmt={fmt}, shots={shots}, seed={seed}) in {tried} candidates; "
-                     f"dropped: {dict(dropped)}")
-  return _assemble(t.name, fmt, shots, seed, kept, pad_id(tokenizer), dict(dropped), tried)
+    raise ValueError(f"no usable {t.name} pairs (fmt={fmt}, shots={shots}, control={control}, seed={seed}) in "
+                     f"{tried} candidates; dropped: {dict(dropped)}")
+  return _assemble(t.name, fmt, shots, seed, control, kept, pad_id(tokenizer), dict(dropped), tried)
 
 
 def _candidate(t: tasks.Task, ex: tasks.Example, i: int, tokenizer, seed: int, fmt: str, shots: int,
-               max_changed: int) -> dict[str, Any] | str:
+               max_changed: int, control: str | None) -> dict[str, Any] | str:
   """Candidate ``i`` as a kept pair's fields, or the reason it is dropped."""
   result = t.corrupt(ex, keyed_rng("pairs", t.name, fmt, seed, i))
   if isinstance(result, str):
@@ -173,8 +177,9 @@ def _candidate(t: tasks.Task, ex: tasks.Example, i: int, tokenizer, seed: int, f
   demos = tasks.make_demos(t.name, shots, seed, i, fmt) if shots else []
   corrupt_ex = dataclasses.replace(ex, question=result.question, answer=result.corrupt_answer,
                                    foil=result.clean_answer)
-  clean_prompt = tasks.build_prompt(t.name, fmt, demos, ex)
-  corrupt_prompt = tasks.build_prompt(t.name, fmt, demos, corrupt_ex)
+  measure = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+  clean_prompt = tasks.build_prompt(t.name, fmt, demos, ex, control, (seed, i), measure)
+  corrupt_prompt = tasks.build_prompt(t.name, fmt, demos, corrupt_ex, control, (seed, i), measure)
   clean_ids, corrupt_ids = _ids(tokenizer, clean_prompt), _ids(tokenizer, corrupt_prompt)
   if len(clean_ids) != len(corrupt_ids):
     return LENGTH_MISMATCH
@@ -196,8 +201,8 @@ def _candidate(t: tasks.Task, ex: tasks.Example, i: int, tokenizer, seed: int, f
               index=i, meta=dict(result.meta, query_first=query_first), query_first=query_first)
 
 
-def _assemble(task: str, fmt: str, shots: int, seed: int, kept: list[dict], pad: int, dropped: dict[str, int],
-              tried: int) -> PairSet:
+def _assemble(task: str, fmt: str, shots: int, seed: int, control: str | None, kept: list[dict], pad: int,
+              dropped: dict[str, int], tried: int) -> PairSet:
   """The kept pairs left-padded to one length."""
   big_t = max(len(k["clean"]) for k in kept)
   num = len(kept)
@@ -214,7 +219,7 @@ def _assemble(task: str, fmt: str, shots: int, seed: int, kept: list[dict], pad:
     roles["query_first"][row] = off + k["query_first"]
     roles["changed_first"][row], roles["changed_last"][row] = changed[-1][0], changed[-1][-1]
   return PairSet(
-      task=task, fmt=fmt, shots=shots, seed=seed, clean_ids=clean, corrupt_ids=corrupt, valid=valid,
+      task=task, fmt=fmt, shots=shots, seed=seed, control=control, clean_ids=clean, corrupt_ids=corrupt, valid=valid,
       answer_pos=np.full(num, big_t - 1, np.int32),
       clean_answer=np.asarray([k["y"][0] for k in kept], np.int32),
       corrupt_answer=np.asarray([k["y"][1] for k in kept], np.int32), changed=changed, roles=roles,

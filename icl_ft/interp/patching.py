@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from icl_ft.model.config import ModelConfig
-from icl_ft.model.decoder import (SITES, Hooks, Params, attention_mask, block, positions_from_valid, run, unembed,
-                          windowed_layers)
+from icl_ft.model.decoder import (SITES, Hooks, KVCache, Params, attention_mask, block, forward,
+                                  positions_from_valid, run, unembed, windowed_layers)
 
 GRANULARITIES = {("layer",), ("layer", "head"), ("layer", "pos"), ("layer", "head", "pos")}
 _HEAD_SITES = {"q": "num_heads", "attn_z": "num_heads", "k": "num_kv_heads", "v": "num_kv_heads"}
@@ -38,10 +38,44 @@ class Batch:
   answer_pos: jax.Array  # [B] position whose next-token logits are scored
   gold: jax.Array  # [B] token y (clean answer)
   foil: jax.Array  # [B] token y' (corrupted answer)
+  prefix: KVCache | None = None  # keys/values of earlier tokens every run shares (``shared_prefix``)
 
   @property
   def positions(self):
-    return positions_from_valid(self.valid)
+    p = positions_from_valid(self.valid)
+    return p if self.prefix is None else p + self.prefix.pos[:, None]
+
+
+def shared_prefix(cfg: ModelConfig, params: Params, clean: Batch, corrupt: Batch, start: int) -> tuple[Batch, Batch]:
+  """(clean, corrupt) holding only tokens ``start``.. with the first ``start`` tokens, identical in both, as a
+  key/value cache computed once.
+
+  Patching clean into corrupt (or back) at positions where the two runs agree changes nothing, and by
+  causality every activation before the first differing token agrees; so every patched run may start at
+  ``start`` (at most the first differing position) and attend to the cached prefix. Metrics, sweeps and
+  attribution on the returned batches equal those on the full ones; activations cover positions ``start``..
+  only. On ICL prompts, where the demos precede the edit, this divides the cost of a run by about T / (T -
+  start)."""
+  if clean.prefix is not None or corrupt.prefix is not None:
+    raise ValueError("the batches already have a prefix cache")
+  T = clean.tokens.shape[1]
+  if not 0 <= start < T:
+    raise ValueError(f"the shared prefix must end before the last token ({T}), got {start}")
+  if not (bool(jnp.all(clean.tokens[:, :start] == corrupt.tokens[:, :start])) and
+          bool(jnp.all(clean.valid == corrupt.valid))):
+    raise ValueError(f"clean and corrupt prompts differ before position {start}: no shared prefix")
+  if start == 0:
+    return clean, corrupt
+  cache = _prefix_cache(cfg, params, clean.tokens[:, :start], clean.valid[:, :start], T)
+  cut = lambda b: Batch(b.tokens[:, start:], b.valid[:, start:], b.answer_pos - start, b.gold, b.foil, cache)
+  return cut(clean), cut(corrupt)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "size"))
+def _prefix_cache(cfg: ModelConfig, params: Params, tokens, valid, size: int) -> KVCache:
+  cache = KVCache.empty(cfg, tokens.shape[0], size, params["embed"].dtype)
+  return forward(cfg, params, tokens, positions_from_valid(valid), valid, cache, logits_at=jnp.zeros((tokens.shape[0], 1),
+                                                                                                     jnp.int32))[1]
 
 
 def logit_diff(logits: jax.Array, batch: Batch) -> jax.Array:
@@ -61,20 +95,32 @@ def capture(cfg: ModelConfig, params: Params, batch: Batch, taps=("resid_pre",))
   for s in taps:
     _check_site(s)
   logits, _, cache = run(cfg, params, batch.tokens, batch.positions, batch.valid, hooks=Hooks(taps=tuple(taps)),
-                         logits_at=batch.answer_pos[:, None])
+                         cache=batch.prefix, logits_at=batch.answer_pos[:, None])
   return logit_diff(logits, batch), cache
 
 
 def patched_metric(cfg: ModelConfig, params: Params, batch: Batch, site: str, src: jax.Array, mask: jax.Array):
   """Metric [B] of ``batch`` with ``site`` patched towards ``src`` [L, B, ...] by ``mask`` (broadcastable to src)."""
-  _check_site(site)
-  if jnp.ndim(mask) > jnp.ndim(src):
-    raise ValueError(f"mask of shape {jnp.shape(mask)} has more dimensions than the {site} activations {src.shape}")
-  try:
-    mask = jnp.broadcast_to(mask, src.shape).astype(src.dtype)
-  except ValueError as e:
-    raise ValueError(f"mask of shape {jnp.shape(mask)} does not broadcast to the {site} activations {src.shape}") from e
-  logits, _, _ = run(cfg, params, batch.tokens, batch.positions, batch.valid, hooks=Hooks(patch={site: (src, mask)}),
+  return intervene(cfg, params, batch, {site: (src, mask)})
+
+
+def intervene(cfg: ModelConfig, params: Params, batch: Batch, patch: dict | None = None, delta: dict | None = None):
+  """Metric [B] of ``batch`` with several sites at once patched (``patch[site] = (src [L, B, ...], mask)``, the
+  mask broadcastable to src) and/or shifted (``delta[site]``, [L, B, ...])."""
+  checked = {}
+  for site, (src, mask) in (patch or {}).items():
+    _check_site(site)
+    if jnp.ndim(mask) > jnp.ndim(src):
+      raise ValueError(f"mask of shape {jnp.shape(mask)} has more dimensions than the {site} activations {src.shape}")
+    try:
+      checked[site] = (src, jnp.broadcast_to(mask, src.shape).astype(src.dtype))
+    except ValueError as e:
+      raise ValueError(f"mask of shape {jnp.shape(mask)} does not broadcast to the {site} activations "
+                       f"{src.shape}") from e
+  for site in delta or {}:
+    _check_site(site)
+  logits, _, _ = run(cfg, params, batch.tokens, batch.positions, batch.valid,
+                     hooks=Hooks(patch=checked, delta=dict(delta or {})), cache=batch.prefix,
                      logits_at=batch.answer_pos[:, None])
   return logit_diff(logits, batch)
 
@@ -111,14 +157,16 @@ def _run_from(cfg, params, batch, layer, x, site, src, mask, start=None):
   """Layers ``start``..L-1 (default ``layer``) from residual ``x``, with ``site`` at ``layer`` patched; returns
   the metric [B]."""
   L = cfg.num_layers
-  att_mask, _ = attention_mask(batch.valid, None, batch.tokens.shape[1])
+  prefix = batch.prefix
+  att_mask, _ = attention_mask(batch.valid, prefix, batch.tokens.shape[1], positions=batch.positions)
   positions = batch.positions
 
   def body(i, x):
     w = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params["layers"])
     here = (i == layer).astype(src.dtype)
     src_i = jax.lax.dynamic_index_in_dim(src, i, keepdims=False)
-    x, _, _ = block(cfg, w, x, positions, att_mask, None, Hooks(patch={site: (src_i, mask * here)}),
+    kv = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.index)
+    x, _, _ = block(cfg, w, x, positions, att_mask, kv, Hooks(patch={site: (src_i, mask * here)}),
                     jnp.asarray(windowed_layers(cfg))[i])
     return x
 
@@ -205,7 +253,7 @@ def attribution_patch(cfg: ModelConfig, params: Params, target: Batch, source_ca
 
   def metric(delta):
     logits, _, _ = run(cfg, params, target.tokens, target.positions, target.valid, hooks=Hooks(delta=delta),
-                       logits_at=target.answer_pos[:, None])
+                       cache=target.prefix, logits_at=target.answer_pos[:, None])
     return jnp.sum(logit_diff(logits, target))
 
   grads = jax.grad(metric)({s: jnp.zeros_like(tgt[s]) for s in sites})

@@ -86,27 +86,72 @@ def plot_mlps(outdir: files.PathLike, results: dict, effects: dict):
 
 
 def plot_shifts(outdir: files.PathLike, results: dict, effects: dict):
-  """Shift of each condition from base, per metric: the point and its 95% interval drawn as the interval (a
-  percentile interval need not contain its point)."""
+  """Shift of each condition from base, per metric: the point, its 95% interval (drawn as the interval: a basic
+  interval need not contain its point) and the split-half noise floor (a tick); conditions without a circuit
+  are left empty."""
   del effects
   plt = _plt()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  get = lambda v, key: np.nan if v.get(key) is None else v[key]
   for ax, family in zip(axes, ("heads", "mlps")):
     shifts = results[family]["shifts"]
     keys = [k for k in shifts if k.startswith("base|")]
-    for offset, metric in enumerate(("tv", "rank", "topk")):
+    for offset, metric in enumerate(("tv_sel", "rank_sel", "topk")):
       x = np.arange(len(keys)) + 0.25 * offset
-      vals = [shifts[k][metric] for k in keys]
-      nan = lambda v: np.nan if v is None else v
-      ax.bar(x, [nan(v["point"]) for v in vals], width=0.25, label=metric, alpha=0.7)
-      ax.vlines(x, [nan(v["lo"]) for v in vals], [nan(v["hi"]) for v in vals], color="k")
+      vals = [shifts[k].get(metric, {}) for k in keys]
+      ax.bar(x, [get(v, "point") for v in vals], width=0.25, label=metric, alpha=0.7)
+      ax.vlines(x, [get(v, "lo") for v in vals], [get(v, "hi") for v in vals], color="k")
+      ax.scatter(x, [get(v, "floor") for v in vals], marker="_", s=200, color="r")
     ax.set_xticks(np.arange(len(keys)) + 0.25)
-    ax.set_xticklabels([k.split("|")[1] for k in keys])
-    ax.set_ylabel("shift from base (95% CI)")
+    ax.set_xticklabels([k.split("|")[1] for k in keys], rotation=20, fontsize=8)
+    ax.set_ylabel("shift from base (95% CI; red: noise floor)")
     ax.set_title(f"circuit shift: {family}")
-    ax.legend()
+    ax.legend(fontsize=7)
   return files.save_figure(fig, files.as_path(outdir) / "circuit_shift.png", dpi=110)
 
 
+def plot_faithfulness(outdir: files.PathLike, results: dict, effects: dict):
+  """Share of each condition's clean-corrupt gap recovered by its top-k components patched jointly."""
+  del effects
+  plt = _plt()
+  f = results["faithfulness"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, c in f["conditions"].items():
+    if "recovered" not in c:
+      continue
+    get = lambda key: [np.nan if r[key] is None else r[key] for r in c["recovered"]]
+    line, = ax.plot(f["ks"], get("point"), marker="o", label=name)
+    ax.vlines(f["ks"], get("lo"), get("hi"), color=line.get_color(), alpha=0.6)  # intervals need not hold the point
+  ax.axhline(f["threshold"], color="k", ls=":", lw=1)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("top-k components patched jointly (heads and MLPs)")
+  ax.set_ylabel("share of the gap recovered (95% CI)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return files.save_figure(fig, files.as_path(outdir) / "circuit_faithfulness.png", dpi=110)
+
+
+def plot_vectors(outdir: files.PathLike, results: dict, effects: dict):
+  """Function-vector injection by layer: the held-out 0-shot score with the vector added, against the 0-shot and
+  k-shot scores."""
+  del effects
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  fv = results.get("vectors")
+  if fv:
+    get = lambda key: np.array([np.nan if r["score"][key] is None else r["score"][key] for r in fv["layers"]])
+    x = np.arange(len(fv["layers"]))
+    ax.plot(x, get("point"), marker="o", label="0-shot + vector")
+    ax.fill_between(x, get("lo"), get("hi"), alpha=0.3)
+    for (name, ref), style in zip(fv["references"].items(), (":", "--")):
+      ax.axhline(ref["score"]["point"], color="k", ls=style, lw=1, label=name)
+    ax.set_xlabel("layer the vector is added at")
+    ax.set_ylabel("logit(own answer) - logit(other), 95% CI")
+    ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  return files.save_figure(fig, files.as_path(outdir) / "circuit_vectors.png", dpi=110)
+
+
 # Circuit figure name -> draw(directory, results, per-condition effects) -> path.
-CIRCUIT_FIGURES = {"heatmaps": plot_heatmaps, "mlps": plot_mlps, "shifts": plot_shifts}
+CIRCUIT_FIGURES = {"heatmaps": plot_heatmaps, "mlps": plot_mlps, "shifts": plot_shifts,
+                   "faithfulness": plot_faithfulness, "vectors": plot_vectors}

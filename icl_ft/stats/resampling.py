@@ -40,3 +40,13 @@ def component_intervals(samples: np.ndarray, alpha: float = ALPHA) -> tuple[np.n
 def indices(rng: np.random.Generator, n: int) -> np.ndarray:
   """One bootstrap resample of n items (with replacement)."""
   return rng.integers(0, n, size=n)
+
+
+def mean_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = ALPHA):
+  """(mean, lo, hi) over axis 0 of ``values`` [N, ...], with per-entry percentile intervals over resamples of
+  the N rows (one resample shared by every entry, so entries stay paired)."""
+  values = np.asarray(values, np.float64)
+  rng = np.random.default_rng(seed)
+  boots = np.stack([values[indices(rng, values.shape[0])].mean(axis=0) for _ in range(n_boot)])
+  lo, hi = component_intervals(boots, alpha)
+  return values.mean(axis=0), lo, hi

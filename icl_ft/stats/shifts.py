@@ -128,6 +128,15 @@ def replicates(runs: Mapping[str, PatchRuns], n_boot: int, seed: int, *, paired:
            for name, r in runs.items()}
 
 
+def effect_intervals(run: PatchRuns, n_boot: int, seed: int, tol: float = DEFAULT_TOL
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(effects, lo, hi): a condition's effects and their per-component 95% percentile intervals over pair
+  resamples."""
+  boots = np.stack([e["a"] for e in replicates({"a": run}, n_boot, seed, tol=tol)])
+  lo, hi = resampling.component_intervals(boots)
+  return run.effects(tol)[0], lo, hi
+
+
 def bootstrap_samples(fn: Metric, per_pair_a, per_pair_b, n_boot: int = 1000, seed: int = 0, *,
                       paired: bool = True, tol: float = DEFAULT_TOL) -> np.ndarray:
   """fn(effects_a*, effects_b*) on ``n_boot`` resamples of pairs (``replicates``)."""

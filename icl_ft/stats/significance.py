@@ -42,11 +42,8 @@ def distinguishable(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 def gap_interval(run: PatchRuns, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
   """(point, lo, hi) of the clean-corrupt gap E[source] - E[target] over pair resamples: a condition whose
   interval includes 0 does not separate its pairs, and has no circuit to compare."""
-  gaps = run.source - run.target
-  rng = np.random.default_rng(seed)
-  boots = np.array([gaps[resampling.indices(rng, run.n)].mean() for _ in range(n_boot)])
-  lo, hi = resampling.interval(boots)
-  return float(gaps.mean()), lo, hi
+  point, lo, hi = resampling.mean_interval(run.source - run.target, n_boot, seed)
+  return float(point), float(lo), float(hi)
 
 
 def contrast_permutation(fn: Metric, base: PatchRuns, a: PatchRuns, b: PatchRuns, n_perm: int = 1000,

@@ -11,7 +11,7 @@ plus one line in ``TASKS``.
 from __future__ import annotations
 
 import random
-from typing import Collection, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 from icl_ft.tasks import algebra, boolean, code, controls, expression, parity
 from icl_ft.tasks.base import (ANSWER_KINDS, FORMATS, VARIANTS, Example, Task, check_name, keyed_rng,
@@ -119,18 +119,20 @@ def template(task: str | Task, fmt: str) -> Template:
 
 
 def build_prompt(task: str | Task, fmt: str, demos: Sequence[Example], query: Example, control: str | None = None,
-                 key: tuple = ()) -> str:
+                 key: tuple = (), measure: Callable[[str], int] = len) -> str:
   """Header + demos + query. ``control`` replaces the demos: ``shuffled`` (their answers permuted among them)
-  or ``irrelevant`` (as many characters of the ``irrelevant_from`` task's demos); ``key`` seeds it."""
+  or ``irrelevant`` (the ``irrelevant_from`` task's demos, as long by ``measure`` as the real ones: characters,
+  or pass a tokenizer's count); ``key`` seeds it."""
   t = get_task(task)
   tpl = template(t, fmt)
   for ex in (*demos, query):
     if ex.task != t.name:
       raise ValueError(f"a {ex.task!r} example in a {t.name!r} prompt")
-  return tpl.header + _demo_text(t, fmt, demos, control, key) + tpl.query(query)
+  return tpl.header + _demo_text(t, fmt, demos, control, key, measure) + tpl.query(query)
 
 
-def _demo_text(t: Task, fmt: str, demos: Sequence[Example], control: str | None, key: tuple) -> str:
+def _demo_text(t: Task, fmt: str, demos: Sequence[Example], control: str | None, key: tuple,
+               measure: Callable[[str], int]) -> str:
   tpl = template(t, fmt)
   if control is None:
     return "".join(tpl.demo(d) for d in demos)
@@ -142,7 +144,7 @@ def _demo_text(t: Task, fmt: str, demos: Sequence[Example], control: str | None,
   other = get_task(t.irrelevant_from)
   rng = keyed_rng("irrelevant", t.name, other.name, fmt, *key)
   return controls.fill(lambda: template(other, fmt).demo(other.sample("correct", rng, fmt)),
-                       len("".join(tpl.demo(d) for d in demos)))
+                       measure("".join(tpl.demo(d) for d in demos)), measure)
 
 
 def ft_text(example: Example, fmt: str, with_header: bool = False) -> str:

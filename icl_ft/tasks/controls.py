@@ -1,6 +1,6 @@
 """Demonstrations for the ICL controls: the same demos with their answers shuffled among them (Min et al., 2022:
-does ICL need the right labels, or only the format?) and text of another task's demos taking up the same
-number of characters (does any long prompt move the circuit as much as real demos?)."""
+does ICL need the right labels, or only the format?) and another task's demos taking up the same length, in
+tokens when a tokenizer measures it (does any long prompt move the circuit as much as real demos?)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,14 @@ def shuffled_labels(demos: Sequence[Example], rng: random.Random) -> list[Exampl
   return [dataclasses.replace(d, answer=answers[i]) for d, i in zip(demos, order)]
 
 
-def fill(next_demo: Callable[[], str], length: int) -> str:
-  """Rendered demos from ``next_demo`` until ``length`` characters, the last one cut there."""
+def fill(next_demo: Callable[[], str], length: int, measure: Callable[[str], int] = len) -> str:
+  """Rendered demos from ``next_demo`` until ``measure`` (characters, or a tokenizer's count) reaches ``length``,
+  cut at the longest prefix that does not exceed it."""
   text = ""
-  while len(text) < length:
+  while measure(text) < length:
     text += next_demo()
-  return text[:length]
+  lo, hi = 0, len(text)
+  while lo < hi:  # binary search: measure grows with the prefix
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if measure(text[:mid]) <= length else (lo, mid - 1)
+  return text[:lo]
