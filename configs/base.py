@@ -32,6 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.icl.n_dev = 20  # dev queries per cell with shots > 0, disjoint from the test set, to choose k (0: none)
   c.icl.batch_size = 8
   c.icl.on_too_long = "skip"  # prompts beyond the context window: skip (counted) or error
+  c.icl.controls = "shuffled,irrelevant"  # control columns: demos' labels shuffled / another task's demos ("": none)
+  c.icl.control_shots = 4  # the controls' k, next to real demos at the same k
 
   c.ft = ml_collections.ConfigDict()
   c.ft.method = "full"  # full (the paper's) or lora
@@ -56,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.ft.lora_alpha = 16.0
   c.ft.lora_targets = "q,k,v,o,gate,up,down"
   c.ft.seed = 42
+  c.ft.fewshot_k = 4  # few-shot FT control: the first query's k ICL demos per task, fine-tuned on (0: off)
+  c.ft.fewshot_steps = 20  # ... for this many full-batch steps, otherwise the recipe above
 
   c.ft_eval = ml_collections.ConfigDict()
   c.ft_eval.shots = "0"  # the paper's FT condition is 0-shot
@@ -66,13 +70,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.circuits.enabled = True
   c.circuits.tasks = ""  # tasks to analyse; empty: the config's tasks that support prompt pairs
   c.circuits.format = "fixed"
-  c.circuits.n_pairs = 4
-  c.circuits.icl_shots = "1"
+  c.circuits.n_pairs = 32
+  c.circuits.icl_shots = "4"
+  c.circuits.controls = "shuffled,irrelevant"  # ICL control conditions at the largest icl_shots ("": none)
+  c.circuits.verify = 24  # per family and condition, the top components by attribution patched exactly (0: all)
   c.circuits.chunk = 16
   c.circuits.resid_last = 2  # residual-stream sweep over the query's last 2 positions (0: the whole query)
   c.circuits.n_boot = 200
+  c.circuits.n_splits = 50  # random half splits per condition for its split-half noise floor
+  c.circuits.n_perm = 200  # label permutations per contrast test
   c.circuits.top_k = 10
   c.circuits.tol = 1e-3  # a condition whose clean-corrupt logit-diff gap is below this has no effects
+  c.circuits.threshold = 0.8  # a condition's circuit: the smallest top-k set recovering this share of its gap
   return c
 
 

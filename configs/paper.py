@@ -45,5 +45,9 @@ def get_config(model: str = "qwen1.5-0.5b"):
   c.circuits.n_pairs = 64
   c.circuits.icl_shots = "2,8"
   c.circuits.n_boot = 1000
+  c.circuits.n_perm = 1000
+  c.circuits.verify = 64
+  c.icl.control_shots = 8
+  c.ft.fewshot_k = 8
   c.circuits.resid_last = 0
   return c

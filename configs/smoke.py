@@ -22,9 +22,15 @@ def get_config():
   c.ft.batch_size = 4
   c.ft.warmup_steps = 1
   c.ft.save_every = 2
+  c.ft.fewshot_k = 2
+  c.ft.fewshot_steps = 2
+  c.icl.control_shots = 2
   c.circuits.tasks = "expression"
   c.circuits.n_pairs = 4
-  c.circuits.icl_shots = "1"
+  c.circuits.icl_shots = "2"
+  c.circuits.verify = 3
   c.circuits.n_boot = 20
+  c.circuits.n_splits = 10
+  c.circuits.n_perm = 20
   c.circuits.top_k = 3
   return c

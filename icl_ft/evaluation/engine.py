@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -56,18 +56,20 @@ class Query:
 
 
 def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int, split: str = "test",
-                exclude: Collection[str] = ()) -> list[Query]:
-  """The fixed query set of (task, variant, seed, split) with ``shots`` correct-variant demos each; every
-  query's cell carries what the item's shortcut cues predict (``tasks.shortcut_record``)."""
+                exclude: Collection[str] = (), control: str | None = None,
+                measure: Callable[[str], int] = len) -> list[Query]:
+  """The fixed query set of (task, variant, seed, split) with ``shots`` correct-variant demos each (replaced as
+  ``control`` says, lengths by ``measure``: ``tasks.build_prompt``); every query's cell carries what the item's
+  shortcut cues predict (``tasks.shortcut_record``)."""
   if n < 1:
     raise ValueError(f"the number of queries must be at least 1, got {n}")
   out = []
   for i, ex in enumerate(tasks.make_queries(task, variant, n, seed, fmt, split, exclude)):
     demos = tasks.make_demos(task, shots, seed, i, fmt, split)
-    out.append(Query(tasks.build_prompt(task, fmt, demos, ex), ex.answer, ex.foil, task,
-                     tasks.generation_len(task, fmt), tasks.strict_len(task, fmt),
+    out.append(Query(tasks.build_prompt(task, fmt, demos, ex, control, (seed, split, i), measure), ex.answer,
+                     ex.foil, task, tasks.generation_len(task, fmt), tasks.strict_len(task, fmt),
                      QueryCell(task=task, variant=variant, format=fmt, shots=shots, seed=seed, split=split, index=i,
-                               question=ex.question, **tasks.shortcut_record(ex, fmt))))
+                               question=ex.question, control=control, **tasks.shortcut_record(ex, fmt))))
   return out
 
 
@@ -168,9 +170,14 @@ DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
 
 
 def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str], shots: Sequence[int],
-                  n: int, seed: int, n_dev: int = 0) -> list[Query]:
+                  n: int, seed: int, n_dev: int = 0, controls: Sequence[str] = (), control_shots: int = 0,
+                  measure: Callable[[str], int] = len) -> list[Query]:
   """Every (task, variant, format, shots) cell's queries, for the variants each task has; with ``n_dev``,
-  also ``n_dev`` dev-split queries per cell with shots > 0 (disjoint from the test questions) for choosing k."""
+  also ``n_dev`` dev-split queries per cell with shots > 0 (disjoint from the test questions) for choosing k;
+  with ``controls``, the same test items at ``control_shots`` demos replaced by each control (lengths by
+  ``measure``)."""
+  if controls and control_shots < 2:
+    raise ValueError(f"the ICL controls replace demos and need control_shots >= 2, got {control_shots}")
   out = []
   for t in task_names:
     for v in [v for v in variants if v in tasks.get_task(t).variants]:
@@ -180,15 +187,26 @@ def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: S
           out += icl_queries(t, v, f, k, n, seed)
           if n_dev and k:
             out += icl_queries(t, v, f, k, n_dev, seed, "dev", exclude=test)
+        for c in controls:
+          out += icl_queries(t, v, f, control_shots, n, seed, control=c, measure=measure)
   return out
+
+
+def method(cell: QueryCell) -> str:
+  """The base model's method of a cell: ``base`` (0 shots), ``icl`` or ``icl-<control>``."""
+  return f"icl-{cell.control}" if cell.control else "icl" if cell.shots else "base"
 
 
 def sweep(model: LoadedModel, task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str],
           shots: Sequence[int] = DEFAULT_SHOTS, n: int = 199, seed: int = 114514,
           engine: EngineConfig = EngineConfig(), model_name: str = "", n_dev: int = 0,
-          units: Units | None = None) -> tuple[list[QueryRecord], list[SkippedQuery]]:
-  """Every cell of ``sweep_queries`` in one batched run (length buckets shared across cells); returns
-  (records, skipped queries), tagged with ``model`` and ``method``."""
-  records, skipped = run(model, sweep_queries(task_names, variants, formats, shots, n, seed, n_dev), engine, units)
-  tag = lambda r: r.tagged(model=model_name or model.source, method="icl" if r.shots else "base")
+          units: Units | None = None, controls: Sequence[str] = (),
+          control_shots: int = 0) -> tuple[list[QueryRecord], list[SkippedQuery]]:
+  """Every cell of ``sweep_queries`` in one batched run (length buckets shared across cells; controls as long
+  as the real demos in the model's tokens); returns (records, skipped queries), tagged with ``model`` and
+  ``method``."""
+  count = lambda text: len(model.tokenizer(text, add_special_tokens=False).input_ids)
+  queries = sweep_queries(task_names, variants, formats, shots, n, seed, n_dev, controls, control_shots, count)
+  records, skipped = run(model, queries, engine, units)
+  tag = lambda r: r.tagged(model=model_name or model.source, method=method(r))
   return [tag(r) for r in records], [tag(r) for r in skipped]

@@ -128,8 +128,9 @@ class _Runner:
     self.done += 1
     spent = time.perf_counter() - self.start
     left = spent / self.done * (self.n_steps - self.done)
+    note = "; includes compilation" if self.done == 1 else ""
     self.log(f"[circuits] {self.ccfg.task}: {what} {time.perf_counter() - t0:.1f}s ({self.done}/{self.n_steps}; "
-             f"{spent:.0f}s so far, ~{left:.0f}s left; the first steps include compilation)")
+             f"{spent:.0f}s so far, ~{left:.0f}s left{note})")
     return out
 
 
@@ -200,7 +201,7 @@ def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,
   sets = condition_pairs(tokenizer, ccfg, tuple(tuned))
   params_of = {name: tuned.get(name, base) for name in sets}
   k_fv = max(ccfg.icl_shots, default=0)
-  run = _Runner(cfg, ccfg, units, log, 3 * len(sets) + bool(k_fv) + len(tuned))
+  run = _Runner(cfg, ccfg, units, log, 4 * len(sets) + bool(k_fv) + len(tuned))  # cross steps may be fewer
   log(f"[circuits] {ccfg.task}: {len(sets['base'])} pairs per condition; conditions {', '.join(sets)}")
   screened = {n: records.patch_runs_from_arrays(run.arrays(f"{n}.screen", f"{n}: screen",
                                                            lambda n=n: _screen(cfg, params_of[n], sets[n], ccfg)))
@@ -224,10 +225,12 @@ def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,
              "resid_effects": {n: e["resid"] for n, e in effects.items()},
              "screen": {n: {f: screen.agreement(screened[n][f], hybrid[n][f], verified[f], ccfg.top_k, ccfg.tol)
                             for f in screen.FAMILIES} for n in sets}}
+  icl = f"icl{k_fv}"
+  contrasts = [(icl, n) for n in sets if n not in ("base", icl)] if k_fv else None  # ICL against each other
   for f in screen.FAMILIES:
     numbers[f] = shifts.shift_report({n: hybrid[n][f] for n in sets}, baseline="base", n_boot=ccfg.n_boot,
                                      seed=ccfg.seed, k=ccfg.top_k, tol=ccfg.tol, n_splits=ccfg.n_splits,
-                                     n_perm=ccfg.n_perm)
+                                     n_perm=ccfg.n_perm, contrasts=contrasts)
   numbers["faithfulness"] = _faithfulness(cfg, ccfg, sets, params_of, effects,
                                           {n: screened[n]["heads"] for n in sets}, run)
   if k_fv:

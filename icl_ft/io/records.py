@@ -23,7 +23,7 @@ import numpy as np
 from icl_ft.io import files
 from icl_ft.stats.effects import PatchRuns
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SchemaError(ValueError):
@@ -71,12 +71,13 @@ class QueryCell(_Fields):
   split: str
   index: int
   question: str
+  control: str | None  # the ICL control replacing the demos (``tasks.controls``), or None
   cues: dict[str, str | None]  # every cue's prediction for the item
   shortcut_cue: str | None  # the variant's target cue (None: the set has no shortcut)
   shortcut: str | None  # its prediction
   shortcut_right: bool | None  # whether the prediction is the gold (None: no prediction)
   model: str = ""
-  method: str = ""  # "base" (0 shots), "icl" (k shots) or "ft"
+  method: str = ""  # "base" (0 shots), "icl" (k shots), "icl-<control>", "ft" or "ft-fewshot"
   step: int | None = None  # fine-tuned: the checkpoint step
   samples: int | None = None  # fine-tuned: training examples seen
 

@@ -127,7 +127,10 @@ def plot_faithfulness(outdir: files.PathLike, results: dict, effects: dict):
   ax.set_xlabel("top-k components patched jointly (heads and MLPs)")
   ax.set_ylabel("share of the gap recovered (95% CI)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
+  else:
+    ax.text(0.5, 0.5, "no condition separates clean from corrupt", ha="center", transform=ax.transAxes)
   return files.save_figure(fig, files.as_path(outdir) / "circuit_faithfulness.png", dpi=110)
 
 

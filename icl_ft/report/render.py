@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from icl_ft.report import circuit_report
 from icl_ft.report.tables import RULES
 
 
@@ -15,26 +16,17 @@ def _fmt(cell: dict | None, extra: str = "") -> str:
   return f"{cell['acc']:.3f} [{cell['lo']:.2f}, {cell['hi']:.2f}]{extra}{skipped}"
 
 
-def _ci(item: dict) -> str:
-  if item.get("point") is None:
-    return "n/a"
-  lo, hi = item.get("lo"), item.get("hi")
-  ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
-  flag = " *" if item.get("exceeds_floor") else ""
-  return f"{item['point']:.3f}{ci}{flag}"
-
-
 def render_study(results: dict, figures: dict[str, str], circuit_figures: dict[str, dict[str, str]]) -> str:
   """``REPORT.md`` from ``results.json``'s numbers: header and warnings, the comparison table, the
   shortcut-breaking items, training, the accuracy figures (title -> path), per task the circuit shift (with its
   figures, name -> path), timings, config and versions."""
-  lines = _header(results) + _comparison(results) + _breaking(results) + _training(results)
+  lines = _header(results) + _comparison(results) + _controls(results) + _breaking(results) + _training(results)
   for title, path in figures.items():
     lines += [f"### {title[0].upper() + title[1:]}", "", f"![{title}]({path})", ""]
   if results["circuits"]:
-    lines += _circuit_intro(results)
+    lines += circuit_report.intro(results.get("ft_report_step"))
     for task, res in results["circuits"].items():
-      lines += _circuit_task(task, res, circuit_figures.get(task, {}))
+      lines += circuit_report.task_section(task, res, circuit_figures.get(task, {}))
   return "\n".join(lines + _footer(results)) + "\n"
 
 
@@ -77,6 +69,26 @@ def _comparison(results: dict) -> list[str]:
   return lines
 
 
+def _controls(results: dict) -> list[str]:
+  """The ICL controls next to real demos at the same k, and few-shot FT on one prompt's demos (strict rule)."""
+  rows = [r for r in results["table"] if r["strict"].get("controls") or r["strict"].get("ft_fewshot")]
+  if not rows:
+    return []
+  names = sorted({m for r in rows for m in r["strict"].get("controls", {})}, key=lambda m: (m.startswith("icl-"), m))
+  cfg = results["config"]
+  lines = ["", f"Controls (strict rule): ICL with {cfg['icl']['control_shots']} real demos next to the same number "
+           "with their labels shuffled among them (Min et al., 2022) and another task's demos of the same token "
+           f"length; few-shot FT: the first query's {cfg['ft']['fewshot_k']} ICL demos per task, fine-tuned on "
+           f"for {cfg['ft']['fewshot_steps']} steps, then 0-shot (Mosbach et al., 2023).", "",
+           "| task | variant | " + " | ".join(names) + " | few-shot FT 0-shot | fine-tuned 0-shot |",
+           "|---|---|" + "---|" * (len(names) + 2)]
+  for r in rows:
+    c = r["strict"]
+    lines.append(f"| {r['task']} | {r['variant']} | " + " | ".join(_fmt(c.get("controls", {}).get(m)) for m in names)
+                 + f" | {_fmt(c.get('ft_fewshot'))} | {_fmt(c['ft_0shot'])} |")
+  return lines
+
+
 def _breaking(results: dict) -> list[str]:
   mis = [row for row in results["table"] if row["variant"] != "correct" and row.get("shortcut_breaking")]
   if not mis:
@@ -100,44 +112,6 @@ def _training(results: dict) -> list[str]:
   return ["", f"Fine-tuned for {t['steps']} steps ({t['samples']} samples); loss {t['first_loss']:.3f} -> "
           f"{t['final_loss']:.3f}; median {t['median_tokens_per_s']:.0f} tokens/s, MFU {t['median_mfu']:.2f}."
           if t["steps"] else "", ""]
-
-
-def _circuit_intro(results: dict) -> list[str]:
-  return ["## Circuit shift", "",
-          "Denoising activation patching (corrupted run, clean activations patched in) over attention heads "
-          "(layer x head, all positions) and MLPs per layer; effects are normalised patching effects. Shift "
-          "from the base model's 0-shot circuit: TV = total-variation distance of normalised importance, "
-          "rank = 1 - Spearman, topk = 1 - top-k overlap, centroid = layer-profile centroid shift (signed). "
-          "Point [95% bootstrap CI]; * = above the 95th percentile of the resampling noise floor. The "
-          f"fine-tuned condition (ft) is checkpoint step {results.get('ft_report_step')}, the same as the table's.", ""]
-
-
-def _circuit_task(task: str, res: dict, figures: dict[str, str]) -> list[str]:
-  lines = [f"### {task}", "", "Prompt pairs (kept of tried, dropped by reason): " + "; ".join(
-      f"{n}: {p['n_pairs']} of {p['n_tried']}, {p['length']} tokens, dropped {p['dropped']}"
-      for n, p in res["pairs"].items()), ""]
-  lines += ["| condition | clean-corrupt logit-diff gap | separated |", "|---|---|---|"]
-  lines += [f"| {n} | {c['separation']:.3f} | {c['separated']} |" if c["separation"] is not None else
-            f"| {n} | n/a | {c['separated']} |" for n, c in res["heads"]["conditions"].items()]
-  lines += ["", "| shift | components | TV | rank | topk | centroid |", "|---|---|---|---|---|---|"]
-  metrics = ("tv", "rank", "topk", "centroid")
-  for family in ("heads", "mlps"):
-    for key, entry in res[family]["shifts"].items():
-      if key.startswith("base|"):
-        lines.append(f"| {key.replace('|', ' → ')} | {family} | " + " | ".join(_ci(entry[m]) for m in metrics) + " |")
-  for family in ("heads", "mlps"):
-    for key, entry in res[family]["contrasts"].items():
-      lines.append(f"| contrast {key} (shift from base) | {family} | " +
-                   " | ".join(_ci(entry[m]) for m in metrics) + " |")
-  att = res.get("attribution", {})
-  if att:
-    lines += ["", "Attribution patching vs exact (heads): " + ", ".join(
-        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in att.items()
-        if not isinstance(v, (list, dict))) + "."]
-  lines.append("")
-  for name, path in figures.items():
-    lines += [f"![{task}: {name}]({path})", ""]
-  return lines
 
 
 def _footer(results: dict) -> list[str]:

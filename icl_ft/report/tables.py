@@ -87,7 +87,8 @@ def _best_rows(rows: Sequence[dict], rule: str) -> dict[tuple, dict]:
 
 
 def _icl_rows(summary: Sequence[dict], split: str) -> list[dict]:
-  return [r for r in summary if r.get("shots", 0) > 0 and r.get("split", "test") == split]
+  """The ICL cells (k > 0 real demos; not the controls) of ``split``."""
+  return [r for r in summary if r.get("method") == "icl" and r.get("split", "test") == split]
 
 
 def _cell_stats(row: dict) -> dict:
@@ -142,16 +143,22 @@ def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], m
                   circuits: dict, timings: dict, report_step: int | None = None) -> dict:
   """Every number of a study run: the comparison table (per task and variant, lenient and strict: base
   0-shot, fine-tuned 0-shot at ``report_step`` (default: the last checkpoint), ICL at the best shot count on the
-  test set (the release's, optimistic) and at the shot count chosen on the dev split; with the variant's
+  test set (the release's, optimistic) and at the shot count chosen on the dev split, the controls (ICL with
+  shuffled labels / irrelevant demos next to real demos at the same k, few-shot FT on one prompt's demos); the
   shortcut-breaking share and skipped counts), the per-cell summaries, training statistics, circuit-shift results
   per task, timings, the config and package versions."""
   cells = [r for r in icl_summary["cells"] if r.get("split", "test") == "test"]
-  steps = sorted({r["step"] for r in ft_summary if r.get("shots") == 0})
+  steps = sorted({r["step"] for r in ft_summary if r.get("shots") == 0 and r.get("method") == "ft"})
   step = report_step if report_step is not None else (steps[-1] if steps else None)
   table = []
   for task, variant in sorted({(r["task"], r["variant"]) for r in cells}):
     base = _find(cells, task=task, variant=variant, shots=0)
-    ft = _find(ft_summary, task=task, variant=variant, shots=0, step=step)
+    ft = _find(ft_summary, task=task, variant=variant, shots=0, step=step, method="ft")
+    fewshot = _find(ft_summary, task=task, variant=variant, shots=0, method="ft-fewshot")
+    controls = {r["method"]: r for r in cells if (r["task"], r["variant"]) == (task, variant)
+                and r["method"].startswith("icl-")}  # the ICL controls, at their k
+    controls.update({f"icl{r['shots']}": _find(cells, task=task, variant=variant, method="icl", shots=r["shots"])
+                     for r in list(controls.values())})  # and the real demos at the same k
     row = dict(task=task, variant=variant, ft_step=step, ft_samples=ft["samples"] if ft else None,
                shortcut_cue=base.get("shortcut_cue") if base else None,
                shortcut_breaking=base.get("shortcut_breaking") if base else None,
@@ -164,7 +171,8 @@ def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], m
                        icl_best=dict(_cell(best, rule), shots=best["best_shots"]) if best else None,
                        icl_dev=dict(_cell(dev, rule), shots=dev["dev_shots"], dev_acc=dev["dev_acc"]) if dev else None,
                        base_breaking=_cell(base, rule, "_breaking"), ft_breaking=_cell(ft, rule, "_breaking"),
-                       icl_dev_breaking=_cell(dev, rule, "_breaking"))
+                       icl_dev_breaking=_cell(dev, rule, "_breaking"), ft_fewshot=_cell(fewshot, rule),
+                       controls={m: _cell(r, rule) for m, r in controls.items()})
     table.append(row)
   steady = list(metrics[1:] or metrics)  # the first step includes compilation
   train = dict(steps=len(metrics), samples=metrics[-1]["samples"] if metrics else 0,

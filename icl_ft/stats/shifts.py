@@ -131,10 +131,13 @@ def replicates(runs: Mapping[str, PatchRuns], n_boot: int, seed: int, *, paired:
 def effect_intervals(run: PatchRuns, n_boot: int, seed: int, tol: float = DEFAULT_TOL
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(effects, lo, hi): a condition's effects and their per-component 95% percentile intervals over pair
-  resamples."""
+  resamples (all NaN when the condition does not separate clean from corrupt)."""
+  effects, separated = run.effects(tol)
+  if not separated:
+    nan = np.full(effects.shape, np.nan)
+    return effects, nan, nan
   boots = np.stack([e["a"] for e in replicates({"a": run}, n_boot, seed, tol=tol)])
-  lo, hi = resampling.component_intervals(boots)
-  return run.effects(tol)[0], lo, hi
+  return (effects, *resampling.component_intervals(boots))
 
 
 def bootstrap_samples(fn: Metric, per_pair_a, per_pair_b, n_boot: int = 1000, seed: int = 0, *,
@@ -199,7 +202,7 @@ def _condition(run: PatchRuns, effects: np.ndarray, boots: np.ndarray, fns: Mapp
   """One condition: its clean-corrupt gap with a CI (no circuit when the CI includes 0), per-component effect
   CIs (which components are distinguishable from 0) and split-half floors per metric."""
   gap, gap_lo, gap_hi = significance.gap_interval(run, n_boot, seed)
-  lo, hi = resampling.component_intervals(boots)
+  lo, hi = resampling.component_intervals(boots) if run.effects(tol)[1] else (np.full(effects.shape, np.nan),) * 2
   info: dict[str, Any] = dict(
       n_pairs=run.n, mean_target=_num(run.target.mean()), mean_source=_num(run.source.mean()),
       separation=_num(gap), gap_lo=_num(gap_lo), gap_hi=_num(gap_hi), separated=bool(run.effects(tol)[1]),
@@ -249,10 +252,13 @@ def _pair_shifts(a: str, b: str, runs: Mapping[str, PatchRuns], effects, boots, 
   return out
 
 
-def _contrast(a: str, b: str, baseline: str, runs, effects, boots, fns, n_perm: int, seed: int,
+def _contrast(a: str, b: str, baseline: str, runs, effects, boots, conditions, fns, n_perm: int, seed: int,
               tol: float) -> dict[str, Any]:
   """CS(baseline, a) - CS(baseline, b) per metric: point, paired bootstrap CI, whether the CI excludes 0, and
   (with ``n_perm``) the paired permutation test's p-value (a and b exchanged on random pairs)."""
+  missing = [n for n in dict.fromkeys((baseline, a, b)) if not conditions[n]["has_circuit"]]
+  if missing:
+    return {m: dict(point=None, reason=f"no circuit in {', '.join(missing)}") for m in fns}
   out = {}
   for m, fn in fns.items():
     point = fn(effects[baseline], effects[a]) - fn(effects[baseline], effects[b])
@@ -294,7 +300,7 @@ def shift_report(effects_by_condition: Mapping[str, Any], baseline: str = "base"
             for a, b in itertools.combinations(names, 2)}
   pairs = list(contrasts) if contrasts is not None else list(itertools.combinations(names[1:], 2))
   return dict(baseline=baseline, conditions=conditions, shifts=shifts,
-              contrasts={f"{a}-{b}": _contrast(a, b, baseline, runs, effects, boots, fns, n_perm, seed, tol)
+              contrasts={f"{a}-{b}": _contrast(a, b, baseline, runs, effects, boots, conditions, fns, n_perm, seed, tol)
                          for a, b in pairs},
               n_boot=n_boot, n_splits=n_splits, n_perm=n_perm, seed=seed, k=k, tol=tol, alpha=ALPHA,
               metrics=list(fns))

@@ -16,6 +16,7 @@ from icl_ft.evaluation import engine
 from icl_ft.interp import circuits
 from icl_ft.io import files
 from icl_ft.model import lora
+from icl_ft.tasks import controls
 from icl_ft.training import dataset, trainer
 
 from icl_ft.study import stages
@@ -54,6 +55,12 @@ def _names(key: str, spec: Any, valid: Sequence[str], default: Sequence[str] = (
   return items
 
 
+def _optional_names(key: str, spec: Any, valid: Sequence[str]) -> tuple[str, ...]:
+  """``_names``, where an empty list means none."""
+  empty = not (spec if isinstance(spec, (list, tuple)) else str(spec).strip())
+  return () if empty else _names(key, spec, valid)
+
+
 def _choice(key: str, value: Any, valid: Sequence[Any]) -> Any:
   if value not in valid:
     raise ConfigError(f"{key} must be one of {list(valid)}, got {value!r}")
@@ -86,8 +93,12 @@ class StudyConfig:
   icl_engine: engine.EngineConfig
   n_queries: int
   n_dev: int  # dev-split queries per ICL cell (k > 0) for choosing k without the test set; 0: none
+  icl_controls: tuple[str, ...]  # ICL control columns (tasks.controls), at control_shots demos
+  control_shots: int
   ft_data: dataset.FTDataConfig
   train: trainer.TrainConfig
+  fewshot: trainer.TrainConfig | None  # the few-shot FT control on fewshot_k demos per task; None: off
+  fewshot_k: int
   ft_eval_shots: tuple[int, ...]
   ft_eval_steps: tuple[int, ...]  # checkpoints to evaluate (the report step included); empty: every kept one
   ft_report_step: int  # the checkpoint step of the table's fine-tuned column
@@ -100,8 +111,14 @@ class StudyConfig:
     task_names = _names("tasks", raw["tasks"], tuple(tasks.TASKS))
     fmt = _choice("format", raw["format"], tasks.FORMATS)
     train, data = _ft_section(raw["ft"], task_names, fmt)
+    fewshot_k = _ints("ft.fewshot_k", [raw["ft"]["fewshot_k"]])[0]
+    fewshot = _fewshot_section(raw["ft"], train, fewshot_k * len(task_names)) if fewshot_k else None
     eval_shots, eval_steps, report_step = _ft_eval_section(raw["ft_eval"], train)
     icl = raw["icl"]
+    icl_controls = _optional_names("icl.controls", icl["controls"], controls.CONTROLS)
+    control_shots = _ints("icl.control_shots", [icl["control_shots"]])[0]
+    if icl_controls and control_shots < 2:
+      raise ConfigError(f"icl.control_shots must be >= 2 (the controls replace demos), got {control_shots}")
     return cls(
         raw=raw, name=str(raw["name"]), model=str(raw["model"]),
         dtype=_choice("dtype", raw["dtype"], DTYPES), workdir=files.as_path(raw["workdir"]),
@@ -110,7 +127,8 @@ class StudyConfig:
         mesh=dict(raw["mesh"]), progress=bool(raw["progress"]), overwrite=bool(raw.get("overwrite", False)),
         shots=_ints("icl.shots", icl["shots"]), icl_engine=_engine_section(icl, bool(raw["progress"])),
         n_queries=_positive("icl.n", icl["n"]), n_dev=_ints("icl.n_dev", [icl["n_dev"]])[0],
-        ft_data=data, train=train, ft_eval_shots=eval_shots, ft_eval_steps=eval_steps, ft_report_step=report_step,
+        icl_controls=icl_controls, control_shots=control_shots,
+        ft_data=data, train=train, fewshot=fewshot, fewshot_k=fewshot_k, ft_eval_shots=eval_shots, ft_eval_steps=eval_steps, ft_report_step=report_step,
         circuits=_circuit_section(raw["circuits"], task_names, int(raw["seed"])))
 
   def inputs(self, stage: str) -> dict:
@@ -154,6 +172,14 @@ def _ft_section(ft: dict, task_names: Sequence[str], fmt: str) -> tuple[trainer.
   return train, data
 
 
+def _fewshot_section(ft: dict, train: trainer.TrainConfig, n_examples: int) -> trainer.TrainConfig:
+  """The few-shot FT control's recipe: the main run's, on its ``n_examples`` demos as one full batch per step
+  for ``ft.fewshot_steps`` steps, keeping only the last checkpoint."""
+  steps = _positive("ft.fewshot_steps", ft["fewshot_steps"])
+  return dataclasses.replace(train, steps=steps, batch_size=n_examples, grad_accum=1, save_every=steps, keep=1,
+                             warmup_steps=min(train.warmup_steps, steps - 1))
+
+
 def _ft_eval_section(ev: dict, train: trainer.TrainConfig) -> tuple[tuple[int, ...], tuple[int, ...], int]:
   """(shots, checkpoint steps to evaluate (empty: every kept one), the report step), each checked against the
   checkpoints training will keep."""
@@ -173,13 +199,26 @@ def _circuit_section(cc: dict, task_names: Sequence[str], seed: int) -> tuple[ci
   default = [t for t in task_names if t in pairs.pair_tasks()]
   if not cc["enabled"] or not (cc["tasks"] or default):
     return ()
+  try:
+    return _circuit_configs(cc, pairs.pair_tasks(), default, seed)
+  except ValueError as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"circuits: {e}") from None
+
+
+def _circuit_configs(cc: dict, pair_tasks: Sequence[str], default: Sequence[str],
+                     seed: int) -> tuple[circuits.CircuitConfig, ...]:
   return tuple(circuits.CircuitConfig(
       task=t, fmt=_choice("circuits.format", cc["format"], tasks.FORMATS),
       n_pairs=_positive("circuits.n_pairs", cc["n_pairs"]), seed=seed,
       icl_shots=_ints("circuits.icl_shots", cc["icl_shots"], lo=1), chunk=_positive("circuits.chunk", cc["chunk"]),
-      n_boot=_positive("circuits.n_boot", cc["n_boot"]), top_k=_positive("circuits.top_k", cc["top_k"]),
-      resid_last=_ints("circuits.resid_last", [cc["resid_last"]])[0], tol=float(cc["tol"]))
-      for t in _names("circuits.tasks", cc["tasks"], pairs.pair_tasks(), default=default))
+      controls=_optional_names("circuits.controls", cc["controls"], controls.CONTROLS),
+      verify=_ints("circuits.verify", [cc["verify"]])[0], n_boot=_positive("circuits.n_boot", cc["n_boot"]),
+      n_splits=_positive("circuits.n_splits", cc["n_splits"]), n_perm=_positive("circuits.n_perm", cc["n_perm"]),
+      top_k=_positive("circuits.top_k", cc["top_k"]), resid_last=_ints("circuits.resid_last", [cc["resid_last"]])[0],
+      tol=float(cc["tol"]), threshold=float(cc["threshold"]))
+      for t in _names("circuits.tasks", cc["tasks"], pair_tasks, default=default))
 
 
 def _variants(spec: Any, task_names: Sequence[str]) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ those names."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from etils import epath
 
@@ -19,6 +19,7 @@ from icl_ft.io import loading
 from icl_ft.io.loading import LoadedModel
 from icl_ft.io.records import read_document, write_document, write_queries
 from icl_ft.io.units import Units
+from icl_ft.model.decoder import Params
 from icl_ft.report import outputs, plots, render, tables
 from icl_ft.tasks import export
 from icl_ft.training import dataset, trainer
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
   from icl_ft.study.pipeline import Study
 
 REPORT_FILES = ("REPORT.md", "results.json")  # the report stage's outputs in the work directory itself
+FEWSHOT = "fewshot"  # the few-shot FT control's run, inside the finetune stage's directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +69,13 @@ def _common(cfg) -> dict:
 
 def _check_batch(cfg, mesh) -> None:
   from icl_ft.study.config import ConfigError
-  try:
-    trainer.check_batch(cfg.train, mesh)
-  except ValueError as e:
-    raise ConfigError(f"ft.batch_size / ft.grad_accum: {e}") from None
+  for key, train in (("ft.batch_size / ft.grad_accum", cfg.train),
+                     ("ft.fewshot_k x tasks (the few-shot control's batch)", cfg.fewshot)):
+    try:
+      if train:
+        trainer.check_batch(train, mesh)
+    except ValueError as e:
+      raise ConfigError(f"{key}: {e}") from None
 
 
 def _circuit_title(task: str, name: str) -> str:
@@ -93,32 +98,55 @@ def _data(study: Study, d: epath.Path, units: Units) -> dict:
 def _icl(study: Study, d: epath.Path, units: Units) -> dict:
   cfg = study.cfg
   records, skipped = engine.sweep(study.model, cfg.tasks, cfg.variants, [cfg.format], cfg.shots, cfg.n_queries,
-                                  cfg.seed, cfg.icl_engine, cfg.model, cfg.n_dev, units)
+                                  cfg.seed, cfg.icl_engine, cfg.model, cfg.n_dev, units, cfg.icl_controls,
+                                  cfg.control_shots)
   paths = outputs.write_icl_results(d, records, skipped, f"{cfg.model}: accuracy vs shots", study.figure)
   return {k: study.rel(v) if v else None for k, v in paths.items()}
 
 
 def _finetune(study: Study, d: epath.Path, units: Units) -> dict:
   del units  # Orbax checkpoints are its resume points
-  cfg = study.cfg
-  data = dataset.build(cfg.ft_data, study.model.tokenizer)
+  cfg, m = study.cfg, study.model
+  data = dataset.build(cfg.ft_data, m.tokenizer)
   study.log(f"[finetune] {len(data)} examples ({data.num_tokens} tokens) from {', '.join(cfg.ft_data.tasks)}; "
             f"{cfg.train.steps} steps of {cfg.train.batch_size}")
-  trainer.train(study.model.config, study.model.params, data, cfg.train, d, mesh=study.mesh, progress=cfg.progress)
-  return dict(checkpoints=study.rel(d / "checkpoints"), metrics=study.rel(d / "metrics.jsonl"))
+  trainer.train(m.config, m.params, data, cfg.train, d, mesh=study.mesh, length_multiple=cfg.ft_data.length_multiple,
+                progress=cfg.progress)
+  out = dict(checkpoints=study.rel(d / "checkpoints"), metrics=study.rel(d / "metrics.jsonl"), fewshot=None)
+  if cfg.fewshot:
+    demos = dataset.fewshot_examples(cfg.tasks, cfg.fewshot_k, cfg.seed, cfg.format)
+    study.log(f"[finetune] few-shot control: the {cfg.fewshot_k} ICL demos of the first query per task "
+              f"({len(demos)} examples), {cfg.fewshot.steps} full-batch steps")
+    trainer.train(m.config, m.params, dataset.from_examples(demos, cfg.ft_data, m.tokenizer), cfg.fewshot,
+                  d / FEWSHOT, mesh=study.mesh, length_multiple=cfg.ft_data.length_multiple, progress=cfg.progress)
+    out["fewshot"] = study.rel(d / FEWSHOT)
+  return out
+
+
+def _tuned(study: Study, steps: Sequence[int] | None) -> Iterator[tuple[str, int, Params]]:
+  """(method, step, parameters) of each fine-tuned model to evaluate: ``ft`` at ``steps`` (None: every kept
+  checkpoint), then the few-shot control ``ft-fewshot`` at its last step."""
+  cfg, m, d = study.cfg, study.model, study.dir("finetune")
+  for step, params in trainer.checkpoint_params(m.config, m.params, cfg.train, d, steps, study.mesh):
+    yield "ft", step, params
+  if cfg.fewshot:
+    for step, params in trainer.checkpoint_params(m.config, m.params, cfg.fewshot, d / FEWSHOT, [cfg.fewshot.steps],
+                                                  study.mesh):
+      yield "ft-fewshot", step, params
 
 
 def evaluate_checkpoints(study: Study, units: Units | None = None) -> tuple[list[dict], list[dict]]:
-  """The fine-tuned model at each evaluated checkpoint through the ICL engine, records tagged
-  ``method="ft"``, ``step`` and ``samples`` (training examples seen). Returns (records, skipped)."""
+  """The fine-tuned models (``_tuned``) through the ICL engine, records tagged ``method`` (``ft`` or
+  ``ft-fewshot``), ``step`` and ``samples`` (training examples seen). Returns (records, skipped)."""
   cfg, m = study.cfg, study.model
   records, skipped = [], []
-  steps = cfg.ft_eval_steps or None
-  for step, params in trainer.checkpoint_params(m.config, m.params, cfg.train, study.dir("finetune"), steps, study.mesh):
+  for method, step, params in _tuned(study, cfg.ft_eval_steps or None):
+    train = cfg.train if method == "ft" else cfg.fewshot
+    shots = cfg.ft_eval_shots if method == "ft" else (0,)
     recs, skip = engine.sweep(LoadedModel(m.config, params, m.tokenizer, m.source), cfg.tasks, cfg.variants,
-                              [cfg.format], cfg.ft_eval_shots, cfg.n_queries, cfg.seed, cfg.icl_engine, cfg.model,
-                              units=units.sub(f"step{step}") if units else None)
-    tag = lambda r, step=step: r.tagged(method="ft", step=step, samples=step * cfg.train.batch_size)
+                              [cfg.format], shots, cfg.n_queries, cfg.seed, cfg.icl_engine, cfg.model,
+                              units=units.sub(f"{method}-step{step}") if units else None)
+    tag = lambda r, method=method, step=step, n=step * train.batch_size: r.tagged(method=method, step=step, samples=n)
     records += [tag(r) for r in recs]
     skipped += [tag(r) for r in skip]
   return records, skipped
@@ -131,19 +159,17 @@ def _ft_eval(study: Study, d: epath.Path, units: Units) -> dict:
   out = dict(records=study.rel(write_queries(d / "records.jsonl", records)),
              summary=study.rel(write_document(d / "summary.json", "summary", dict(cells=summary))))
   plot = study.figure(plots.TITLES["samples"], lambda: plots.plot_accuracy(
-      summary, d / "accuracy_vs_samples.png", x="samples", title=f"{cfg.model}: fine-tuned accuracy vs training samples"))
+      [r for r in summary if r["method"] == "ft"], d / "accuracy_vs_samples.png", x="samples", title=f"{cfg.model}: fine-tuned accuracy vs training samples"))
   return dict(out, plot=study.rel(plot) if plot else None)
 
 
 def _circuits(study: Study, d: epath.Path, units: Units) -> dict:
-  cfg, m = study.cfg, study.model
-  step, tuned = next(trainer.checkpoint_params(m.config, m.params, cfg.train, study.dir("finetune"),
-                                               [cfg.ft_report_step], study.mesh))
+  cfg = study.cfg
+  tuned = {method: params for method, _, params in _tuned(study, [cfg.ft_report_step])}
   out = {}
   for ccfg in cfg.circuits:
-    study.log(f"[circuits] {ccfg.task}: {ccfg.n_pairs} pairs, conditions base, "
-              f"{', '.join(f'icl{k}' for k in ccfg.icl_shots)}, ft@{step}")
-    found = circuits.analyze(m.config, m.params, m.tokenizer, ccfg, tuned={"ft": tuned}, units=units.sub(ccfg.task))
+    found = circuits.analyze(study.model.config, study.model.params, study.model.tokenizer, ccfg, tuned=tuned,
+                             units=units.sub(ccfg.task), log=study.log)
     task_dir = d / ccfg.task
     numbers = write_document(task_dir / "circuits.json", "circuits", found.numbers)  # numbers before figures
     out[ccfg.task] = {"json": study.rel(numbers)}
@@ -190,7 +216,7 @@ ALL: dict[str, Stage] = {s.name: s for s in (
           inputs=lambda cfg: dict(_common(cfg), n=cfg.raw["icl"]["n"], ft=cfg.raw["ft"])),
     Stage("icl", (), True, ("records", "summary", "summary_csv", "plot"), _icl,
           inputs=lambda cfg: dict(_common(cfg), icl=cfg.raw["icl"])),
-    Stage("finetune", (), True, ("checkpoints", "metrics"), _finetune,
+    Stage("finetune", (), True, ("checkpoints", "metrics", "fewshot"), _finetune,
           inputs=lambda cfg: dict(_common(cfg), ft=cfg.raw["ft"]), check=_check_batch),
     Stage("ft_eval", ("finetune",), True, ("records", "summary", "plot"), _ft_eval,
           inputs=lambda cfg: dict(_common(cfg), n=cfg.raw["icl"]["n"], batch_size=cfg.raw["icl"]["batch_size"],

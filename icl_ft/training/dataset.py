@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
+
 import numpy as np
 
 from icl_ft import tasks
@@ -48,26 +50,36 @@ class FTDataset:
 
 def build(cfg: FTDataConfig, tokenizer) -> FTDataset:
   """Generates ``n_per_task`` correct-variant examples per task and tokenizes them."""
-  if cfg.loss_on not in LOSS_ON:
-    raise ValueError(f"loss_on must be one of {LOSS_ON}, got {cfg.loss_on!r}")
   if cfg.n_per_task < 1:
     raise ValueError(f"n_per_task must be at least 1, got {cfg.n_per_task}")
+  return from_examples([ex for name in cfg.tasks for ex in tasks.make_ft_examples(name, cfg.n_per_task, cfg.seed,
+                                                                                  cfg.format)], cfg, tokenizer)
+
+
+def fewshot_examples(task_names: Sequence[str], k: int, seed: int, fmt: str) -> list[tasks.Example]:
+  """The few-shot FT control's data (Mosbach et al., 2023): per task, exactly the ``k`` demos of the first test
+  query's ICL prompt at ``seed`` (``tasks.make_demos``), shared by all queries."""
+  return [ex for name in task_names for ex in tasks.make_demos(name, k, seed, 0, fmt)]
+
+
+def from_examples(examples: Sequence[tasks.Example], cfg: FTDataConfig, tokenizer) -> FTDataset:
+  """``examples`` as ``cfg`` renders (format, header) and masks (loss on every token or the answer's) them."""
+  if cfg.loss_on not in LOSS_ON:
+    raise ValueError(f"loss_on must be one of {LOSS_ON}, got {cfg.loss_on!r}")
   ids, masks, texts = [], [], []
-  for name in cfg.tasks:
-    for ex in tasks.make_ft_examples(name, cfg.n_per_task, cfg.seed, cfg.format):
-      text = tasks.ft_text(ex, cfg.format, cfg.with_header)
-      seq, mask = tokenize_with_answer_mask(tokenizer, text, len(ex.answer), cfg.max_len)
-      if cfg.loss_on == "all":
-        mask = [True] * len(seq)
-      mask[0] = False  # the first token has no prediction
-      if not any(mask):
-        raise ValueError(f"fine-tuning example {len(ids)} ({name}) has no token to score: {text[-80:]!r} "
-                         f"({len(seq)} tokens, max_len {cfg.max_len})")
-      ids.append(seq)
-      masks.append(mask)
-      texts.append(text)
-  pad = pad_id(tokenizer)
-  return FTDataset(ids, masks, texts, pad)
+  for ex in examples:
+    text = tasks.ft_text(ex, cfg.format, cfg.with_header)
+    seq, mask = tokenize_with_answer_mask(tokenizer, text, len(ex.answer), cfg.max_len)
+    if cfg.loss_on == "all":
+      mask = [True] * len(seq)
+    mask[0] = False  # the first token has no prediction
+    if not any(mask):
+      raise ValueError(f"fine-tuning example {len(ids)} ({ex.task}) has no token to score: {text[-80:]!r} "
+                       f"({len(seq)} tokens, max_len {cfg.max_len})")
+    ids.append(seq)
+    masks.append(mask)
+    texts.append(text)
+  return FTDataset(ids, masks, texts, pad_id(tokenizer))
 
 
 def tokenize_with_answer_mask(tokenizer, text: str, answer_chars: int, max_len: int) -> tuple[list[int], list[bool]]:

@@ -1,0 +1,188 @@
+"""The circuit-shift section of ``REPORT.md``: per task, each condition's gap and circuit, the shifts from the
+base model against their noise floors, the tested contrasts, faithfulness, function vectors and transfer, and
+a reading that states only what the intervals support (docs/circuits.md)."""
+
+from __future__ import annotations
+
+SHIFT_METRICS = ("tv", "tv_sel", "rank_sel", "topk_sel", "centroid")
+CONTRAST_METRICS = ("tv", "rank", "topk", "centroid")
+FAMILIES = ("heads", "mlps")
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+  return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _g(x: float | None) -> str:
+  return "n/a" if x is None else f"{x:.3g}"
+
+
+def _ci(item: dict | None) -> str:
+  """``point [lo, hi]``, with ``*`` when the item counts against its noise floor."""
+  if not item or item.get("point") is None:
+    return (item or {}).get("reason", "n/a")
+  ci = f" [{item['lo']:.2f}, {item['hi']:.2f}]" if item.get("lo") is not None else ""
+  return f"{item['point']:.3f}{ci}{' *' if item.get('exceeds_floor') else ''}"
+
+
+def intro(ft_step: int | None) -> list[str]:
+  return ["## Circuit shift", "",
+          "Denoising activation patching (corrupt run, clean activations patched in) of every attention head "
+          "(layer x head) and MLP, screened by attribution patching and verified exactly on the top components; "
+          "effects are normalised patching effects. Conditions: base (0-shot), ICL at k shots, its controls "
+          "(shuffled labels; another task's demos of the same token length), fine-tuned 0-shot (ft, checkpoint "
+          f"step {ft_step}, as in the table) and fine-tuned on one prompt's k demos (ft-fewshot). A condition "
+          "whose clean-corrupt gap interval includes 0 has no circuit, and nothing is compared with it. Shifts "
+          "from base: TV = total-variation distance of normalised importance, rank = 1 - Spearman, topk = 1 - "
+          "top-k overlap (`_sel`: on the components distinguishable from 0 in either condition), centroid = "
+          "layer-profile centroid shift (signed). Point [95% basic bootstrap interval over pairs]; `*` = the "
+          "whole interval lies beyond the larger split-half noise floor of the two conditions (the shift each "
+          "shows against itself between disjoint halves of its pairs). Contrasts: shift(ICL) - shift(other), "
+          "paired over pairs, with the permutation p-value; a difference is claimed only where its interval "
+          "excludes 0.", ""]
+
+
+def task_section(task: str, res: dict, figures: dict[str, str]) -> list[str]:
+  """Long: one task's tables in reading order, then its figures."""
+  lines = [f"### {task}", "", "Prompt pairs per condition (kept of tried, prompt tokens): " + "; ".join(
+      f"{n}: {p['n_pairs']} of {p['n_tried']}, {p['length']} tokens" for n, p in res["pairs"].items()), ""]
+  lines += _reading(res) + [""]
+  conds = res["heads"]["conditions"]
+  faith = res.get("faithfulness", {}).get("conditions", {})
+  lines += ["| condition | clean-corrupt gap [95% CI] | circuit | distinguishable heads / MLPs | split-half TV "
+            "floor (heads) | circuit size (≥ {:.0%} recovered) | AtP vs exact (heads): Spearman, share exact |"
+            .format(res.get("faithfulness", {}).get("threshold", 0.8)), "|---|---|---|---|---|---|---|"]
+  for n, c in conds.items():
+    agree = res.get("screen", {}).get(n, {}).get("heads", {})
+    size = faith.get(n, {}).get("circuit_size")
+    lines.append(f"| {n} | {_g(c['separation'])} [{_g(c['gap_lo'])}, {_g(c['gap_hi'])}] | "
+                 f"{'yes' if c['has_circuit'] else 'none'} | {c['n_distinguishable']} / "
+                 f"{res['mlps']['conditions'][n]['n_distinguishable']} | "
+                 f"{_num(c['split_half']['tv']['median'])} | {size if size is not None else '–'} | "
+                 f"{_num(agree.get('spearman'), 2)}, {_num(agree.get('exact_share'), 2)} |")
+  lines += _shifts(res) + _contrasts(res)
+  lines += _faithfulness(res.get("faithfulness")) + _vectors(res.get("vectors")) + _transfer(res.get("transfer"))
+  lines.append("")
+  for name, path in figures.items():
+    lines += [f"![{task}: {name}]({path})", ""]
+  return lines
+
+
+def _shifts(res: dict) -> list[str]:
+  rows = [f"| {key.split('|')[1]} | {f} | " + " | ".join(_ci(s.get(m)) for m in SHIFT_METRICS) +
+          f" | {_num(s['tv'].get('floor'))} |" for f in FAMILIES for key, s in res[f]["shifts"].items()
+          if key.startswith(res[f]["baseline"] + "|") and s["tv"].get("point") is not None]
+  if not rows:
+    return ["", "Shifts from base: none to compute (base, or every other condition, has no circuit)."]
+  return ["", "Shifts from base (`*`: beyond noise):", "",
+          "| condition | components | " + " | ".join(SHIFT_METRICS) + " | floor (TV) |",
+          "|---|---|" + "---|" * (len(SHIFT_METRICS) + 1)] + rows
+
+
+def _contrasts(res: dict) -> list[str]:
+  rows = [f"| {key} | {f} | " + " | ".join(_ci(c.get(m)) for m in CONTRAST_METRICS) +
+          f" | {_num(c['tv'].get('p_value'), 3)} | {_verdict(c['tv'])} |"
+          for f in FAMILIES for key, c in res[f]["contrasts"].items() if not c["tv"].get("reason")]
+  if not rows:
+    return ["", "Contrasts: none to test (a condition of every contrast has no circuit)."] if res["heads"][
+        "contrasts"] else []
+  return ["", "Contrasts (shift from base of the first condition minus the second's):", "",
+          "| contrast | components | " + " | ".join(CONTRAST_METRICS) + " | p (TV) | reading |",
+          "|---|---|" + "---|" * (len(CONTRAST_METRICS) + 2)] + rows
+
+
+def _verdict(item: dict) -> str:
+  if item.get("reason"):
+    return item["reason"]
+  if item.get("excludes_zero") is None:
+    return "not estimable"
+  if not item["excludes_zero"]:
+    return "no difference detected"
+  return "first shifts more" if item["point"] > 0 else "second shifts more"
+
+
+def _reading(res: dict) -> list[str]:
+  """Sentences the intervals support, and nothing else."""
+  conds = res["heads"]["conditions"]
+  none = [n for n, c in conds.items() if not c["has_circuit"]]
+  out, found = [], []
+  if none:
+    out.append(f"No circuit to compare in {', '.join(none)}: the clean-corrupt gap's interval includes 0 (the "
+               "model does not separate the pair's answers there).")
+  for f in FAMILIES:
+    moved = [k.split("|")[1] for k, s in res[f]["shifts"].items() if k.startswith(res[f]["baseline"] + "|")
+             and any((s.get(m) or {}).get("exceeds_floor") for m in SHIFT_METRICS)]
+    if moved:
+      found.append(f)
+      out.append(f"{f}: beyond noise, the circuit moves from base under {', '.join(moved)}.")
+    for key, c in res[f]["contrasts"].items():
+      tv = c.get("tv", {})
+      if tv.get("excludes_zero"):
+        a, b = _split_contrast(key, conds)
+        more, less = (a, b) if tv["point"] > 0 else (b, a)
+        found.append(key)
+        out.append(f"{f}: {more} moves the circuit more than {less} (TV contrast {_ci(tv)}, p = "
+                   f"{_num(tv.get('p_value'), 3)}).")
+  if not found:
+    out.append("No shift beyond noise and no contrast whose interval excludes 0: no difference detected between "
+               "the conditions at this number of pairs.")
+  return ["**Reading.** " + " ".join(out)]
+
+
+def _split_contrast(key: str, conds: dict) -> tuple[str, str]:
+  """``a-b`` of two condition names that may contain hyphens."""
+  for a in conds:
+    if key.startswith(a + "-") and key[len(a) + 1:] in conds:
+      return a, key[len(a) + 1:]
+  raise ValueError(f"contrast {key!r} does not name two conditions of {list(conds)}")
+
+
+def _faithfulness(f: dict | None) -> list[str]:
+  if not f:
+    return []
+  if all("reason" in c for c in f["conditions"].values()):
+    return ["", "Faithfulness: no condition separates clean from corrupt; nothing to recover."]
+  ks = f["ks"]
+  lines = ["", f"Faithfulness: share of the gap recovered by patching each condition's top-k components jointly "
+           f"(k of {ks[-1]}), and each condition's circuit patched in every condition (rows: where patched):", "",
+           "| condition | " + " | ".join(f"k={k}" for k in ks) + " | circuits patched in it |",
+           "|---|" + "---|" * (len(ks) + 1)]
+  for n, c in f["conditions"].items():
+    if "reason" in c:
+      lines.append(f"| {n} | {c['reason']} |" + " |" * len(ks))
+      continue
+    cross = ", ".join(f"{a}: {_ci(v)}" for a, v in c["cross"].items()) or "–"
+    lines.append(f"| {n} | " + " | ".join(_ci(r) for r in c["recovered"]) + f" | {cross} |")
+  if f.get("jaccard"):
+    lines += ["", "Circuit overlap (Jaccard): " + ", ".join(f"{k.replace('|', ' vs ')} {v:.2f}"
+                                                           for k, v in f["jaccard"].items()) + "."]
+  return lines
+
+
+def _vectors(v: dict | None) -> list[str]:
+  if not v:
+    return []
+  ref = v["references"]
+  best = max(range(len(v["layers"])), key=lambda l: v["layers"][l]["gain"]["point"] or float("-inf"))
+  row, helps, k = v["layers"][best], v["layers_with_gain"], v["shots"]
+  icl = ref[f"icl{k}"]
+  return ["", f"Function vector (mean answer-position residual, {k}-shot minus 0-shot, fit on "
+          f"{v['n_fit']} pairs, added to the 0-shot prompts of {v['n_held_out']} others): accuracy 0-shot "
+          f"{_ci(ref['zero_shot']['accuracy'])}, {k}-shot {_ci(icl['accuracy'])}; best layer {best}: accuracy {_ci(row['accuracy'])}, score gain {_ci(row['gain'])}. Layers whose gain "
+          f"interval excludes 0: {', '.join(map(str, helps)) if helps else 'none'}."]
+
+
+def _transfer(t: dict | None) -> list[str]:
+  if not t:
+    return []
+  lines = []
+  for name, r in t.items():
+    if not r["separated"]:
+      lines.append(f"Transfer {name} -> base: the two models' logit differences on the clean prompts do not "
+                   "differ; no effects.")
+      continue
+    heads = ", ".join(f"L{h['layer']}H{h['head']} {_ci(dict(point=h['effect'], lo=h['lo'], hi=h['hi']))}"
+                      for h in r["heads"])
+    lines.append(f"Transfer {name} -> base (its top heads patched into the base model on the clean prompt; share "
+                 f"of the two models' difference moved): {heads}.")
+  return [""] + lines
