@@ -232,3 +232,18 @@ def test_query_records_round_trip_with_their_schema(model, tmp_path):
   with pytest.raises(records.SchemaError, match="holds a 'summary' document, not 'circuits'"):
     records.write_document(tmp_path / "s.json", "summary", {"cells": []})
     records.read_document(tmp_path / "s.json", "circuits")
+
+
+def test_control_cells_hold_the_test_items_with_their_demos_replaced():
+  qs = icl.sweep_queries(["parity"], ["correct"], ["fixed"], [0, 4], 3, 5, controls=("shuffled", "irrelevant"),
+                         control_shots=4)
+  by = lambda control: [q for q in qs if q.cell.shots == 4 and q.cell.control == control]
+  real, shuffled, irrelevant = by(None), by("shuffled"), by("irrelevant")
+  assert len(real) == len(shuffled) == len(irrelevant) == 3
+  for r, s, i in zip(real, shuffled, irrelevant):
+    assert r.cell.question == s.cell.question == i.cell.question and r.gold == s.gold == i.gold
+    assert s.prompt != r.prompt != i.prompt
+  assert [icl.method(q.cell) for q in (qs[0], real[0], shuffled[0], irrelevant[0])] == [
+      "base", "icl", "icl-shuffled", "icl-irrelevant"]
+  with pytest.raises(ValueError, match="control_shots >= 2"):
+    icl.sweep_queries(["parity"], ["correct"], ["fixed"], [0], 3, 5, controls=("shuffled",), control_shots=1)

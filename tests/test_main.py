@@ -57,13 +57,18 @@ def test_every_stage_writes_its_outputs(finished):
   data = (workdir / "data" / "queries_misleading.jsonl").read_text().splitlines()
   assert len(data) == cfg.n_queries * len(cfg.tasks)
   icl_records = [json.loads(x) for x in (workdir / "icl" / "records.jsonl").read_text().splitlines()]
-  test = [r for r in icl_records if r["split"] == "test"]
+  test = [r for r in icl_records if r["split"] == "test" and r["control"] is None]
   assert len(test) == cfg.n_queries * len(cfg.tasks) * len(cfg.variants) * len(cfg.shots)
+  controls = [r for r in icl_records if r["control"]]
+  assert len(controls) == cfg.n_queries * len(cfg.tasks) * len(cfg.variants) * len(cfg.icl_controls)
+  assert {(r["method"], r["shots"]) for r in controls} == {(f"icl-{c}", cfg.control_shots) for c in cfg.icl_controls}
   dev = [r for r in icl_records if r["split"] == "dev"]
   assert len(dev) == cfg.n_dev * len(cfg.tasks) * len(cfg.variants) * (len(cfg.shots) - 1)
   assert not {r["question"] for r in dev} & {r["question"] for r in test}
   ft = [json.loads(x) for x in (workdir / "ft_eval" / "records.jsonl").read_text().splitlines()]
-  assert {r["step"] for r in ft} == {2, 4} and {r["method"] for r in ft} == {"ft"}
+  assert {(r["method"], r["step"]) for r in ft} == {("ft", 2), ("ft", 4), ("ft-fewshot", cfg.fewshot.steps)}
+  fewshot = [r for r in ft if r["method"] == "ft-fewshot"]
+  assert {r["shots"] for r in fewshot} == {0} and len(fewshot) == cfg.n_queries * len(cfg.tasks) * len(cfg.variants)
   for png in ("icl/accuracy_vs_shots.png", "ft_eval/accuracy_vs_samples.png", "circuits/expression/circuit_shift.png"):
     assert (workdir / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -73,8 +78,11 @@ def test_report_table_matches_the_records(finished):
   results = json.loads((workdir / "results.json").read_text())
   text = (workdir / "REPORT.md").read_text()
   assert {(r["task"], r["variant"]) for r in results["table"]} == {(t, v) for t in cfg.tasks for v in cfg.variants}
-  all_records = [json.loads(x) for x in (workdir / "icl" / "records.jsonl").read_text().splitlines()]
+  all_records = [r for x in (workdir / "icl" / "records.jsonl").read_text().splitlines()
+                 for r in [json.loads(x)] if r["control"] is None]
   icl_records = [r for r in all_records if r["split"] == "test"]
+  controls = [json.loads(x) for x in (workdir / "icl" / "records.jsonl").read_text().splitlines()]
+  ft_records = [json.loads(x) for x in (workdir / "ft_eval" / "records.jsonl").read_text().splitlines()]
 
   def acc(split, task, variant, k):
     rs = [r for r in all_records if (r["split"], r["task"], r["variant"], r["shots"]) == (split, task, variant, k)]
@@ -93,7 +101,14 @@ def test_report_table_matches_the_records(finished):
     assert row["ft_samples"] == cfg.train.steps * cfg.train.batch_size
     for rule in ("lenient", "strict"):
       assert f"| {row['task']} | {row['variant']} | {rule} |" in text
-  assert "## Circuit shift" in text and "base → ft" in text and "base → icl1" in text
+    for method, cell in row["strict"]["controls"].items():
+      rs = [r for r in controls if (r["task"], r["variant"], r["method"], r["shots"]) ==
+            (row["task"], row["variant"], method if method.startswith("icl-") else "icl", cfg.control_shots)]
+      assert cell["acc"] == pytest.approx(sum(r["correct_strict"] for r in rs) / len(rs)) and cell["n"] == len(rs)
+    rs = [r for r in ft_records if (r["task"], r["variant"], r["method"]) == (row["task"], row["variant"], "ft-fewshot")]
+    assert row["strict"]["ft_fewshot"]["acc"] == pytest.approx(sum(r["correct_strict"] for r in rs) / len(rs))
+  assert set(results["table"][0]["strict"]["controls"]) == {"icl2", "icl-shuffled", "icl-irrelevant"}
+  assert "## Circuit shift" in text and "**Reading.**" in text and "| icl-shuffled |" in text
   assert results["config"]["model"] == cfg.model and "jax" in results["versions"]
   assert "![accuracy vs shots](icl/accuracy_vs_shots.png)" in text
 
@@ -125,7 +140,8 @@ def test_changed_setting_of_a_finished_run_is_refused_then_replaced_never_delete
   _, lines = _run(_config(tiny_lm[0], tmp_path, **kw, **{"ft_eval.shots": "0,1", "overwrite": True}))
   after = {s: (tmp_path / s / "DONE.json").stat().st_mtime_ns for s in stamps}
   assert {s for s in stamps if after[s] != stamps[s]} == {"ft_eval", "report"}, lines
-  records = files.read_jsonl(tmp_path / "ft_eval" / "records.jsonl")
+  records = [r for r in files.read_jsonl(tmp_path / "ft_eval" / "records.jsonl") if r["method"] == "ft"]
+  before = [r for r in before if r["method"] == "ft"]
   assert {r["shots"] for r in before} == {0} and {r["shots"] for r in records} == {0, 1}
   assert len(records) == 2 * len(before)
   old_eval, = tmp_path.glob("ft_eval.replaced-*")
@@ -209,7 +225,7 @@ def test_missing_input_and_unwritable_workdir(tiny_lm, tmp_path):
     ({"icl.shots": "0,1"}, study.ConfigError, r"(?s)'icl'.*icl.shots: '0,1,2' -> '0,1'.*report"),
     ({"mesh.fsdp": 3}, sharding.MeshError, "needs 3 devices"),
     ({"ft.lr": 1e-4}, study.ConfigError, r"(?s)finetune.*ft.lr: 1e-05 -> 0.0001.*ft_eval.*upstream"),
-    ({"stages": "report", "circuits.n_pairs": 3}, study.MissingInputError, "needs the outputs of stage 'circuits'"),
+    ({"stages": "report", "circuits.n_pairs": 5}, study.MissingInputError, "needs the outputs of stage 'circuits'"),
 ])
 def test_a_failed_command_leaves_a_finished_run_untouched(finished, overrides, error, message):
   cfg, workdir, _, _ = finished
@@ -336,6 +352,11 @@ def test_a_write_failure_names_the_path_and_keeps_earlier_stages(tiny_lm, tmp_pa
     ("icl.shots", "0,four", "comma-separated integers"),
     ("ft.method", "qlora", "must be one of ['full', 'lora']"),
     ("ft.lora_targets", "q,mlp", "unknown value(s) ['mlp']"),
+    ("icl.controls", "shuffled,random", "icl.controls: unknown value(s) ['random']"),
+    ("icl.control_shots", 1, "icl.control_shots must be >= 2"),
+    ("circuits.controls", "noise", "circuits.controls: unknown value(s) ['noise']"),
+    ("circuits.n_pairs", 3, "circuits: n_pairs must be at least 4"),
+    ("ft.fewshot_steps", 0, "ft.fewshot_steps must be a positive integer"),
 ])
 def test_bad_config_values_are_named(tiny_lm, tmp_path, key, value, message):
   with pytest.raises(study.ConfigError, match=re.escape(message)):

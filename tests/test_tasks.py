@@ -14,7 +14,7 @@ import pytest
 
 from icl_ft import tasks
 from icl_ft.io import files
-from icl_ft.tasks import export, formats
+from icl_ft.tasks import controls, export, formats
 
 N = 2000  # samples per (task, variant, format) for the cheap tasks
 N_CODE = 1000
@@ -491,3 +491,41 @@ def test_summaries_give_every_cues_share_of_a_set():
   row = report.summarize([dict(q.cell, gold=q.gold, correct_lenient=False, correct_strict=False) for q in qs])[0]
   # the misleading set breaks line parity on every item and leaves the Z cue right on every item
   assert row["cue_holding"] == {"line_parity": 0.0, "z_present": 1.0} and row["shortcut_breaking"] == 1.0
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+def test_shuffled_labels_always_change_a_label(task):
+  rng, n_same = random.Random(0), 0
+  other = lambda: tasks.sample(task, "correct", rng, "fixed").answer
+  for i in range(40):
+    demos = tasks.make_demos(task, 4, 3, i, "fixed")
+    shuffled = controls.shuffled_labels(demos, rng, other)
+    assert [d.question for d in shuffled] == [d.question for d in demos]
+    assert [d.answer for d in shuffled] != [d.answer for d in demos]
+    if len({d.answer for d in demos}) > 1:
+      assert sorted(d.answer for d in shuffled) == sorted(d.answer for d in demos)  # permuted among the demos
+    else:
+      n_same += 1
+      assert sum(a.answer != b.answer for a, b in zip(shuffled, demos)) == 1  # one label drawn from the task
+  same = tasks.make_demos(task, 1, 3, 0, "fixed") * 3
+  assert [d.answer for d in controls.shuffled_labels(same, rng, other)] != [d.answer for d in same]
+
+
+@pytest.mark.parametrize("fmt", tasks.FORMATS)
+@pytest.mark.parametrize("task", [t for t in tasks.TASKS if tasks.get_task(t).irrelevant_from])
+def test_irrelevant_demos_come_from_another_task_at_the_same_token_length(task, fmt, smollm2_tokenizer):
+  count = lambda s: len(smollm2_tokenizer(s, add_special_tokens=False).input_ids)
+  tpl = tasks.template(task, fmt)
+  other = tasks.get_task(task).irrelevant_from
+  rendered = [tasks.template(other, fmt).demo(d) for d in tasks.make_demos(other, 8, 2, 0, fmt)]
+  ending = os.path.commonprefix([r[::-1] for r in rendered])[::-1]
+  for i, query in enumerate(tasks.make_queries(task, "correct", 5, 1, fmt)):
+    demos = tasks.make_demos(task, 4, 1, i, fmt)
+    real = tasks.build_prompt(task, fmt, demos, query)
+    ctrl = tasks.build_prompt(task, fmt, demos, query, "irrelevant", (1, i), count)
+    assert ctrl.startswith(tpl.header) and ctrl.endswith(tpl.query(query))
+    assert not any(d.question in ctrl for d in demos)
+    filler = ctrl[len(tpl.header):-len(tpl.query(query))]
+    assert filler.endswith(ending)  # whole demos: never cut mid-demo (paper boolean's demos share no ending)
+    assert abs(count(ctrl) - count(real)) <= 0.05 * count(real)
+    assert ctrl == tasks.build_prompt(task, fmt, demos, query, "irrelevant", (1, i), count)  # keyed: reproducible

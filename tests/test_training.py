@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from icl_ft import tasks
 from icl_ft.io import convert
 from icl_ft.training import dataset as ft_data
 from icl_ft.model import lora
@@ -140,7 +141,6 @@ def _gpt2_regex_bpe():
   """A byte-level BPE with GPT-2's pre-tokenizer regex, trained here on the study's FT texts."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
-  from icl_ft import tasks
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
@@ -153,7 +153,6 @@ def _gpt2_regex_bpe():
 @pytest.mark.parametrize("which", ["smollm2", "gpt2_regex_bpe"])
 @pytest.mark.parametrize("fmt", ["paper", "fixed"])
 def test_answer_loss_mask_is_exactly_the_answer_for_every_task(which, fmt, request):
-  from icl_ft import tasks
   tok = request.getfixturevalue("smollm2_tokenizer") if which == "smollm2" else _gpt2_regex_bpe()
   cfg = ft_data.FTDataConfig(tasks=tuple(tasks.TASKS), n_per_task=25, format=fmt, loss_on="answer")
   ds = ft_data.build(cfg, tok)
@@ -212,3 +211,12 @@ def test_evaluation_restores_the_trained_parameters_alone(setup, tmp_path, use_l
   (step, restored), = training.checkpoint_params(m.config, m.params, cfg, tmp_path, [2])
   assert step == 2
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), jax.tree.map(np.asarray, res.params))
+
+
+def test_fewshot_data_is_exactly_the_first_querys_icl_demos():
+  from conftest import build_byte_tokenizer
+  tok = build_byte_tokenizer()
+  demos = ft_data.fewshot_examples(["parity", "expression"], 3, 7, "fixed")
+  assert demos == tasks.make_demos("parity", 3, 7, 0, "fixed") + tasks.make_demos("expression", 3, 7, 0, "fixed")
+  ds = ft_data.from_examples(demos, ft_data.FTDataConfig(format="fixed"), tok)
+  assert ds.texts == [tasks.ft_text(d, "fixed") for d in demos]

@@ -174,8 +174,8 @@ def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: S
                   measure: Callable[[str], int] = len) -> list[Query]:
   """Every (task, variant, format, shots) cell's queries, for the variants each task has; with ``n_dev``,
   also ``n_dev`` dev-split queries per cell with shots > 0 (disjoint from the test questions) for choosing k;
-  with ``controls``, the same test items at ``control_shots`` demos replaced by each control (lengths by
-  ``measure``)."""
+  with ``controls``, the same test items at ``control_shots`` demos replaced by each control the task has
+  (``tasks.controls_of``; lengths by ``measure``)."""
   if controls and control_shots < 2:
     raise ValueError(f"the ICL controls replace demos and need control_shots >= 2, got {control_shots}")
   out = []
@@ -187,7 +187,7 @@ def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: S
           out += icl_queries(t, v, f, k, n, seed)
           if n_dev and k:
             out += icl_queries(t, v, f, k, n_dev, seed, "dev", exclude=test)
-        for c in controls:
+        for c in tasks.controls_of(t, controls):
           out += icl_queries(t, v, f, control_shots, n, seed, control=c, measure=measure)
   return out
 

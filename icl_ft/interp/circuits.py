@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from icl_ft import faults
+from icl_ft import faults, tasks
 from icl_ft.interp import faithfulness, pairs as pairs_lib, patching, screen, vectors
 from icl_ft.io import records
 from icl_ft.io.units import Units
@@ -67,7 +67,7 @@ class CircuitConfig:
     out = {"base": (0, None)}
     out.update({f"icl{k}": (k, None) for k in self.icl_shots})
     k = max(self.icl_shots, default=0)
-    out.update({f"icl{k}-{c}": (k, c) for c in self.controls})
+    out.update({f"icl{k}-{c}": (k, c) for c in tasks.controls_of(self.task, self.controls)})
     return out
 
 

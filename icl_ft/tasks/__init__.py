@@ -20,12 +20,12 @@ from icl_ft.tasks.formats import Template
 
 __all__ = [
     "ANSWER_KINDS", "DATA_VERSION", "FORMATS", "SPLITS", "TASKS", "VARIANTS", "Example", "Task", "answer_kind",
-    "build_prompt", "ft_text", "generation_len", "get_task", "make_demos", "make_ft_examples", "make_queries",
+    "build_prompt", "controls_of", "ft_text", "generation_len", "get_task", "make_demos", "make_ft_examples", "make_queries",
     "query_stream", "release_stream_prompt", "same_answer", "sample", "shortcut_record", "strict_len", "template"]
 
 # Bumped whenever a generator or template changes what it produces: part of every stage fingerprint, so a work
 # directory never reuses data, checkpoints or scores made by an older generator.
-DATA_VERSION = 2
+DATA_VERSION = 3
 RELEASE_FT_MIXTURE = ("expression", "parity", "boolean", "algebra")  # the release's ft_data_4k.json
 
 TASKS: dict[str, Task] = {t.name: t for t in (expression.TASK, parity.TASK, boolean.TASK, code.TASK, algebra.TASK)}
@@ -138,13 +138,21 @@ def _demo_text(t: Task, fmt: str, demos: Sequence[Example], control: str | None,
     return "".join(tpl.demo(d) for d in demos)
   check_name("control", control, controls.CONTROLS)
   if control == "shuffled":
-    return "".join(tpl.demo(d) for d in controls.shuffled_labels(demos, keyed_rng("shuffled", t.name, fmt, *key)))
+    rng = keyed_rng("shuffled", t.name, fmt, *key)
+    shuffled = controls.shuffled_labels(demos, rng, lambda: t.sample("correct", rng, fmt).answer)
+    return "".join(tpl.demo(d) for d in shuffled)
   if t.irrelevant_from is None:
     raise ValueError(f"task {t.name!r} names no task for irrelevant demos (Task.irrelevant_from)")
   other = get_task(t.irrelevant_from)
   rng = keyed_rng("irrelevant", t.name, other.name, fmt, *key)
   return controls.fill(lambda: template(other, fmt).demo(other.sample("correct", rng, fmt)),
                        measure("".join(tpl.demo(d) for d in demos)), measure)
+
+
+def controls_of(task: str | Task, wanted: Sequence[str]) -> tuple[str, ...]:
+  """The controls of ``wanted`` that ``task`` has: ``irrelevant`` needs a ``Task.irrelevant_from``."""
+  t = get_task(task)
+  return tuple(c for c in wanted if check_name("control", c, controls.CONTROLS) != "irrelevant" or t.irrelevant_from)
 
 
 def ft_text(example: Example, fmt: str, with_header: bool = False) -> str:

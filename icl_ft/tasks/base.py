@@ -55,7 +55,8 @@ class Task:
   # the task has no clean/corrupt prompt pairs (no circuit analysis).
   corrupt: Callable[[Example, random.Random], "Corruption | str"] | None = None
   pair_formats: tuple[str, ...] = FORMATS  # the formats whose correct items carry a pattern to corrupt
-  irrelevant_from: str | None = None  # the task whose demos fill the irrelevant-demo ICL control
+  irrelevant_from: str | None = None  # the task whose demos fill the irrelevant-demo ICL control (whole demos:
+  # pick one whose demos are short and varied enough to match this task's k demos within 5% of tokens)
 
   def target_cue(self, variant: str, fmt: str) -> str | None:
     """The cue whose shortcut ``variant`` tests in format ``fmt``: ``targets`` by (variant, format), then by

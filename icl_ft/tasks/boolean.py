@@ -151,7 +151,7 @@ TEMPLATES = {
                       ft=solved(_query), generation_len=budget(1, "fixed")),
 }
 
-TASK = Task(name="boolean", irrelevant_from="algebra", release_name="bool", answer_kind="label", sampler=_sample, templates=TEMPLATES,
+TASK = Task(name="boolean", irrelevant_from="expression", release_name="bool", answer_kind="label", sampler=_sample, templates=TEMPLATES,
             corrupt=corrupt, pair_formats=("fixed",),
             description="3 parenthesised and/or chains; an absorbing suffix decides the label",
             cues={"final_literal": final_literal_cue})

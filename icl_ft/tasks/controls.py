@@ -13,26 +13,34 @@ from icl_ft.tasks.base import Example
 CONTROLS = ("shuffled", "irrelevant")
 
 
-def shuffled_labels(demos: Sequence[Example], rng: random.Random) -> list[Example]:
-  """The demos with their answers permuted among them: the same multiset of answers, and at least one demo's
-  answer changed whenever the answers are not all equal (the identity permutation is redrawn)."""
+def shuffled_labels(demos: Sequence[Example], rng: random.Random, other_answer: Callable[[], str]) -> list[Example]:
+  """The demos with their answers permuted among them (the same multiset, at least one demo's answer changed,
+  the identity permutation redrawn); when all demos share one answer, permuting changes nothing, so one random
+  demo gets a different answer from ``other_answer`` (drawn from the task) instead."""
   answers = [d.answer for d in demos]
+  if not answers:
+    return []
   if len(set(answers)) < 2:
-    return list(demos)
+    i, new = rng.randrange(len(answers)), other_answer()
+    while new == answers[0]:
+      new = other_answer()
+    return [dataclasses.replace(d, answer=new if j == i else d.answer) for j, d in enumerate(demos)]
   order = list(range(len(demos)))
   while [answers[i] for i in order] == answers:
     rng.shuffle(order)
   return [dataclasses.replace(d, answer=answers[i]) for d, i in zip(demos, order)]
 
 
-def fill(next_demo: Callable[[], str], length: int, measure: Callable[[str], int] = len) -> str:
-  """Rendered demos from ``next_demo`` until ``measure`` (characters, or a tokenizer's count) reaches ``length``,
-  cut at the longest prefix that does not exceed it."""
-  text = ""
-  while measure(text) < length:
-    text += next_demo()
-  lo, hi = 0, len(text)
-  while lo < hi:  # binary search: measure grows with the prefix
-    mid = (lo + hi + 1) // 2
-    lo, hi = (mid, hi) if measure(text[:mid]) <= length else (lo, mid - 1)
-  return text[:lo]
+def fill(next_demo: Callable[[], str], length: int, measure: Callable[[str], int] = len, pool: int = 64) -> str:
+  """Whole rendered demos whose total ``measure`` (characters, or a tokenizer's count) is closest to ``length``:
+  the subset of ``pool`` demos drawn from ``next_demo`` with the closest sum of lengths (subset sum), in drawn
+  order. Demos are never cut, so the prompt keeps its format."""
+  demos = [next_demo() for _ in range(pool)]
+  sizes = [measure(d) for d in demos]
+  best: dict[int, tuple[int, ...]] = {0: ()}  # reachable total -> the first subset found reaching it
+  for i, n in enumerate(sizes):
+    for total, chosen in list(best.items()):
+      if total + n <= 2 * length and total + n not in best:
+        best[total + n] = chosen + (i,)
+  total = min((t for t in best if t), key=lambda t: (abs(t - length), t), default=0)
+  return "".join(demos[i] for i in best[total])

@@ -145,7 +145,7 @@ TEMPLATES = {fmt: Template(
     demo=solved(question, " \n " if fmt == "paper" else "\n"), query=question, ft=solved(question),
     generation_len=budget(3, fmt)) for fmt in FORMATS}
 
-TASK = Task(name="expression", irrelevant_from="algebra", release_name="expression", answer_kind="number", sampler=_sample, templates=TEMPLATES,
+TASK = Task(name="expression", irrelevant_from="boolean", release_name="expression", answer_kind="number", sampler=_sample, templates=TEMPLATES,
             corrupt=corrupt,
             description="(simple)+(factor)*(cpl)=; the zero factor makes the answer `simple`",
             cues={"zero_factor": zero_factor_cue})
