@@ -21,10 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.progress = True
   c.overwrite = False  # a finished stage of another config is refused; true moves it aside to <stage>.replaced-<time>/
-  c.note = ("Laptop-CPU scale: 50 queries per cell (the paper: 199), shots up to 8, 40 fine-tuning steps of 8 "
-            "(320 samples; the paper: checkpoint-100 of batch 16-32), 4 prompt pairs per circuit condition with "
-            "1-shot ICL and the residual sweep over the last 2 query positions. Intervals are wide at this size; "
-            "configs/paper.py is the full grid.")
+  c.note = ("Laptop-CPU scale: 50 queries per cell (the paper: 199), shots up to 8 and the ICL controls at 4, 40 "
+            "fine-tuning steps of 8 (320 samples; the paper: checkpoint-100 of batch 16-32) and few-shot FT on 4 "
+            "demos, 32 prompt pairs per circuit condition at 4-shot ICL, the residual sweep over the last 2 query "
+            "positions. Intervals are wide at this size; configs/paper.py is the full grid.")
 
   c.icl = ml_collections.ConfigDict()
   c.icl.shots = "0,1,2,4,8"  # 0 is the base model's 0-shot baseline
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.ft.lora_targets = "q,k,v,o,gate,up,down"
   c.ft.seed = 42
   c.ft.fewshot_k = 4  # few-shot FT control: the first query's k ICL demos per task, fine-tuned on (0: off)
-  c.ft.fewshot_steps = 20  # ... for this many full-batch steps, otherwise the recipe above
+  c.ft.fewshot_steps = 20  # ... for this many full-batch steps (warmup at most a fifth), otherwise the recipe above
 
   c.ft_eval = ml_collections.ConfigDict()
   c.ft_eval.shots = "0"  # the paper's FT condition is 0-shot

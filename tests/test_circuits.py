@@ -11,6 +11,7 @@ from icl_ft.interp import circuits, patching, screen
 from icl_ft.io import files, loading
 from icl_ft.io.units import Units
 from icl_ft.report import plots
+from icl_ft.stats import significance
 
 # A random tiny model barely separates clean from corrupt (logit-diff gap ~1e-3): a low threshold.
 CCFG = dict(task="expression", n_pairs=6, icl_shots=(2,), n_boot=20, top_k=3, chunk=4, tol=1e-6, verify=3,
@@ -29,8 +30,18 @@ def results(model, tmp_path_factory):
   m, noisy = model
   ccfg = circuits.CircuitConfig(**CCFG)
   units = Units(tmp_path_factory.mktemp("units"))
-  found = circuits.analyze(m.config, m.params, m.tokenizer, ccfg, tuned={"ft": noisy}, units=units)
+  with pytest.MonkeyPatch.context() as mp:
+    _declare_gaps_real(mp)
+    found = circuits.analyze(m.config, m.params, m.tokenizer, ccfg, tuned={"ft": noisy}, units=units)
   return m, ccfg, found, units
+
+
+def _declare_gaps_real(mp):
+  """A random tiny model's clean-corrupt gap (~1e-5 logits) is not distinguishable from 0 over 6 pairs, so no
+  condition would have a circuit; declaring each gap's interval to be its point lets every step that needs a
+  circuit (shifts, contrasts, faithfulness) run. ``test_a_gap_whose_interval_includes_0_has_no_circuit`` covers
+  the real interval."""
+  mp.setattr(significance, "gap_interval", lambda run, n_boot=0, seed=0: (float(np.mean(run.source - run.target)),) * 3)
 
 
 def test_conditions_controls_and_shapes(results):
@@ -116,9 +127,10 @@ def test_function_vectors_and_transfer_are_reported_per_layer(results):
   assert len(t["heads"]) == 3 and t["separated"]
 
 
-def test_a_rerun_reuses_every_unit_and_gives_the_same_numbers(results, model):
+def test_a_rerun_reuses_every_unit_and_gives_the_same_numbers(results, model, monkeypatch):
   m, ccfg, found, units = results
   before = units.computed
+  _declare_gaps_real(monkeypatch)
   again = circuits.analyze(m.config, m.params, m.tokenizer, ccfg, tuned={"ft": model[1]}, units=units)
   assert units.computed == before
   strip = lambda n: json.dumps(files.json_safe({k: v for k, v in n.items() if k != "seconds"}), sort_keys=True)
@@ -165,3 +177,16 @@ def test_screen_combines_estimates_and_exact_patches():
   out = screen.combine(est, np.array([1, 4]), np.array([[-1.0, -2.0], [-3.0, -4.0]]))
   assert out[0, 0, 1] == -1 and out[1, 1, 1] == -4 and out[0, 0, 0] == 0
   assert screen.chosen([est], [0.0], 2).tolist() == [4, 5] and screen.chosen([est], [0.0], 0).size == 6
+
+
+def test_a_gap_whose_interval_includes_0_has_no_circuit(model):
+  """The random tiny model's gaps are noise: no circuit, no shifts, contrasts or faithfulness curves."""
+  m, noisy = model
+  ccfg = circuits.CircuitConfig(**dict(CCFG, controls=()))
+  r = circuits.analyze(m.config, m.params, m.tokenizer, ccfg, tuned={"ft": noisy}).numbers
+  conds = r["heads"]["conditions"]
+  assert not any(c["has_circuit"] for c in conds.values())
+  assert all(c["gap_lo"] <= 0 <= c["gap_hi"] for c in conds.values())
+  assert all(s["tv"]["point"] is None and "no circuit" in s["tv"]["reason"] for s in r["heads"]["shifts"].values())
+  assert all("no circuit" in c["tv"]["reason"] for c in r["heads"]["contrasts"].values())
+  assert all("no circuit" in c["reason"] for c in r["faithfulness"]["conditions"].values())

@@ -221,7 +221,7 @@ def test_a_planted_shift_is_found_and_none_is_reported_when_there_is_none():
   for _ in range(200):
     runs = _study(rng, 48, {"base": W_BASE, "same": W_BASE, "moved": w_shift})
     rep = shift.shift_report(runs, n_boot=60, seed=int(rng.integers(1 << 30)), metrics=_TV, n_splits=20,
-                             contrasts=(), include_effects=False)
+                             contrasts=(), include_effects=False, crossfit=False)
     false_pos += bool(rep["shifts"]["base|same"]["tv"]["exceeds_floor"])
     found += bool(rep["shifts"]["base|moved"]["tv"]["exceeds_floor"])
   assert false_pos / 200 <= 0.08  # the stated rate is 5%; 0.08 allows for 200 draws
@@ -238,7 +238,7 @@ def test_the_contrast_interval_covers_the_planted_contrast_at_about_95_percent()
   for _ in range(200):
     runs = _study(rng, 64, {"base": w_base, "icl": w_icl, "ft": w_ft}, noise=0.3)
     rep = shift.shift_report(runs, n_boot=100, seed=int(rng.integers(1 << 30)), metrics=_TV, n_splits=2,
-                             include_effects=False)
+                             include_effects=False, crossfit=False)
     c = rep["contrasts"]["icl-ft"]["tv"]
     covered += c["lo"] <= truth <= c["hi"]
   assert 0.88 <= covered / 200 <= 0.99
@@ -250,3 +250,56 @@ def test_the_permutation_test_keeps_its_level_when_icl_and_ft_do_not_differ():
   p = [significance.contrast_permutation(shift.tv_shift, *(_runs(rng, 30, w) for w in (W_BASE, W_BASE[::-1], W_BASE[::-1])),
                                          n_perm=99, seed=i)[1] for i in range(100)]
   assert np.mean(np.array(p) < 0.05) <= 0.12  # level 5% over 100 null studies
+
+
+# At a realistic size (a 30 x 9 head grid, 4 heads that matter, 32 pairs), where noise in the many null heads
+# dominates the raw shift metrics.
+W_HEADS = np.zeros((30, 9))
+W_HEADS[10, 3], W_HEADS[12, 1], W_HEADS[20, 5], W_HEADS[5, 0] = 0.5, 0.3, 0.2, 0.1
+
+
+def _noisy_runs(rng, n, w, sep=2.0, noise=0.3):
+  """Per-pair runs whose clean-corrupt gap is ``sep``: the same normalised effects at a smaller gap are noisier."""
+  t = rng.normal(0, 0.2, n)
+  s = t + sep + rng.normal(0, 0.2, n)
+  return effects.PatchRuns(t[:, None, None] + sep * w[None] + rng.normal(0, noise, (n,) + w.shape), t, s)
+
+
+def test_cross_fitted_tv_finds_a_planted_shift_and_not_a_condition_that_is_only_noisier():
+  """30 simulated studies: 'noisy' has base's true effects at half the gap (noisier effects), 'moved' a planted
+  shift. The raw TV contrast calls same-vs-noisy different in many studies (so this test can fail); the
+  cross-fitted one keeps its level, flags no null shift from base, and finds the planted one."""
+  rng = np.random.default_rng(1)
+  moved = W_HEADS.copy()
+  moved[10, 3], moved[25, 2] = 0.1, 0.5
+  counts = dict.fromkeys(("raw_contrast", "contrast", "null_shift", "planted_shift"), 0)
+  for i in range(30):
+    runs = {"base": _noisy_runs(rng, 32, W_HEADS), "same": _noisy_runs(rng, 32, W_HEADS),
+            "noisy": _noisy_runs(rng, 32, W_HEADS, sep=1.0), "moved": _noisy_runs(rng, 32, moved)}
+    rep = shift.shift_report(runs, n_boot=60, seed=i, metrics=_TV, n_splits=4, include_effects=False,
+                             contrasts=[("same", "noisy")])
+    c = rep["contrasts"]["same-noisy"]["tv"]
+    counts["raw_contrast"] += bool(c["excludes_zero"])
+    counts["contrast"] += bool(c["corrected"]["excludes_zero"])
+    counts["null_shift"] += bool(rep["shifts"]["base|same"]["tv"]["corrected"]["excludes_zero"])
+    counts["planted_shift"] += bool(rep["shifts"]["base|moved"]["tv"]["corrected"]["excludes_zero"])
+  assert counts["raw_contrast"] >= 10, counts
+  assert counts["contrast"] <= 3 and counts["null_shift"] <= 3, counts  # ~5% of 30, with slack
+  assert counts["planted_shift"] >= 27, counts
+
+
+def test_the_cross_fitted_contrast_detects_a_planted_contrast_with_its_sign():
+  """It is a test, not a size estimate: noise mass in hundreds of null heads attenuates every TV (raw or
+  cross-fitted) far below the noise-free contrast, so only its sign and whether it excludes 0 are read."""
+  rng = np.random.default_rng(5)
+  w_icl = W_HEADS.copy()
+  w_icl[10, 3], w_icl[25, 2] = 0.1, 0.5
+  w_ft = W_HEADS.copy()
+  w_ft[20, 5] = 0.4
+  found = 0
+  for i in range(30):
+    runs = {n: _noisy_runs(rng, 48, w) for n, w in (("base", W_HEADS), ("icl", w_icl), ("ft", w_ft))}
+    c = shift.shift_report(runs, n_boot=60, seed=i, metrics=_TV, n_splits=4, include_effects=False)[
+        "contrasts"]["icl-ft"]["tv"]["corrected"]
+    found += c["lo"] > 0
+  assert found >= 27, found

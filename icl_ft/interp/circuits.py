@@ -231,7 +231,8 @@ def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,
     numbers[f] = shifts.shift_report({n: hybrid[n][f] for n in sets}, baseline="base", n_boot=ccfg.n_boot,
                                      seed=ccfg.seed, k=ccfg.top_k, tol=ccfg.tol, n_splits=ccfg.n_splits,
                                      n_perm=ccfg.n_perm, contrasts=contrasts)
-  numbers["faithfulness"] = _faithfulness(cfg, ccfg, sets, params_of, effects,
+  has_circuit = {n: numbers["heads"]["conditions"][n]["has_circuit"] for n in sets}
+  numbers["faithfulness"] = _faithfulness(cfg, ccfg, sets, params_of, effects, has_circuit,
                                           {n: screened[n]["heads"] for n in sets}, run)
   if k_fv:
     fv = run.arrays("vectors", f"function vectors (icl{k_fv} -> base)",
@@ -253,14 +254,15 @@ def analyze(cfg: ModelConfig, base: Params, tokenizer, ccfg: CircuitConfig,
   return CircuitAnalysis(numbers, effects)
 
 
-def _faithfulness(cfg: ModelConfig, ccfg: CircuitConfig, sets, params_of, effects, unpatched: dict[str, PatchRuns],
-                  run: _Runner) -> dict:
-  """Per condition: the recovered share of its gap by its top-k sets (k = 1, 2, 4, ... all) with intervals, its
-  circuit (smallest set reaching ``threshold``), and every condition's circuit patched in it."""
+def _faithfulness(cfg: ModelConfig, ccfg: CircuitConfig, sets, params_of, effects, has_circuit: dict[str, bool],
+                  unpatched: dict[str, PatchRuns], run: _Runner) -> dict:
+  """Per condition with a circuit (its gap's interval excludes 0): the recovered share of its gap by its top-k
+  sets (k = 1, 2, 4, ... all) with intervals, its circuit (smallest set whose point estimate reaches
+  ``threshold``; ranked and measured on the same pairs), and every condition's circuit patched in it."""
   shapes = {f: screen.family_shape(cfg, f) for f in screen.FAMILIES}
   total = sum(int(np.prod(s)) for s in shapes.values())
   ks = faithfulness.sizes(total)
-  orders = {n: faithfulness.ranking(effects[n]) for n in sets}
+  orders = {n: faithfulness.ranking(effects[n]) if has_circuit[n] else [] for n in sets}
   curves, circuits = {}, {}
   for n in sets:  # each condition's own curve first: its circuit is needed by the cross-condition patches
     if not orders[n]:
@@ -276,7 +278,7 @@ def _faithfulness(cfg: ModelConfig, ccfg: CircuitConfig, sets, params_of, effect
   out = {"ks": ks, "threshold": ccfg.threshold, "conditions": {}}
   for n in sets:
     if curves[n] is None:
-      out["conditions"][n] = dict(reason="not separated: no effects to rank")
+      out["conditions"][n] = dict(reason="no circuit: the gap's interval includes 0")
       continue
     cross = run.arrays(f"{n}.cross", f"{n}: {len(have)} circuits patched in it", lambda n=n: _faithful(
         cfg, params_of[n], sets[n], [circuits[a] for a in have])) if have else {"patched": np.zeros((curves[n].n, 0))}
@@ -293,15 +295,16 @@ def _faithfulness(cfg: ModelConfig, ccfg: CircuitConfig, sets, params_of, effect
 
 
 def _vector_numbers(fv: dict[str, np.ndarray], k: int, n_pairs: int, ccfg: CircuitConfig) -> dict:
-  """Per layer: the mean signed score with the vector injected, its gain over 0-shot and the share of prompts
-  answered right (each with a pair-bootstrap interval), next to the 0-shot and k-shot references."""
+  """Per layer: the mean signed score with the vector injected, its gain over 0-shot and the pairwise preference
+  (share of prompts whose own answer's first token beats the other's), each with a pair-bootstrap interval, next
+  to the 0-shot and k-shot references."""
   per_pair = lambda s: s.mean(axis=-1)  # [..., n, 2] -> [..., n]: the pair is the unit
   right = lambda s: (s > 0).mean(axis=-1)
   inj, zero, icl = fv["injected"], fv["zero_shot"], fv["k_shot"]
   stats = lambda x: resampling.mean_interval(x, ccfg.n_boot, ccfg.seed)
   cols = dict(score=stats(per_pair(inj).T), gain=stats((per_pair(inj) - per_pair(zero)[None]).T),
-              accuracy=stats(right(inj).T))
-  ref = {name: dict(score=_ci(*stats(per_pair(s))), accuracy=_ci(*stats(right(s)))) for name, s in
+              preference=stats(right(inj).T))
+  ref = {name: dict(score=_ci(*stats(per_pair(s))), preference=_ci(*stats(right(s)))) for name, s in
          (("zero_shot", zero), (f"icl{k}", icl))}
   layers = [{c: _ci(v[0][l], v[1][l], v[2][l]) for c, v in cols.items()} | {"norm": float(fv["norms"][l])}
             for l in range(inj.shape[0])]

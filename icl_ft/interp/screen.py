@@ -1,5 +1,6 @@
 """Every head and MLP of one condition: an attribution screen on all pairs, exact patches of the top ones
-(AtP*, Kramár et al. 2024), and how well the screen ranked them (docs/circuits.md, "Screen and verify").
+(attribution patching then exact verification, after AtP*, Kramár et al. 2024, without its GradDrop), and how
+well the screen ranked the verified ones (docs/circuits.md, "Screen and verify").
 
 Components are the study's two families, each a site patched at every position: ``heads`` (``attn_z``, one
 head's output before the output projection, [L, H]) and ``mlps`` (``mlp_out``, [L]). The screen estimates
@@ -7,12 +8,12 @@ every component's patched metric to first order in one forward and one backward 
 (``patching.attribution_patch``); the exact patch then replaces the estimate for the top ``verify``
 components. The screen's known failure, attention saturation when a patch moves the *patched head's own*
 queries or keys (AtP*'s softmax recomputation), does not arise here: a head is patched at its output, after
-its softmax, so the screen is linear only in what lies downstream of the patched activation.
+its softmax. What lies downstream (later heads' softmax, norms, MLPs) is still linearised, and a component the
+screen underestimates is never verified: the agreement numbers cover the verified set only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
@@ -94,12 +95,3 @@ def agreement(screened: PatchRuns, hybrid: PatchRuns, verified: np.ndarray, k: i
   return dict(out, spearman=shifts.spearman(e, t), topk_recall=shifts.topk_recall(e, t, k), k=k,
               largest_misses=[dict(component=[int(x) for x in np.unravel_index(idx[i], est.shape)],
                                    estimate=float(e[i]), exact=float(t[i])) for i in worst])
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """One family's runs in one condition: ``runs`` (exact where verified, the screen elsewhere), ``screened``
-  (the screen everywhere) and ``verified`` (bool, the family's shape)."""
-  runs: PatchRuns
-  screened: PatchRuns
-  verified: np.ndarray

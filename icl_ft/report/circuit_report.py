@@ -18,7 +18,7 @@ def _g(x: float | None) -> str:
 
 
 def _ci(item: dict | None) -> str:
-  """``point [lo, hi]``, with ``*`` when the item counts against its noise floor."""
+  """``point [lo, hi]``, with ``*`` when the item's interval lies beyond its noise floor."""
   if not item or item.get("point") is None:
     return (item or {}).get("reason", "n/a")
   ci = f" [{item['lo']:.2f}, {item['hi']:.2f}]" if item.get("lo") is not None else ""
@@ -32,14 +32,16 @@ def intro(ft_step: int | None) -> list[str]:
           "effects are normalised patching effects. Conditions: base (0-shot), ICL at k shots, its controls "
           "(shuffled labels; another task's demos of the same token length), fine-tuned 0-shot (ft, checkpoint "
           f"step {ft_step}, as in the table) and fine-tuned on one prompt's k demos (ft-fewshot). A condition "
-          "whose clean-corrupt gap interval includes 0 has no circuit, and nothing is compared with it. Shifts "
-          "from base: TV = total-variation distance of normalised importance, rank = 1 - Spearman, topk = 1 - "
-          "top-k overlap (`_sel`: on the components distinguishable from 0 in either condition), centroid = "
-          "layer-profile centroid shift (signed). Point [95% basic bootstrap interval over pairs]; `*` = the "
-          "whole interval lies beyond the larger split-half noise floor of the two conditions (the shift each "
-          "shows against itself between disjoint halves of its pairs). Contrasts: shift(ICL) - shift(other), "
-          "paired over pairs, with the permutation p-value; a difference is claimed only where its interval "
-          "excludes 0.", ""]
+          "whose clean-corrupt gap interval includes 0 has no circuit, and nothing is compared with it. Metrics: "
+          "TV = total-variation distance of normalised importance, rank = 1 - Spearman, topk = 1 - top-k overlap "
+          "(`_sel`: on the components distinguishable from 0 in either condition, uncorrected per-component "
+          "intervals; descriptive, since the selection uses the same pairs), centroid = layer-profile centroid "
+          "shift (signed); point [95% basic bootstrap interval over pairs]. Noise inflates every such shift, the "
+          "more the noisier a condition is. The tested number is therefore the cross-fitted TV: over random "
+          "splits of the pairs into halves, the TV between the two conditions' halves minus the TV each shows "
+          "against itself between its halves, with a 95% bootstrap interval; only it enters the reading (one "
+          "test per family and comparison, uncorrected for their number). It tests whether there is a shift; "
+          "sizes are read from the raw metrics (noise attenuates both).", ""]
 
 
 def task_section(task: str, res: dict, figures: dict[str, str]) -> list[str]:
@@ -49,7 +51,7 @@ def task_section(task: str, res: dict, figures: dict[str, str]) -> list[str]:
   lines += _reading(res) + [""]
   conds = res["heads"]["conditions"]
   faith = res.get("faithfulness", {}).get("conditions", {})
-  lines += ["| condition | clean-corrupt gap [95% CI] | circuit | distinguishable heads / MLPs | split-half TV "
+  lines += ["| condition | clean-corrupt gap [95% CI] | circuit | distinguishable heads / MLPs (uncorrected) | split-half TV "
             "floor (heads) | circuit size (≥ {:.0%} recovered) | AtP vs exact (heads): Spearman, share exact |"
             .format(res.get("faithfulness", {}).get("threshold", 0.8)), "|---|---|---|---|---|---|---|"]
   for n, c in conds.items():
@@ -68,32 +70,46 @@ def task_section(task: str, res: dict, figures: dict[str, str]) -> list[str]:
   return lines
 
 
+def _corrected(item: dict) -> dict:
+  """The cross-fitted TV (the tested number) of a shift or contrast entry."""
+  return (item.get("tv") or {}).get("corrected") or {}
+
+
+def _beyond(c: dict) -> bool:
+  """A cross-fitted TV whose interval lies above 0 (for a shift) or excludes 0 (for a contrast)."""
+  return bool(c.get("excludes_zero"))
+
+
 def _shifts(res: dict) -> list[str]:
-  rows = [f"| {key.split('|')[1]} | {f} | " + " | ".join(_ci(s.get(m)) for m in SHIFT_METRICS) +
-          f" | {_num(s['tv'].get('floor'))} |" for f in FAMILIES for key, s in res[f]["shifts"].items()
+  rows = [f"| {key.split('|')[1]} | {f} | {_ci(_corrected(s))}{' *' if _beyond(_corrected(s)) else ''} | "
+          + " | ".join(_ci(s.get(m)) for m in SHIFT_METRICS) + f" | {_num(s['tv'].get('floor'))} |"
+          for f in FAMILIES for key, s in res[f]["shifts"].items()
           if key.startswith(res[f]["baseline"] + "|") and s["tv"].get("point") is not None]
   if not rows:
     return ["", "Shifts from base: none to compute (base, or every other condition, has no circuit)."]
-  return ["", "Shifts from base (`*`: beyond noise):", "",
-          "| condition | components | " + " | ".join(SHIFT_METRICS) + " | floor (TV) |",
-          "|---|---|" + "---|" * (len(SHIFT_METRICS) + 1)] + rows
+  return ["", "Shifts from base. TV beyond noise: the cross-fitted TV (between-condition minus within-condition "
+          "split-half shifts), `*` where its interval lies above 0 (the tested number); then the raw metrics, "
+          "raw TV with `*` where its interval lies above the larger split-half floor (median), and that floor:", "",
+          "| condition | components | TV beyond noise | " + " | ".join(SHIFT_METRICS) + " | floor (TV) |",
+          "|---|---|---|" + "---|" * (len(SHIFT_METRICS) + 1)] + rows
 
 
 def _contrasts(res: dict) -> list[str]:
-  rows = [f"| {key} | {f} | " + " | ".join(_ci(c.get(m)) for m in CONTRAST_METRICS) +
-          f" | {_num(c['tv'].get('p_value'), 3)} | {_verdict(c['tv'])} |"
+  rows = [f"| {key} | {f} | {_ci(_corrected(c))} | {_verdict(_corrected(c))} | "
+          + " | ".join(_ci(c.get(m)) for m in CONTRAST_METRICS) + f" | {_num(c['tv'].get('p_value'), 3)} |"
           for f in FAMILIES for key, c in res[f]["contrasts"].items() if not c["tv"].get("reason")]
   if not rows:
     return ["", "Contrasts: none to test (a condition of every contrast has no circuit)."] if res["heads"][
         "contrasts"] else []
-  return ["", "Contrasts (shift from base of the first condition minus the second's):", "",
-          "| contrast | components | " + " | ".join(CONTRAST_METRICS) + " | p (TV) | reading |",
-          "|---|---|" + "---|" * (len(CONTRAST_METRICS) + 2)] + rows
+  return ["", "Contrasts: shift from base of the first condition minus the second's. Tested: the cross-fitted TV "
+          "contrast (a condition that is only noisier does not look shifted); the raw contrasts and the "
+          "permutation p (its null is exchangeability of the two conditions, so it also rejects when they differ "
+          "only in noise) for reference:", "",
+          "| contrast | components | TV beyond noise | reading | " + " | ".join(CONTRAST_METRICS) + " | p (raw TV) |",
+          "|---|---|---|---|" + "---|" * (len(CONTRAST_METRICS) + 1)] + rows
 
 
 def _verdict(item: dict) -> str:
-  if item.get("reason"):
-    return item["reason"]
   if item.get("excludes_zero") is None:
     return "not estimable"
   if not item["excludes_zero"]:
@@ -102,7 +118,7 @@ def _verdict(item: dict) -> str:
 
 
 def _reading(res: dict) -> list[str]:
-  """Sentences the intervals support, and nothing else."""
+  """Sentences the intervals of the tested numbers (cross-fitted TV) support, and nothing else."""
   conds = res["heads"]["conditions"]
   none = [n for n, c in conds.items() if not c["has_circuit"]]
   out, found = [], []
@@ -111,18 +127,18 @@ def _reading(res: dict) -> list[str]:
                "model does not separate the pair's answers there).")
   for f in FAMILIES:
     moved = [k.split("|")[1] for k, s in res[f]["shifts"].items() if k.startswith(res[f]["baseline"] + "|")
-             and any((s.get(m) or {}).get("exceeds_floor") for m in SHIFT_METRICS)]
+             and _beyond(_corrected(s)) and _corrected(s)["point"] > 0]
     if moved:
       found.append(f)
       out.append(f"{f}: beyond noise, the circuit moves from base under {', '.join(moved)}.")
     for key, c in res[f]["contrasts"].items():
-      tv = c.get("tv", {})
-      if tv.get("excludes_zero"):
+      tv = _corrected(c)
+      if _beyond(tv):
         a, b = _split_contrast(key, conds)
         more, less = (a, b) if tv["point"] > 0 else (b, a)
         found.append(key)
-        out.append(f"{f}: {more} moves the circuit more than {less} (TV contrast {_ci(tv)}, p = "
-                   f"{_num(tv.get('p_value'), 3)}).")
+        out.append(f"{f}: {more} moves the circuit more than {less} (test: cross-fitted TV contrast {_ci(tv)}; "
+                   f"size: raw TV contrast {_ci(c['tv'])}, permutation p {_num(c['tv'].get('p_value'), 3)}).")
   if not found:
     out.append("No shift beyond noise and no contrast whose interval excludes 0: no difference detected between "
                "the conditions at this number of pairs.")
@@ -141,7 +157,7 @@ def _faithfulness(f: dict | None) -> list[str]:
   if not f:
     return []
   if all("reason" in c for c in f["conditions"].values()):
-    return ["", "Faithfulness: no condition separates clean from corrupt; nothing to recover."]
+    return ["", "Faithfulness: no condition has a circuit; nothing to recover."]
   ks = f["ks"]
   lines = ["", f"Faithfulness: share of the gap recovered by patching each condition's top-k components jointly "
            f"(k of {ks[-1]}), and each condition's circuit patched in every condition (rows: where patched):", "",
@@ -166,10 +182,12 @@ def _vectors(v: dict | None) -> list[str]:
   best = max(range(len(v["layers"])), key=lambda l: v["layers"][l]["gain"]["point"] or float("-inf"))
   row, helps, k = v["layers"][best], v["layers_with_gain"], v["shots"]
   icl = ref[f"icl{k}"]
-  return ["", f"Function vector (mean answer-position residual, {k}-shot minus 0-shot, fit on "
-          f"{v['n_fit']} pairs, added to the 0-shot prompts of {v['n_held_out']} others): accuracy 0-shot "
-          f"{_ci(ref['zero_shot']['accuracy'])}, {k}-shot {_ci(icl['accuracy'])}; best layer {best}: accuracy {_ci(row['accuracy'])}, score gain {_ci(row['gain'])}. Layers whose gain "
-          f"interval excludes 0: {', '.join(map(str, helps)) if helps else 'none'}."]
+  return ["", f"Function vector (mean answer-position residual, {k}-shot minus 0-shot, fit on {v['n_fit']} pairs, "
+          f"added to the 0-shot prompts of {v['n_held_out']} others). Pairwise preference (own answer's first token "
+          f"over the other's; chance 0.5): 0-shot {_ci(ref['zero_shot']['preference'])}, {k}-shot "
+          f"{_ci(icl['preference'])}; the layer of largest gain ({best}, chosen on these pairs: optimistic): "
+          f"preference {_ci(row['preference'])}, score gain {_ci(row['gain'])}. Layers whose gain interval excludes "
+          f"0 (uncorrected): {', '.join(map(str, helps)) if helps else 'none'}."]
 
 
 def _transfer(t: dict | None) -> list[str]:

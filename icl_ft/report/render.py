@@ -79,7 +79,7 @@ def _controls(results: dict) -> list[str]:
   lines = ["", f"Controls (strict rule): ICL with {cfg['icl']['control_shots']} real demos next to the same number "
            "with their labels shuffled among them (Min et al., 2022) and another task's demos of the same token "
            f"length; few-shot FT: the first query's {cfg['ft']['fewshot_k']} ICL demos per task, fine-tuned on "
-           f"for {cfg['ft']['fewshot_steps']} steps, then 0-shot (Mosbach et al., 2023).", "",
+           f"for {cfg['ft']['fewshot_steps']} steps{_fewshot_loss(results)}, then 0-shot (Mosbach et al., 2023).", "",
            "| task | variant | " + " | ".join(names) + " | few-shot FT 0-shot | fine-tuned 0-shot |",
            "|---|---|" + "---|" * (len(names) + 2)]
   for r in rows:
@@ -87,6 +87,11 @@ def _controls(results: dict) -> list[str]:
     lines.append(f"| {r['task']} | {r['variant']} | " + " | ".join(_fmt(c.get("controls", {}).get(m)) for m in names)
                  + f" | {_fmt(c.get('ft_fewshot'))} | {_fmt(c['ft_0shot'])} |")
   return lines
+
+
+def _fewshot_loss(results: dict) -> str:
+  f = results["training"].get("fewshot")
+  return f" (training loss {f['first_loss']:.3f} -> {f['final_loss']:.3f})" if f else ""
 
 
 def _breaking(results: dict) -> list[str]:

@@ -140,7 +140,8 @@ def _find(rows: Sequence[dict], **match) -> dict | None:
 
 
 def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], metrics: Sequence[dict],
-                  circuits: dict, timings: dict, report_step: int | None = None) -> dict:
+                  circuits: dict, timings: dict, report_step: int | None = None,
+                  fewshot_metrics: Sequence[dict] = ()) -> dict:
   """Every number of a study run: the comparison table (per task and variant, lenient and strict: base
   0-shot, fine-tuned 0-shot at ``report_step`` (default: the last checkpoint), ICL at the best shot count on the
   test set (the release's, optimistic) and at the shot count chosen on the dev split, the controls (ICL with
@@ -178,7 +179,9 @@ def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], m
   train = dict(steps=len(metrics), samples=metrics[-1]["samples"] if metrics else 0,
                first_loss=metrics[0]["loss"] if metrics else None, final_loss=metrics[-1]["loss"] if metrics else None,
                median_tokens_per_s=float(np.median([m["tokens_per_s"] for m in steady])) if steady else None,
-               median_mfu=float(np.median([m["mfu"] for m in steady])) if steady else None)
+               median_mfu=float(np.median([m["mfu"] for m in steady])) if steady else None,
+               fewshot=dict(steps=len(fewshot_metrics), first_loss=fewshot_metrics[0]["loss"],
+                            final_loss=fewshot_metrics[-1]["loss"]) if fewshot_metrics else None)
   return json_safe(dict(config=config, versions=package_versions(), table=table, icl=icl_summary,
                         ft_eval=list(ft_summary), ft_report_step=step, training=train, circuits=circuits,
                         timings_s=timings))

@@ -170,6 +170,8 @@ def floor_stats(samples: np.ndarray) -> dict[str, Any]:
 
 SIGNED_METRICS = frozenset({"centroid"})  # floors of signed metrics are taken on |value|
 SELECTABLE = ("tv", "rank", "topk")  # metrics also computed on the components distinguishable from 0
+CROSSFIT = ("tv",)  # metrics also given as cross-fitted (noise-corrected) shifts and contrasts: the tested ones
+CROSSFIT_SPLITS = 20
 
 
 def default_metrics(k: int = 10) -> dict[str, Metric]:
@@ -192,9 +194,10 @@ def _ci(point: float, samples: np.ndarray) -> dict[str, Any]:
   return dict(point=_num(point), lo=_num(lo), hi=_num(hi), n_valid=int(np.isfinite(samples).sum()))
 
 
-def _on(fn: Metric, selected: np.ndarray) -> Metric:
-  """``fn`` on the ``selected`` components only (NaN if fewer than two are selected)."""
-  return lambda a, b: fn(a[selected], b[selected]) if selected.sum() >= 2 else math.nan
+def _on(fn: Metric, selected: np.ndarray, minimum: int) -> Metric:
+  """``fn`` on the ``selected`` components only (NaN if fewer than ``minimum`` are selected: a rank over a
+  handful, or a top-k of all of them, says nothing)."""
+  return lambda a, b: fn(a[selected], b[selected]) if selected.sum() >= minimum else math.nan
 
 
 def _condition(run: PatchRuns, effects: np.ndarray, boots: np.ndarray, fns: Mapping[str, Metric], n_boot: int,
@@ -226,11 +229,12 @@ def _shift(point: float, samples: np.ndarray, floor: float | None, signed: bool)
   return dict(item, floor=floor, exceeds_floor=exceeds)
 
 
-def _pair_shifts(a: str, b: str, runs: Mapping[str, PatchRuns], effects, boots, conditions, fns, n_splits: int,
-                 seed: int, tol: float) -> dict[str, Any]:
-  """Every metric between conditions a and b (all components, and for ``SELECTABLE`` metrics also the
-  components distinguishable from 0 in a or b), each against the larger of the two conditions' split-half
-  floors (recomputed on the selection for selected metrics)."""
+def _pair_shifts(a: str, b: str, runs: Mapping[str, PatchRuns], effects, boots, conditions, fns, k: int,
+                 seed: int, tol: float, crossfit: Sequence[str]) -> dict[str, Any]:
+  """Every metric between conditions a and b on all components, each against the larger of the two conditions'
+  split-half floors, and for ``CROSSFIT`` metrics also cross-fitted (noise-corrected); for ``SELECTABLE``
+  metrics also on the components distinguishable from 0 in a or b (``_sel``: descriptive, no test, since the
+  selection is made on the same pairs)."""
   missing = [n for n in (a, b) if not conditions[n]["has_circuit"]]
   if missing:
     return {m: dict(point=None, reason=f"no circuit in {', '.join(missing)}") for m in fns}
@@ -238,22 +242,33 @@ def _pair_shifts(a: str, b: str, runs: Mapping[str, PatchRuns], effects, boots, 
           for n in (a, b)]
   selected = dist[0] | dist[1]
   out = {}
-  for m, fn in dict(fns, **{f"{m}_sel": _on(fns[m], selected) for m in SELECTABLE if m in fns}).items():
-    base_m = m.removesuffix("_sel")
-    if m.endswith("_sel"):
-      halves = [significance.split_half_shifts(fn, runs[n], n_splits, seed, tol) for n in (a, b)]
-      floors = [floor_stats(x)["median"] for x in halves]
-    else:
-      floors = [conditions[n]["split_half"][m]["median"] for n in (a, b)]
-    floor = max((f for f in floors if f is not None), default=None)
+  minimum = {"tv": 2, "rank": 5, "topk": k + 1}
+  for m, fn in dict(fns, **{f"{m}_sel": _on(fns[m], selected, minimum[m]) for m in SELECTABLE if m in fns}).items():
     samples = np.array([fn(e[a], e[b]) for e in boots])
-    out[m] = _shift(float(fn(effects[a], effects[b])), samples, floor, base_m in SIGNED_METRICS)
+    if m.endswith("_sel"):  # descriptive: the selection uses the same pairs, so no floor test
+      out[m] = dict(_ci(float(fn(effects[a], effects[b])), samples), floor=None, exceeds_floor=None)
+      continue
+    floor = max((f for f in (conditions[n]["split_half"][m]["median"] for n in (a, b)) if f is not None), default=None)
+    out[m] = _shift(float(fn(effects[a], effects[b])), samples, floor, m in SIGNED_METRICS)
+    if m in crossfit:
+      out[m]["corrected"] = _crossfit(lambda rs, sp, fn=fn: significance.crossfit_terms(fn, rs, a, b, sp, tol), runs,
+                                      boots, seed)
   out["n_selected"] = int(selected.sum())
   return out
 
 
+def _crossfit(stat, runs, boots, seed: int) -> dict[str, Any] | None:
+  """A cross-fitted statistic's point and interval, with whether the interval excludes 0 (None without
+  bootstrap replicates)."""
+  if not boots:
+    return None
+  point, lo, hi = significance.crossfit(stat, runs, n_boot=len(boots), n_splits=CROSSFIT_SPLITS, seed=seed)
+  return dict(point=_num(point), lo=_num(lo), hi=_num(hi),
+              excludes_zero=None if not (math.isfinite(lo) and math.isfinite(hi)) else bool(lo > 0 or hi < 0))
+
+
 def _contrast(a: str, b: str, baseline: str, runs, effects, boots, conditions, fns, n_perm: int, seed: int,
-              tol: float) -> dict[str, Any]:
+              tol: float, crossfit: Sequence[str]) -> dict[str, Any]:
   """CS(baseline, a) - CS(baseline, b) per metric: point, paired bootstrap CI, whether the CI excludes 0, and
   (with ``n_perm``) the paired permutation test's p-value (a and b exchanged on random pairs)."""
   missing = [n for n in dict.fromkeys((baseline, a, b)) if not conditions[n]["has_circuit"]]
@@ -265,6 +280,9 @@ def _contrast(a: str, b: str, baseline: str, runs, effects, boots, conditions, f
     samples = np.array([fn(e[baseline], e[a]) - fn(e[baseline], e[b]) for e in boots])
     item = _ci(point, samples)
     item["excludes_zero"] = None if item["lo"] is None else bool(item["lo"] > 0 or item["hi"] < 0)
+    if m in crossfit:
+      item["corrected"] = _crossfit(lambda rs, sp, fn=fn: significance.crossfit_terms(fn, rs, baseline, a, sp, tol)
+                                    - significance.crossfit_terms(fn, rs, baseline, b, sp, tol), runs, boots, seed)
     if n_perm:
       item["p_value"] = _num(significance.contrast_permutation(fn, runs[baseline], runs[a], runs[b], n_perm, seed,
                                                                tol)[1])
@@ -275,7 +293,7 @@ def _contrast(a: str, b: str, baseline: str, runs, effects, boots, conditions, f
 def shift_report(effects_by_condition: Mapping[str, Any], baseline: str = "base", n_boot: int = 1000,
                  seed: int = 0, *, k: int = 10, tol: float = DEFAULT_TOL, metrics: Mapping[str, Metric] | None = None,
                  include_effects: bool = True, n_splits: int = 50, n_perm: int = 0,
-                 contrasts: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
+                 contrasts: Sequence[tuple[str, str]] | None = None, crossfit: bool = True) -> dict[str, Any]:
   """Every circuit-shift number between the conditions, as JSON-serialisable values (NaN -> None).
 
   ``effects_by_condition`` maps a condition name to its per-pair runs (anything ``PatchRuns.of`` accepts), all
@@ -284,23 +302,25 @@ def shift_report(effects_by_condition: Mapping[str, Any], baseline: str = "base"
 
   Returns ``conditions`` (per condition: the clean-corrupt gap and its CI, ``has_circuit``, per-component
   effect CIs, split-half floors per metric), ``shifts`` ("a|b", baseline first: per metric the point, CI, floor
-  and whether the CI clears it; ``*_sel`` metrics on the components distinguishable from 0 in a or b; no
+  and whether the CI clears it; with ``crossfit``, ``corrected``: the cross-fitted shift of ``CROSSFIT`` metrics,
+  the tested number; ``*_sel`` metrics on the components distinguishable from 0 in a or b, descriptive; no
   numbers when either condition has no circuit) and ``contrasts`` ("a-b": CS(baseline, a) - CS(baseline, b)
-  with its CI, whether it excludes 0 and, with ``n_perm``, a permutation p-value; default: every pair of
-  non-baseline conditions).
+  with its CI, whether it excludes 0, with ``crossfit`` the cross-fitted contrast and, with ``n_perm``, a
+  permutation p-value; default: every pair of non-baseline conditions).
   """
   runs = _checked_runs(effects_by_condition, baseline, n_boot)
   names = list(runs)
   fns = dict(metrics) if metrics is not None else default_metrics(k)
   effects = {n: r.effects(tol)[0] for n, r in runs.items()}
   boots = list(replicates(runs, n_boot, seed, tol=tol))
+  cf = CROSSFIT if crossfit else ()
   conditions = {n: _condition(r, effects[n], np.stack([e[n] for e in boots]), fns, n_boot, n_splits, seed, tol,
                               include_effects) for n, r in runs.items()}
-  shifts = {f"{a}|{b}": _pair_shifts(a, b, runs, effects, boots, conditions, fns, n_splits, seed, tol)
+  shifts = {f"{a}|{b}": _pair_shifts(a, b, runs, effects, boots, conditions, fns, k, seed, tol, cf)
             for a, b in itertools.combinations(names, 2)}
   pairs = list(contrasts) if contrasts is not None else list(itertools.combinations(names[1:], 2))
   return dict(baseline=baseline, conditions=conditions, shifts=shifts,
-              contrasts={f"{a}-{b}": _contrast(a, b, baseline, runs, effects, boots, conditions, fns, n_perm, seed, tol)
+              contrasts={f"{a}-{b}": _contrast(a, b, baseline, runs, effects, boots, conditions, fns, n_perm, seed, tol, cf)
                          for a, b in pairs},
               n_boot=n_boot, n_splits=n_splits, n_perm=n_perm, seed=seed, k=k, tol=tol, alpha=ALPHA,
               metrics=list(fns))

@@ -1,5 +1,5 @@
-"""When is a circuit-shift number more than noise? Split-half floors, per-component intervals, a gap interval and
-a paired permutation test for the ICL - FT contrast (docs/circuits.md, "Noise").
+"""When is a circuit-shift number more than noise? Split-half floors, cross-fitted (noise-corrected) shifts and
+contrasts, per-component intervals, a gap interval and a paired permutation test (docs/circuits.md).
 
 All of them resample prompt pairs, the unit of replication: a condition's effects are ratio-of-means over its
 pairs (``effects.PatchRuns``), so every statistic below recomputes effects on resampled pair sets.
@@ -25,13 +25,52 @@ def split_half_shifts(fn: Metric, run: PatchRuns, n_splits: int = 100, seed: int
   between-condition shift compares, so a floor from these is conservative."""
   if run.n < 4:
     raise ValueError(f"split-half floors need at least 4 pairs, got {run.n}")
-  rng = np.random.default_rng(seed)
-  out = np.empty(n_splits)
-  for s in range(n_splits):
-    order = rng.permutation(run.n)
-    half = run.n // 2
-    out[s] = fn(run.take(order[:half]).effects(tol)[0], run.take(order[half:2 * half]).effects(tol)[0])
+  splits = halves(run.n, n_splits, np.random.default_rng(seed))
+  return np.array([fn(run.take(h1).effects(tol)[0], run.take(h2).effects(tol)[0]) for h1, h2 in splits])
+
+
+def halves(n: int, n_splits: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+  """``n_splits`` random splits of ``n`` pairs into two disjoint halves (an odd pair out is dropped)."""
+  out = []
+  for _ in range(n_splits):
+    order = rng.permutation(n)
+    out.append((order[:n // 2], order[n // 2:2 * (n // 2)]))
   return out
+
+
+def crossfit_terms(fn: Metric, runs: dict[str, PatchRuns], a: str, b: str,
+                   splits: list[tuple[np.ndarray, np.ndarray]], tol: float = DEFAULT_TOL) -> np.ndarray:
+  """Per split (h1, h2), the noise-corrected shift between conditions a and b:
+  ½[fn(a_h1, b_h2) + fn(b_h1, a_h2)] - ½[fn(a_h1, a_h2) + fn(b_h1, b_h2)]. Every term compares two independent
+  half-size estimates, so noise enters the between- and the within-condition terms alike and largely cancels:
+  a condition that is only noisier than another does not look shifted (its expectation is ~0 when a and b
+  have the same effects, however noisy each is)."""
+  out = np.empty(len(splits))
+  for i, (h1, h2) in enumerate(splits):
+    e = {(n, h): runs[n].take(idx).effects(tol)[0] for n in dict.fromkeys((a, b)) for h, idx in ((1, h1), (2, h2))}
+    out[i] = (0.5 * (fn(e[a, 1], e[b, 2]) + fn(e[b, 1], e[a, 2]))
+              - 0.5 * (fn(e[a, 1], e[a, 2]) + fn(e[b, 1], e[b, 2])))
+  return out
+
+
+def crossfit(stat: Callable[[dict[str, PatchRuns], list], np.ndarray], runs: dict[str, PatchRuns],
+             n_boot: int = 200, n_splits: int = 20, seed: int = 0) -> tuple[float, float, float]:
+  """(point, lo, hi) of a cross-fitted statistic ``stat(runs, splits) -> per-split values``: the point averages
+  ``n_splits`` random half splits of all pairs; the 95% percentile interval resamples pairs (paired across
+  conditions) and splits each resample's distinct pairs into halves, so a pair and its copies stay on one side."""
+  n = next(iter(runs.values())).n
+  rng = np.random.default_rng(seed)
+  point = float(np.nanmean(stat(runs, halves(n, n_splits, rng))))
+  boots = np.full(n_boot, np.nan)
+  inner = max(1, n_splits // 4)
+  for r in range(n_boot):
+    ids, counts = np.unique(resampling.indices(rng, n), return_counts=True)
+    expand = lambda part: np.repeat(ids[part], counts[part])
+    splits = [(expand(h1), expand(h2)) for h1, h2 in halves(len(ids), inner, rng)]
+    with np.errstate(all="ignore"):
+      boots[r] = np.nanmean(stat(runs, splits))
+  lo, hi = resampling.interval(boots)
+  return point, lo, hi
 
 
 def distinguishable(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -51,7 +90,8 @@ def contrast_permutation(fn: Metric, base: PatchRuns, a: PatchRuns, b: PatchRuns
   """(observed, two-sided p) of the contrast fn(base, a) - fn(base, b) against the null that conditions a and
   b are exchangeable on every pair: each permutation swaps a's and b's results on a random subset of pairs
   (all three conditions must hold the same pairs, in the same order). p = (1 + #{|null| >= |observed|}) /
-  (1 + n_perm)."""
+  (1 + #finite nulls). Its null is exchangeability, so it also rejects when a and b differ only in noise; the
+  cross-fitted contrast (``crossfit``) is the test of equal shifts."""
   if not base.n == a.n == b.n:
     raise ValueError(f"a paired permutation test needs the same pairs in every condition: {base.n}, {a.n}, {b.n}")
   e_base = base.effects(tol)[0]
@@ -60,15 +100,18 @@ def contrast_permutation(fn: Metric, base: PatchRuns, a: PatchRuns, b: PatchRuns
   if not math.isfinite(observed):
     return observed, math.nan
   rng = np.random.default_rng(seed)
-  extreme = 0
+  extreme = valid = 0
   for _ in range(n_perm):
     swap = rng.random(base.n) < 0.5
     x = PatchRuns(np.where(_expand(swap, a.patched), b.patched, a.patched), np.where(swap, b.target, a.target),
                   np.where(swap, b.source, a.source))
     y = PatchRuns(np.where(_expand(swap, a.patched), a.patched, b.patched), np.where(swap, a.target, b.target),
                   np.where(swap, a.source, b.source))
-    extreme += abs(contrast(x, y)) >= abs(observed)
-  return observed, (1 + extreme) / (1 + n_perm)
+    null = contrast(x, y)
+    if math.isfinite(null):  # a permutation whose statistic is undefined counts for neither side
+      valid += 1
+      extreme += abs(null) >= abs(observed)
+  return observed, (1 + extreme) / (1 + valid)
 
 
 def _expand(mask: np.ndarray, like: np.ndarray) -> np.ndarray:

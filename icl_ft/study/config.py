@@ -177,7 +177,7 @@ def _fewshot_section(ft: dict, train: trainer.TrainConfig, n_examples: int) -> t
   for ``ft.fewshot_steps`` steps, keeping only the last checkpoint."""
   steps = _positive("ft.fewshot_steps", ft["fewshot_steps"])
   return dataclasses.replace(train, steps=steps, batch_size=n_examples, grad_accum=1, save_every=steps, keep=1,
-                             warmup_steps=min(train.warmup_steps, steps - 1))
+                             warmup_steps=min(train.warmup_steps, steps // 5))
 
 
 def _ft_eval_section(ev: dict, train: trainer.TrainConfig) -> tuple[tuple[int, ...], tuple[int, ...], int]:

@@ -203,7 +203,8 @@ def _report(study: Study, d: epath.Path, units: Units) -> dict:
   results = tables.study_results(cfg.raw, read_document(study.path("icl", "summary"), "summary"),
                                  read_document(study.path("ft_eval", "summary"), "summary")["cells"],
                                  files.read_jsonl(study.path("finetune", "metrics")), circuit, timings,
-                                 cfg.ft_report_step)
+                                 cfg.ft_report_step, fewshot_metrics=files.read_jsonl(
+                                     study.path("finetune", "fewshot") / "metrics.jsonl") if cfg.fewshot else ())
   figures, circuit_figures, results["warnings"] = _figures(study)
   write_document(study.root / "results.json", "results", results)
   faults.point("report.write")
