@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.circuits = ml_collections.ConfigDict()
   c.circuits.enabled = True
   c.circuits.tasks = ""  # tasks to analyse; empty: the config's tasks that support prompt pairs
-  c.circuits.format = "fixed"
+  c.circuits.format = ""  # empty: the study's format; another one is a deliberate mismatch, flagged in the report
   c.circuits.n_pairs = 32
   c.circuits.icl_shots = "4"
   c.circuits.controls = "shuffled,irrelevant"  # ICL control conditions at the largest icl_shots ("": none)
@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.circuits.top_k = 10
   c.circuits.tol = 1e-3  # a condition whose clean-corrupt logit-diff gap is below this has no effects
   c.circuits.threshold = 0.8  # a condition's circuit: the smallest top-k set recovering this share of its gap
+  c.circuits.single_token_answers = True  # pairs whose answers are one token each: the metric measures the answer
   return c
 
 

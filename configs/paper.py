@@ -42,6 +42,7 @@ def get_config(model: str = "qwen1.5-0.5b"):
   c.ft_eval.steps = "50,100,200,300"
   c.ft_eval.report_step = 100  # the release compares checkpoint-100 (1,600 samples at batch 16)
   c.circuits.tasks = "expression,parity,boolean"
+  c.circuits.format = "fixed"  # deliberate: boolean's paper-format items have no clause to corrupt (flagged)
   c.circuits.n_pairs = 64
   c.circuits.icl_shots = "2,8"
   c.circuits.n_boot = 1000

@@ -15,7 +15,7 @@ from icl_ft.stats import significance
 
 # A random tiny model barely separates clean from corrupt (logit-diff gap ~1e-3): a low threshold.
 CCFG = dict(task="expression", n_pairs=6, icl_shots=(2,), n_boot=20, top_k=3, chunk=4, tol=1e-6, verify=3,
-            n_perm=20, n_splits=10)
+            n_perm=20, n_splits=10, single_token_answers=False)  # the byte tokenizer splits every answer
 
 
 @pytest.fixture(scope="module")

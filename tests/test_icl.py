@@ -247,3 +247,13 @@ def test_control_cells_hold_the_test_items_with_their_demos_replaced():
       "base", "icl", "icl-shuffled", "icl-irrelevant"]
   with pytest.raises(ValueError, match="control_shots >= 2"):
     icl.sweep_queries(["parity"], ["correct"], ["fixed"], [0], 3, 5, controls=("shuffled",), control_shots=1)
+
+
+def test_the_report_says_which_formats_meet_and_whether_the_ft_data_shows_the_pattern():
+  f = tables.formats({"format": "paper"}, {"parity": "paper", "boolean": "fixed"})
+  assert f["circuits"] == {"parity": "paper", "boolean": "fixed"}
+  assert len(f["warnings"]) == 1 and "boolean" in f["warnings"][0] and "crosses formats" in f["warnings"][0]
+  assert not tables.formats({"format": "fixed"}, {"boolean": "fixed"})["warnings"]
+  # the release's boolean FT data (paper format) never shows the absorbing clause; the fixed format always does
+  assert tables.ft_data_cues(["boolean"], 100, 42, "paper") == {"boolean": {"final_literal": 0.0}}
+  assert tables.ft_data_cues(["boolean"], 100, 42, "fixed") == {"boolean": {"final_literal": 1.0}}

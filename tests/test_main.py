@@ -23,6 +23,7 @@ def _config(model_dir, workdir, **overrides):
   c = smoke.get_config()
   c.model, c.workdir = str(model_dir), str(workdir)
   c.circuits.tol = 1e-6  # a random tiny model barely separates clean from corrupt prompts
+  c.circuits.single_token_answers = False  # its byte tokenizer splits every answer
   for key, value in overrides.items():
     section, _, name = key.rpartition(".")
     setattr(c[section] if section else c, name, value)
@@ -357,6 +358,7 @@ def test_a_write_failure_names_the_path_and_keeps_earlier_stages(tiny_lm, tmp_pa
     ("circuits.controls", "noise", "circuits.controls: unknown value(s) ['noise']"),
     ("circuits.n_pairs", 3, "circuits: n_pairs must be at least 4"),
     ("ft.fewshot_steps", 0, "ft.fewshot_steps must be a positive integer"),
+    ("circuits.tasks", "boolean", "boolean has prompt pairs only in format(s) ['fixed'], not 'paper'"),
 ])
 def test_bad_config_values_are_named(tiny_lm, tmp_path, key, value, message):
   with pytest.raises(study.ConfigError, match=re.escape(message)):
@@ -430,7 +432,7 @@ def test_killed_anywhere_then_resumed_equals_an_uninterrupted_run(finished, tmp_
            ("finetune.save", 1), ("icl.batch", rng.randint(2, 6)), ("circuits.sweep", rng.randint(4, 8)),
            ("report.write", 1)]
   args = ["--config=configs/smoke.py", f"--config.model={cfg.model}", f"--config.workdir={tmp_path}",
-          "--config.circuits.tol=1e-6"]
+          "--config.circuits.tol=1e-6", "--config.circuits.single_token_answers=False"]
   stages = ["data", "icl", "finetune", "finetune", "ft_eval", "circuits", "report"]
   saved = {"icl": ("icl/partial", "*.json"), "ft_eval": ("ft_eval/partial", "*/*.json"),
            "circuits": ("circuits/partial", "*/*.npz")}
@@ -493,7 +495,7 @@ def test_the_two_reported_typos_leave_a_finished_run_untouched(finished):
   cfg, workdir, _, _ = finished
   tree = _tree(workdir)
   common = ["--config=configs/smoke.py", f"--config.workdir={workdir}", f"--config.model={cfg.model}",
-            "--config.circuits.tol=1e-6"]
+            "--config.circuits.tol=1e-6", "--config.circuits.single_token_answers=False"]
   r = _main(*common, "--config.model=nonexistent-model", "--config.stages=data,icl")
   assert r.returncode == 2 and "'nonexistent-model' is not a registered model" in r.stderr
   r = _main(*common, "--config.mesh.fsdp=3")

@@ -9,12 +9,15 @@ import pytest
 
 from conftest import build_byte_tokenizer
 from icl_ft import tasks
+from icl_ft.evaluation.engine import continuation_ids
 from icl_ft.interp import pairs
 
 N = 10
 SEED = 3
 
 
+# The byte-level test tokenizers split every answer into several tokens: their pairs keep multi-token answers
+# (single_token=False); the real tokenizer's keep one-token answers only (the last test).
 @pytest.fixture(scope="module")
 def byte_tok():
   return build_byte_tokenizer()
@@ -52,7 +55,7 @@ def _split_query(task, prompt):
   if task == "expression":
     return prompt.rsplit("\n", 1)[1]
   if task == "parity":
-    body = prompt[:-len("\n So 'the city A and Z is connected' is ")]
+    body = prompt.rstrip(" ")[:-len("\n So 'the city A and Z is connected' is")]  # fixed: no trailing space
     lines = body.split("\n")
     return "\n".join(lines[-11:])  # 10 lines + the trailing newline's empty string
   body = prompt[:-len("\n The result is: ")]
@@ -93,7 +96,8 @@ def _check_pairset(ps, task, tok, shots, max_changed=3):
   np.testing.assert_array_equal(ps.roles["query_final"], big_t - 1)
   queries = tasks.make_queries(task, "correct", ps.n_tried, SEED, ps.fmt)
   for row, ((clean, corrupt), (ans_c, ans_x)) in enumerate(zip(ps.prompts, ps.answers)):
-    ids_c, ids_x = tok(clean).input_ids, tok(corrupt).input_ids
+    forced = ps.meta[row]["forced"]  # the answers' shared leading tokens, appended to both prompts
+    ids_c, ids_x = tok(clean).input_ids + forced, tok(corrupt).input_ids + forced
     assert len(ids_c) == len(ids_x)
     off = big_t - len(ids_c)
     assert not ps.valid[row, :off].any() and ps.valid[row, off:].all()
@@ -119,9 +123,12 @@ def _check_pairset(ps, task, tok, shots, max_changed=3):
     # Answers recomputed independently of the module.
     assert _answer(task, q_clean) == ans_c == queries[qi].answer
     assert _answer(task, q_corrupt) == ans_x != ans_c
-    # First answer tokens: continuation ids, and they differ.
-    assert ps.clean_answer[row] == tok(clean + ans_c).input_ids[len(ids_c)]
-    assert ps.corrupt_answer[row] == tok(corrupt + ans_x).input_ids[len(ids_x)]
+    # Answer tokens: the continuations' first differing tokens, after the forced shared ones.
+    lead = tasks.template(task, ps.fmt).lead(queries[qi])
+    cont_c = continuation_ids(tok, clean, tok(clean).input_ids, lead + ans_c)
+    cont_x = continuation_ids(tok, corrupt, tok(corrupt).input_ids, lead + ans_x)
+    assert cont_c[:len(forced)] == cont_x[:len(forced)] == forced
+    assert (ps.clean_answer[row], ps.corrupt_answer[row]) == (cont_c[len(forced)], cont_x[len(forced)])
     assert ps.clean_answer[row] != ps.corrupt_answer[row]
   assert sum(ps.dropped.values()) + len(ps) == ps.n_tried
   return queries
@@ -129,7 +136,7 @@ def _check_pairset(ps, task, tok, shots, max_changed=3):
 
 @pytest.mark.parametrize("shots", [0, 2])
 def test_expression_pairs(byte_tok, shots):
-  ps = pairs.build_pairs("expression", byte_tok, N, SEED, shots=shots)
+  ps = pairs.build_pairs("expression", byte_tok, N, SEED, shots=shots, single_token=False)
   assert len(ps) == N
   _check_pairset(ps, "expression", byte_tok, shots)
   pat = re.compile(r"\((.+)\)\+\((.+)\)\*\((.+)\)=")
@@ -145,7 +152,7 @@ def test_expression_pairs(byte_tok, shots):
 
 @pytest.mark.parametrize("shots", [0, 2])
 def test_parity_pairs(byte_tok, shots):
-  ps = pairs.build_pairs("parity", byte_tok, N, SEED, shots=shots)
+  ps = pairs.build_pairs("parity", byte_tok, N, SEED, shots=shots, single_token=False)
   assert len(ps) == N
   queries = _check_pairset(ps, "parity", byte_tok, shots)
   for (clean, corrupt), (a, b) in zip(ps.prompts, ps.answers):
@@ -187,7 +194,7 @@ def test_boolean_needs_fixed_format(word_tok):
 
 
 def test_paper_format_pairs(byte_tok):
-  ps = pairs.build_pairs("expression", byte_tok, 4, SEED, fmt="paper", shots=1)
+  ps = pairs.build_pairs("expression", byte_tok, 4, SEED, fmt="paper", shots=1, single_token=False)
   assert len(ps) == 4 and ps.fmt == "paper"
   for qi, (clean, corrupt) in zip(ps.query_index, ps.prompts):
     demos = tasks.make_demos("expression", 1, SEED, int(qi), "paper")
@@ -198,18 +205,18 @@ def test_paper_format_pairs(byte_tok):
 def test_digit_merging_tokenizer_drops_length_changes():
   # Teens are single tokens: a last term 13 -> 27 (or 27 -> 13) changes the token count.
   tok = bpe_tokenizer([str(v) for v in range(10, 20)])
-  ps = pairs.build_pairs("expression", tok, 20, SEED)
+  ps = pairs.build_pairs("expression", tok, 20, SEED, single_token=False)
   assert ps.dropped.get("length_mismatch", 0) > 0
   assert sum(ps.dropped.values()) + len(ps) == ps.n_tried
   _check_pairset(ps, "expression", tok, 0)
   # The byte-level run of the same stream keeps some of the candidates this tokenizer dropped.
-  byte = pairs.build_pairs("expression", build_byte_tokenizer(), 20, SEED)
+  byte = pairs.build_pairs("expression", build_byte_tokenizer(), 20, SEED, single_token=False)
   assert "length_mismatch" not in byte.dropped
   assert set(byte.query_index) - set(ps.query_index)
 
 
 def test_too_many_changes_is_a_drop_reason(byte_tok):
-  ps = pairs.build_pairs("expression", byte_tok, N, SEED, max_changed=1)
+  ps = pairs.build_pairs("expression", byte_tok, N, SEED, max_changed=1, single_token=False)
   assert ps.dropped.get("too_many_changes", 0) > 0
   assert all(len(c) == 1 for c in ps.changed)
 
@@ -227,8 +234,8 @@ def test_no_pairs_error_reports_drops(byte_tok):
 
 
 def test_slices_batches_and_determinism(byte_tok):
-  ps = pairs.build_pairs("parity", byte_tok, 5, SEED, shots=1)
-  again = pairs.build_pairs("parity", byte_tok, 5, SEED, shots=1)
+  ps = pairs.build_pairs("parity", byte_tok, 5, SEED, shots=1, single_token=False)
+  again = pairs.build_pairs("parity", byte_tok, 5, SEED, shots=1, single_token=False)
   np.testing.assert_array_equal(ps.clean_ids, again.clean_ids)
   assert ps.prompts == again.prompts
   parts = list(ps.batches(2))
@@ -240,3 +247,15 @@ def test_slices_batches_and_determinism(byte_tok):
   assert len(sub) == 2 and sub.length == ps.length and sub.changed[0].tolist() == ps.changed[1].tolist()
   summary = ps.summary()
   assert summary["n_pairs"] == 5 and summary["dropped"] == ps.dropped
+
+
+def test_every_kept_answer_is_one_token_so_the_metric_measures_the_answer(smollm2_tokenizer):
+  """Expression answers are numbers: with the real tokenizer, "-3" or "14" span several tokens, and a first-token
+  logit difference would compare "-" with a digit (the sign, not the answer). Such pairs are dropped by name."""
+  ps = pairs.build_pairs("expression", smollm2_tokenizer, 16, SEED, fmt="fixed")
+  for (clean, corrupt), answers, meta in zip(ps.prompts, ps.answers, ps.meta):
+    for prompt, answer in zip((clean, corrupt), answers):
+      cont = continuation_ids(smollm2_tokenizer, prompt, smollm2_tokenizer(prompt).input_ids, answer)
+      assert cont[:len(meta["forced"])] == meta["forced"] and len(cont) == len(meta["forced"]) + 1, answer
+  assert any(m["forced"] for m in ps.meta)  # e.g. 12 vs 15: "1" forced, then "2" against "5"
+  assert ps.dropped.get(pairs.MULTI_TOKEN_ANSWER, 0) > 0  # "-3" against "6": dropped

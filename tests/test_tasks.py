@@ -287,7 +287,7 @@ def test_paper_prompt_quirks():
   one_shot = tasks.build_prompt("code", "fixed", code[:1], code[1])
   assert one_shot == (f"{header}The code is: \n{code[0].question}The input is: {code[0].meta['input']}, so the output "
                       f"is: {code[0].answer}\nHere is next example:\nThe code is: \n{code[1].question}The input is: "
-                      f"{code[1].meta['input']}, so the output is: ")
+                      f"{code[1].meta['input']}, so the output is:")  # fixed: the space starts the answer
 
   for task in tasks.TASKS:
     q = tasks.make_queries(task, "correct", 1, 0, "paper")[0]
@@ -523,9 +523,35 @@ def test_irrelevant_demos_come_from_another_task_at_the_same_token_length(task, 
     demos = tasks.make_demos(task, 4, 1, i, fmt)
     real = tasks.build_prompt(task, fmt, demos, query)
     ctrl = tasks.build_prompt(task, fmt, demos, query, "irrelevant", (1, i), count)
-    assert ctrl.startswith(tpl.header) and ctrl.endswith(tpl.query(query))
+    assert ctrl.startswith(tpl.header) and ctrl.endswith(tpl.prompt_query(query))
     assert not any(d.question in ctrl for d in demos)
-    filler = ctrl[len(tpl.header):-len(tpl.query(query))]
+    filler = ctrl[len(tpl.header):-len(tpl.prompt_query(query))]
     assert filler.endswith(ending)  # whole demos: never cut mid-demo (paper boolean's demos share no ending)
     assert abs(count(ctrl) - count(real)) <= 0.05 * count(real)
     assert ctrl == tasks.build_prompt(task, fmt, demos, query, "irrelevant", (1, i), count)  # keyed: reproducible
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+def test_fixed_format_answer_tokens_match_between_prompt_demos_and_ft_text(task, smollm2_tokenizer):
+  """In ``fixed`` the gold's tokens after the evaluation prompt are the tokens the answer has in the fine-tuning
+  text and in the demos: the prompt ends where the answer's first token (" True", " -") starts, so the model is
+  never asked for a token it only ever saw merged with a space (the paper format keeps the release's prompt
+  ending in a bare space: parity's "is " + "True" against the FT text's " True")."""
+  from icl_ft.evaluation.engine import continuation_ids
+  tok = smollm2_tokenizer
+  tpl = tasks.template(task, "fixed")
+
+  def tokens_from(text: str, start: int, end: int | None = None) -> list[int]:
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    return [i for i, (s, e) in zip(enc.input_ids, enc.offset_mapping) if e > start and (end is None or s < end)]
+
+  def ft_answer(ex) -> list[int]:  # the answer's tokens in its FT text, with the space before it
+    text = tasks.ft_text(ex, "fixed")
+    return tokens_from(text, len(text) - len(ex.answer) - len(tpl.lead(ex)))
+
+  for i, query in enumerate(tasks.make_queries(task, "correct", 6, 2, "fixed")):
+    demo = tasks.make_demos(task, 1, 2, i, "fixed")[0]
+    prompt = tasks.build_prompt(task, "fixed", [demo], query)
+    assert continuation_ids(tok, prompt, tok(prompt).input_ids, tpl.lead(query) + query.answer) == ft_answer(query)
+    end = len(tpl.header) + tpl.demo(demo).rindex(demo.answer) + len(demo.answer)
+    assert tokens_from(prompt, end - len(demo.answer) - len(tpl.lead(demo)), end) == ft_answer(demo)

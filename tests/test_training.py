@@ -220,3 +220,18 @@ def test_fewshot_data_is_exactly_the_first_querys_icl_demos():
   assert demos == tasks.make_demos("parity", 3, 7, 0, "fixed") + tasks.make_demos("expression", 3, 7, 0, "fixed")
   ds = ft_data.from_examples(demos, ft_data.FTDataConfig(format="fixed"), tok)
   assert ds.texts == [tasks.ft_text(d, "fixed") for d in demos]
+
+
+def test_a_checkpoint_of_another_recipe_or_data_is_not_resumed(setup, tmp_path):
+  """Resuming continues a trajectory: checkpoints written under another learning rate, batch, seed or data are
+  refused by name; more steps (a longer run of the same constant-schedule recipe) resume."""
+  m, ds, _ = setup
+  cfg = dataclasses.replace(FAST, steps=2, save_every=1)
+  training.train(m.config, m.params, ds, cfg, tmp_path, progress=False)
+  other_data = dataclasses.replace(ds, ids=[s[:-1] + [s[-1] % 7] for s in ds.ids])
+  for changed, data, name in ((dict(lr=2 * cfg.lr), ds, "lr"), (dict(batch_size=2 * cfg.batch_size), ds, "batch_size"),
+                              (dict(seed=cfg.seed + 1), ds, "seed"), ({}, other_data, "data")):
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=rf"differing: .*{name}"):
+      training.train(m.config, m.params, data, dataclasses.replace(cfg, **changed), tmp_path, progress=False)
+  longer = training.train(m.config, m.params, ds, dataclasses.replace(cfg, steps=3), tmp_path, progress=False)
+  assert [r["step"] for r in longer.metrics] == [1, 2, 3]

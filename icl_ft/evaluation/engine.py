@@ -53,6 +53,7 @@ class Query:
   lenient_tokens: int  # the release's generation_len
   strict_tokens: int  # the strict scorer's budget (the task's; it stops at a newline)
   cell: QueryCell  # its cell and item (typed: the record keeps it)
+  lead: str = ""  # what the continuation has before the answer (" " where the format moved it out of the prompt)
 
 
 def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int, split: str = "test",
@@ -69,7 +70,8 @@ def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int
     out.append(Query(tasks.build_prompt(task, fmt, demos, ex, control, (seed, split, i), measure), ex.answer,
                      ex.foil, task, tasks.generation_len(task, fmt), tasks.strict_len(task, fmt),
                      QueryCell(task=task, variant=variant, format=fmt, shots=shots, seed=seed, split=split, index=i,
-                               question=ex.question, control=control, **tasks.shortcut_record(ex, fmt))))
+                               question=ex.question, control=control, **tasks.shortcut_record(ex, fmt)),
+                     tasks.template(task, fmt).lead(ex)))
   return out
 
 
@@ -93,7 +95,7 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
     raise ValueError(f"on_too_long must be 'error' or 'skip', got {engine.on_too_long!r}")
   tok, cfg = model.tokenizer, model.config
   prompt_ids = tok([q.prompt for q in queries]).input_ids
-  answers = [[continuation_ids(tok, q.prompt, ids, a) for a in (q.gold, q.foil or q.gold)]
+  answers = [[continuation_ids(tok, q.prompt, ids, q.lead + a) for a in (q.gold, q.foil or q.gold)]
              for q, ids in zip(queries, prompt_ids)]
   budget = [max(q.strict_tokens, q.lenient_tokens) for q in queries]
   keep, skipped = [], []

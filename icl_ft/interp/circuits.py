@@ -52,6 +52,7 @@ class CircuitConfig:
   top_k: int = 10
   tol: float = 1e-3  # conditions whose clean-corrupt logit-diff gap is below this are not separated (no effects)
   threshold: float = 0.8  # a circuit is the smallest top-k set recovering this share of the gap
+  single_token_answers: bool = True  # keep pairs whose answers are one token each (pairs.build_pairs)
 
   def __post_init__(self):
     for c in self.controls:
@@ -83,7 +84,8 @@ class CircuitAnalysis:
 def condition_pairs(tokenizer, ccfg: CircuitConfig, tuned: Sequence[str] = ()) -> dict[str, pairs_lib.PairSet]:
   """The prompt pairs of each condition (tuned models use the base pairs), restricted to the query items that
   form a valid pair in every condition, in one order (so every resample is paired)."""
-  sets = {name: pairs_lib.build_pairs(ccfg.task, tokenizer, ccfg.n_pairs, ccfg.seed, ccfg.fmt, k, control=c)
+  sets = {name: pairs_lib.build_pairs(ccfg.task, tokenizer, ccfg.n_pairs, ccfg.seed, ccfg.fmt, k, control=c,
+                                      single_token=ccfg.single_token_answers)
           for name, (k, c) in ccfg.prompt_conditions().items()}
   common = set.intersection(*(set(p.query_index.tolist()) for p in sets.values()))
   if len(common) < 4:

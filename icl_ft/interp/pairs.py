@@ -8,7 +8,8 @@ With ``shots`` > 0 the same k correct demos (``tasks.make_demos(task, k, seed, i
 query index) precede both queries; with a ``control`` (``tasks.controls``) they are replaced the same way in
 both (labels shuffled among them, or another task's demos of the same length). Candidate i is item i of ``tasks.make_queries(task, "correct", ., seed,
 fmt)``. A pair is kept only if both prompts have the same token count, their ids differ in 1..``max_changed``
-positions, and the first answer tokens differ; everything else is counted in ``PairSet.dropped`` by reason.
+positions, the first answer tokens differ and (by default) each answer is one token; everything else is counted
+in ``PairSet.dropped`` by reason.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ TRIES_PER_PAIR = 20
 LENGTH_MISMATCH = "length_mismatch"  # the two prompts tokenise to different lengths
 TOO_MANY_CHANGES = "too_many_changes"  # more than max_changed positions differ
 IDENTICAL_IDS = "identical_ids"  # the tokenizer maps both prompts to the same ids (e.g. <unk>)
-SAME_FIRST_TOKEN = "same_first_answer_token"  # the answers differ but start with the same token
+SAME_FIRST_TOKEN = "same_first_answer_token"  # one answer's tokens are a prefix of the other's
 EMPTY_ANSWER = "empty_answer_tokens"
+MULTI_TOKEN_ANSWER = "multi_token_answer"  # after the tokens both answers share, an answer spans several more: a
+# first-token logit difference would not measure it (e.g. "-" against "6" compares signs), so kept pairs' answers
+# are one token each after their shared prefix (forced into both prompts)
 
 
 @dataclasses.dataclass
@@ -53,14 +57,15 @@ class PairSet:
   corrupt_ids: np.ndarray  # [N, T] int32
   valid: np.ndarray  # [N, T] bool (False on left padding; the same for both prompts)
   answer_pos: np.ndarray  # [N] int32, = T-1
-  clean_answer: np.ndarray  # [N] int32: first token of the clean answer
-  corrupt_answer: np.ndarray  # [N] int32: first token of the corrupt answer
+  clean_answer: np.ndarray  # [N] int32: the clean answer's first token after the forced shared ones
+  corrupt_answer: np.ndarray  # [N] int32: the corrupt answer's
   changed: list[np.ndarray]  # per pair, the padded positions where clean and corrupt ids differ
   roles: dict[str, np.ndarray]  # role -> [N] int32 padded positions
   prompts: list[tuple[str, str]]  # (clean, corrupt)
   answers: list[tuple[str, str]]  # (clean, corrupt) answer texts
   query_index: np.ndarray  # [N] int32: index in the (task, "correct", seed, fmt) query stream (demo key too)
-  meta: list[dict[str, Any]]  # per pair: what was replaced
+  meta: list[dict[str, Any]]  # per pair: what was replaced; ``forced``: the answers' shared leading token ids,
+  # appended to both prompts' ids (not to ``prompts``), so the answer tokens are the first that differ
   dropped: dict[str, int]  # reason -> number of candidates dropped
   n_tried: int  # candidates drawn
 
@@ -105,12 +110,6 @@ def _ids(tokenizer, text: str) -> list[int]:
   return [int(i) for i in tokenizer(text).input_ids]
 
 
-def first_answer_token(tokenizer, prompt: str, prompt_ids: list[int], answer: str) -> int | None:
-  """First token of ``answer`` as the model would continue ``prompt`` (see ``engine.continuation_ids``)."""
-  ids = continuation_ids(tokenizer, prompt, prompt_ids, answer)
-  return int(ids[0]) if ids else None
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
   n = 0
   for x, y in zip(a, b):
@@ -134,8 +133,12 @@ def check_pair_task(task: str | tasks.Task) -> tasks.Task:
 
 
 def build_pairs(task: str, tokenizer, n: int, seed: int, fmt: str = "fixed", shots: int = 0, *,
-                max_changed: int = 3, max_tries: int | None = None, control: str | None = None) -> PairSet:
-  """Up to ``n`` clean/corrupt pairs of ``task`` from at most ``max_tries`` (default 20*n) candidates.
+                max_changed: int = 3, max_tries: int | None = None, control: str | None = None,
+                single_token: bool = True) -> PairSet:
+  """Up to ``n`` clean/corrupt pairs of ``task`` from at most ``max_tries`` (default 20*n) candidates. With
+  ``single_token`` (the default) both answers must be one token each, so the first-token logit difference is the
+  answers' log-probability difference; without it (tokenizers that split every word, as the tests' byte-level
+  one) only their first tokens must differ.
 
   Raises ValueError for tasks without pairs or a format whose correct items have no pattern to break (boolean
   in ``paper``), and when no pair survives (the message gives the drop counts).
@@ -156,7 +159,7 @@ def build_pairs(task: str, tokenizer, n: int, seed: int, fmt: str = "fixed", sho
   kept: list[dict[str, Any]] = []
   tried = 0
   while len(kept) < n and tried < limit:
-    pair = _candidate(t, next(stream), tried, tokenizer, seed, fmt, shots, max_changed, control)
+    pair = _candidate(t, next(stream), tried, tokenizer, seed, fmt, shots, max_changed, control, single_token)
     tried += 1
     if isinstance(pair, str):
       dropped[pair] += 1
@@ -169,7 +172,7 @@ def build_pairs(task: str, tokenizer, n: int, seed: int, fmt: str = "fixed", sho
 
 
 def _candidate(t: tasks.Task, ex: tasks.Example, i: int, tokenizer, seed: int, fmt: str, shots: int,
-               max_changed: int, control: str | None) -> dict[str, Any] | str:
+               max_changed: int, control: str | None, single_token: bool) -> dict[str, Any] | str:
   """Candidate ``i`` as a kept pair's fields, or the reason it is dropped."""
   result = t.corrupt(ex, keyed_rng("pairs", t.name, fmt, seed, i))
   if isinstance(result, str):
@@ -188,17 +191,26 @@ def _candidate(t: tasks.Task, ex: tasks.Example, i: int, tokenizer, seed: int, f
     return IDENTICAL_IDS
   if len(changed) > max_changed:
     return TOO_MANY_CHANGES
-  y_clean = first_answer_token(tokenizer, clean_prompt, clean_ids, result.clean_answer)
-  y_corrupt = first_answer_token(tokenizer, corrupt_prompt, corrupt_ids, result.corrupt_answer)
-  if y_clean is None or y_corrupt is None:
+  lead = t.templates[fmt].lead(ex)
+  answer_ids = [continuation_ids(tokenizer, prompt, ids, lead + answer) for prompt, ids, answer in
+                ((clean_prompt, clean_ids, result.clean_answer), (corrupt_prompt, corrupt_ids, result.corrupt_answer))]
+  if not all(answer_ids):
     return EMPTY_ANSWER
-  if y_clean == y_corrupt:
+  shared = _common_prefix(*answer_ids)  # e.g. a bare " " both answers start with, or the "1" of 12 and 15
+  if shared == min(map(len, answer_ids)):
     return SAME_FIRST_TOKEN
-  prefix = clean_prompt[:len(clean_prompt) - len(t.templates[fmt].query(ex))]
+  if single_token and any(len(a) > shared + 1 for a in answer_ids):
+    return MULTI_TOKEN_ANSWER
+  # The shared tokens are forced (appended to both prompts): with one-token rests, the first-token logit
+  # difference is exactly the two answers' log-probability difference.
+  clean_ids, corrupt_ids = clean_ids + answer_ids[0][:shared], corrupt_ids + answer_ids[0][:shared]
+  y_clean, y_corrupt = (int(a[shared]) for a in answer_ids)
+  prefix = clean_prompt[:len(clean_prompt) - len(t.templates[fmt].prompt_query(ex))]
   query_first = min(_common_prefix(_ids(tokenizer, prefix), clean_ids), len(clean_ids) - 1) if prefix else 0
   return dict(clean=clean_ids, corrupt=corrupt_ids, changed=changed, y=(y_clean, y_corrupt),
               prompts=(clean_prompt, corrupt_prompt), answers=(result.clean_answer, result.corrupt_answer),
-              index=i, meta=dict(result.meta, query_first=query_first), query_first=query_first)
+              index=i, meta=dict(result.meta, query_first=query_first, forced=answer_ids[0][:shared]),
+              query_first=query_first)
 
 
 def _assemble(task: str, fmt: str, shots: int, seed: int, control: str | None, kept: list[dict], pad: int,

@@ -46,8 +46,11 @@ def intro(ft_step: int | None) -> list[str]:
 
 def task_section(task: str, res: dict, figures: dict[str, str]) -> list[str]:
   """Long: one task's tables in reading order, then its figures."""
-  lines = [f"### {task}", "", "Prompt pairs per condition (kept of tried, prompt tokens): " + "; ".join(
-      f"{n}: {p['n_pairs']} of {p['n_tried']}, {p['length']} tokens" for n, p in res["pairs"].items()), ""]
+  lines = [f"### {task}", "", f"Prompt pairs (format `{res['config']['fmt']}`) per condition (kept of tried, prompt "
+           "tokens, dropped by reason): " + "; ".join(
+               f"{n}: {p['n_pairs']} of {p['n_tried']}, {p['length']} tokens, dropped "
+               + (", ".join(f"{r} {c}" for r, c in p["dropped"].items()) or "none")
+               for n, p in res["pairs"].items()), ""]
   lines += _reading(res) + [""]
   conds = res["heads"]["conditions"]
   faith = res.get("faithfulness", {}).get("conditions", {})

@@ -113,10 +113,20 @@ def _breaking(results: dict) -> list[str]:
 
 
 def _training(results: dict) -> list[str]:
-  t = results["training"]
-  return ["", f"Fine-tuned for {t['steps']} steps ({t['samples']} samples); loss {t['first_loss']:.3f} -> "
-          f"{t['final_loss']:.3f}; median {t['median_tokens_per_s']:.0f} tokens/s, MFU {t['median_mfu']:.2f}."
-          if t["steps"] else "", ""]
+  t, f = results["training"], results.get("formats") or {}
+  lines = ["", f"Fine-tuned for {t['steps']} steps ({t['samples']} samples); loss {t['first_loss']:.3f} -> "
+           f"{t['final_loss']:.3f}; median {t['median_tokens_per_s']:.0f} tokens/s, MFU {t['median_mfu']:.2f}."
+           if t["steps"] else ""]
+  if t.get("data_cues"):
+    lines += ["", "The fine-tuning data's patterns: per task, the share of its training examples each cue answers "
+              "right (0: the data never shows that pattern): " + "; ".join(
+                  f"{task}: " + ", ".join(f"{c} {v:.2f}" for c, v in cues.items())
+                  for task, cues in t["data_cues"].items()) + "."]
+  if f:
+    circuits = ", ".join(f"{task} `{fmt}`" for task, fmt in f["circuits"].items()) or "none"
+    lines += ["", f"Prompt formats: ICL demos and queries `{f['icl']}`, fine-tuning data `{f['ft_data']}`, fine-tuned "
+              f"evaluation `{f['ft_eval']}`, circuit prompt pairs: {circuits}."]
+  return lines + [""]
 
 
 def _footer(results: dict) -> list[str]:

@@ -71,6 +71,22 @@ def cue_holding(records: Sequence[dict]) -> dict[str, float]:
           for cue in records[0]["cues"]}
 
 
+def ft_data_cues(task_names: Sequence[str], n: int, seed: int, fmt: str) -> dict[str, dict[str, float]]:
+  """Per task of a fine-tuning mixture, ``cue_holding`` on its training examples (as ``dataset.build`` draws
+  them): whether the data shows the implicit pattern at all, and how often."""
+  return {t: cue_holding([dict(task=t, gold=ex.answer, cues=tasks.get_task(t).cue_predictions(ex))
+                          for ex in tasks.make_ft_examples(t, n, seed, fmt)]) for t in task_names}
+
+
+def formats(config: dict, circuit_formats: dict[str, str]) -> dict:
+  """The prompt format of every condition's inputs, and the comparisons that cross formats."""
+  study = config["format"]
+  crossing = {t: f for t, f in circuit_formats.items() if f != study}
+  return dict(icl=study, ft_data=study, ft_eval=study, circuits=circuit_formats,
+              warnings=[f"circuits on {t} use format {f!r}, the ICL and fine-tuning conditions {study!r}: the "
+                        "circuit comparison crosses formats (circuits.format)" for t, f in crossing.items()])
+
+
 def _ungrouped(row: dict, drop: tuple[str, ...]) -> tuple:
   return tuple((k, row[k]) for k in GROUP_KEYS if k in row and k not in drop)
 
@@ -141,7 +157,7 @@ def _find(rows: Sequence[dict], **match) -> dict | None:
 
 def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], metrics: Sequence[dict],
                   circuits: dict, timings: dict, report_step: int | None = None,
-                  fewshot_metrics: Sequence[dict] = ()) -> dict:
+                  fewshot_metrics: Sequence[dict] = (), ft_cues: dict | None = None) -> dict:
   """Every number of a study run: the comparison table (per task and variant, lenient and strict: base
   0-shot, fine-tuned 0-shot at ``report_step`` (default: the last checkpoint), ICL at the best shot count on the
   test set (the release's, optimistic) and at the shot count chosen on the dev split, the controls (ICL with
@@ -182,7 +198,10 @@ def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], m
                median_mfu=float(np.median([m["mfu"] for m in steady])) if steady else None,
                fewshot=dict(steps=len(fewshot_metrics), first_loss=fewshot_metrics[0]["loss"],
                             final_loss=fewshot_metrics[-1]["loss"]) if fewshot_metrics else None)
-  return json_safe(dict(config=config, versions=package_versions(), table=table, icl=icl_summary,
+  train["data_cues"] = ft_cues
+  circuit_formats = {t: c["config"]["fmt"] for t, c in circuits.items()}
+  return json_safe(dict(config=config, versions=package_versions(), formats=formats(config, circuit_formats),
+                        table=table, icl=icl_summary,
                         ft_eval=list(ft_summary), ft_report_step=step, training=train, circuits=circuits,
                         timings_s=timings))
 

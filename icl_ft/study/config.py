@@ -129,7 +129,7 @@ class StudyConfig:
         n_queries=_positive("icl.n", icl["n"]), n_dev=_ints("icl.n_dev", [icl["n_dev"]])[0],
         icl_controls=icl_controls, control_shots=control_shots,
         ft_data=data, train=train, fewshot=fewshot, fewshot_k=fewshot_k, ft_eval_shots=eval_shots, ft_eval_steps=eval_steps, ft_report_step=report_step,
-        circuits=_circuit_section(raw["circuits"], task_names, int(raw["seed"])))
+        circuits=_circuit_section(raw["circuits"], task_names, int(raw["seed"]), fmt))
 
   def inputs(self, stage: str) -> dict:
     """The config values a stage's outputs depend on (its fingerprint, with its upstream stages')."""
@@ -192,33 +192,41 @@ def _ft_eval_section(ev: dict, train: trainer.TrainConfig) -> tuple[tuple[int, .
   return shots, tuple(sorted(set(steps) | {report_step})) if steps else (), report_step
 
 
-def _circuit_section(cc: dict, task_names: Sequence[str], seed: int) -> tuple[circuits.CircuitConfig, ...]:
+def _circuit_section(cc: dict, task_names: Sequence[str], seed: int,
+                     study_fmt: str) -> tuple[circuits.CircuitConfig, ...]:
   """One ``CircuitConfig`` per analysed task: ``circuits.tasks``, or (empty) those of the study's tasks that
-  have prompt pairs, which may be none."""
+  have prompt pairs in the circuits' format (``circuits.format``, empty: the study's), which may be none."""
   from icl_ft.interp import pairs
-  default = [t for t in task_names if t in pairs.pair_tasks()]
+  fmt = _choice("circuits.format", cc["format"] or study_fmt, tasks.FORMATS)
+  default = [t for t in task_names if t in pairs.pair_tasks() and fmt in tasks.get_task(t).pair_formats]
   if not cc["enabled"] or not (cc["tasks"] or default):
     return ()
   try:
-    return _circuit_configs(cc, pairs.pair_tasks(), default, seed)
+    return _circuit_configs(cc, fmt, pairs.pair_tasks(), default, seed)
   except ValueError as e:
     if isinstance(e, ConfigError):
       raise
     raise ConfigError(f"circuits: {e}") from None
 
 
-def _circuit_configs(cc: dict, pair_tasks: Sequence[str], default: Sequence[str],
+def _circuit_configs(cc: dict, fmt: str, pair_tasks: Sequence[str], default: Sequence[str],
                      seed: int) -> tuple[circuits.CircuitConfig, ...]:
+  names = _names("circuits.tasks", cc["tasks"], pair_tasks, default=default)
+  for t in names:
+    if fmt not in tasks.get_task(t).pair_formats:
+      raise ConfigError(f"circuits: {t} has prompt pairs only in format(s) {list(tasks.get_task(t).pair_formats)}, "
+                        f"not {fmt!r}; set format (the study's) or circuits.format to one of them")
   return tuple(circuits.CircuitConfig(
-      task=t, fmt=_choice("circuits.format", cc["format"], tasks.FORMATS),
+      task=t, fmt=fmt,
       n_pairs=_positive("circuits.n_pairs", cc["n_pairs"]), seed=seed,
       icl_shots=_ints("circuits.icl_shots", cc["icl_shots"], lo=1), chunk=_positive("circuits.chunk", cc["chunk"]),
       controls=_optional_names("circuits.controls", cc["controls"], controls.CONTROLS),
       verify=_ints("circuits.verify", [cc["verify"]])[0], n_boot=_positive("circuits.n_boot", cc["n_boot"]),
       n_splits=_positive("circuits.n_splits", cc["n_splits"]), n_perm=_positive("circuits.n_perm", cc["n_perm"]),
       top_k=_positive("circuits.top_k", cc["top_k"]), resid_last=_ints("circuits.resid_last", [cc["resid_last"]])[0],
-      tol=float(cc["tol"]), threshold=float(cc["threshold"]))
-      for t in _names("circuits.tasks", cc["tasks"], pair_tasks, default=default))
+      tol=float(cc["tol"]), threshold=float(cc["threshold"]),
+      single_token_answers=bool(cc["single_token_answers"]))
+      for t in names)
 
 
 def _variants(spec: Any, task_names: Sequence[str]) -> tuple[str, ...]:

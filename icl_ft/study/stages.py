@@ -204,8 +204,11 @@ def _report(study: Study, d: epath.Path, units: Units) -> dict:
                                  read_document(study.path("ft_eval", "summary"), "summary")["cells"],
                                  files.read_jsonl(study.path("finetune", "metrics")), circuit, timings,
                                  cfg.ft_report_step, fewshot_metrics=files.read_jsonl(
-                                     study.path("finetune", "fewshot") / "metrics.jsonl") if cfg.fewshot else ())
-  figures, circuit_figures, results["warnings"] = _figures(study)
+                                     study.path("finetune", "fewshot") / "metrics.jsonl") if cfg.fewshot else (),
+                                 ft_cues=tables.ft_data_cues(cfg.ft_data.tasks, cfg.ft_data.n_per_task,
+                                                             cfg.ft_data.seed, cfg.ft_data.format))
+  figures, circuit_figures, warnings = _figures(study)
+  results["warnings"] = results["formats"]["warnings"] + warnings
   write_document(study.root / "results.json", "results", results)
   faults.point("report.write")
   files.atomic_write_text(study.root / "REPORT.md", render.render_study(results, figures, circuit_figures))

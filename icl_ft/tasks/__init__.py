@@ -25,7 +25,7 @@ __all__ = [
 
 # Bumped whenever a generator or template changes what it produces: part of every stage fingerprint, so a work
 # directory never reuses data, checkpoints or scores made by an older generator.
-DATA_VERSION = 3
+DATA_VERSION = 4
 RELEASE_FT_MIXTURE = ("expression", "parity", "boolean", "algebra")  # the release's ft_data_4k.json
 
 TASKS: dict[str, Task] = {t.name: t for t in (expression.TASK, parity.TASK, boolean.TASK, code.TASK, algebra.TASK)}
@@ -128,7 +128,7 @@ def build_prompt(task: str | Task, fmt: str, demos: Sequence[Example], query: Ex
   for ex in (*demos, query):
     if ex.task != t.name:
       raise ValueError(f"a {ex.task!r} example in a {t.name!r} prompt")
-  return tpl.header + _demo_text(t, fmt, demos, control, key, measure) + tpl.query(query)
+  return tpl.header + _demo_text(t, fmt, demos, control, key, measure) + tpl.prompt_query(query)
 
 
 def _demo_text(t: Task, fmt: str, demos: Sequence[Example], control: str | None, key: tuple,

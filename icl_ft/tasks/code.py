@@ -265,7 +265,8 @@ TEMPLATES = {
                       query=lambda ex: _INPUT + _query(ex),  # the release's stray "The input is: "
                       ft=solved(_query), generation_len=2, strict_len=LONG_BUDGET),
     "fixed": Template(header=_HEADER, demo=solved(_query, "\nHere is next example:\n"), query=_query,
-                      ft=solved(_query), generation_len=LONG_BUDGET, strict_len=LONG_BUDGET),
+                      ft=solved(_query), generation_len=LONG_BUDGET, strict_len=LONG_BUDGET,
+                      answer_space=True),  # " -2.0" starts with one token " -" in the demos and FT texts
 }
 
 TASK = Task(name="code", irrelevant_from="parity", release_name="code", answer_kind="number", sampler=_sample, templates=TEMPLATES,

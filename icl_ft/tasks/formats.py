@@ -27,6 +27,18 @@ class Template:
   ft: Callable[[Example], str]  # question + answer, as in the release's FT data (no header)
   generation_len: int  # new-token budget of the lenient rule (paper: the release's)
   strict_len: int = STRICT_BUDGET  # new-token budget of the strict rule
+  # The query's trailing space belongs to the answer ("... is" + " True"), so the prompt ends where the demos' and
+  # the fine-tuning texts' answer token (" True") starts; off in ``paper``, whose prompts end in a bare space.
+  answer_space: bool = False
+
+  def prompt_query(self, ex: Example) -> str:
+    """The query as a prompt ends: without its trailing space when ``answer_space``."""
+    q = self.query(ex)
+    return q[:-len(self.lead(ex))] if self.lead(ex) else q
+
+  def lead(self, ex: Example) -> str:
+    """What precedes the answer in the continuation of ``prompt_query``: " " when ``answer_space`` moves it there."""
+    return " " if self.answer_space and self.query(ex).endswith(" ") else ""
 
 
 def solved(query: Callable[[Example], str], end: str = "") -> Callable[[Example], str]:

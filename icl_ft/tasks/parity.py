@@ -136,7 +136,8 @@ def _query(ex: Example) -> str:
 TEMPLATES = {fmt: Template(
     header=("Here are some cities expressed as A, B, C, etc. I will show some connection relations, and you "
             "need to tell me if city A and city Z are connected (Answer True or False). " + EXAMPLES),
-    demo=solved(_query, "\n"), query=_query, ft=solved(_query), generation_len=budget(2, fmt))
+    demo=solved(_query, "\n"), query=_query, ft=solved(_query), generation_len=budget(2, fmt),
+    answer_space=fmt == "fixed")  # " True" is one token in the demos and FT texts: the prompt ends before it
     for fmt in FORMATS}
 
 TASK = Task(name="parity", irrelevant_from="boolean", release_name="relation", answer_kind="label", sampler=_sample, templates=TEMPLATES,

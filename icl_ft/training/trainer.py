@@ -9,6 +9,7 @@ loss is the mean token cross-entropy over the loss-masked tokens of the global b
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -164,11 +165,19 @@ def _like_params(tree, params: Params, default: jax.sharding.Sharding):
   return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
-  """What a checkpoint must match to be resumed: the model's shapes and the trained parameter set."""
+TRAJECTORY = ("batch_size", "grad_accum", "lr", "warmup_steps", "schedule", "weight_decay", "b1", "b2", "eps",
+              "clip_norm", "compute_dtype", "seed")  # what a resumed run must share with the checkpoint's
+
+
+def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data: dataset.FTDataset) -> dict:
+  """What a checkpoint must match to be resumed: the model's shapes, the trained parameter set, the recipe
+  (``TRAJECTORY``, and ``steps`` under a cosine schedule, whose rate depends on it) and a digest of the data.
+  More steps of a constant schedule resume: the same run, longer."""
   shapes = dataclasses.asdict(model_cfg)
   shapes.pop("hf_config")
-  return {"model": shapes, "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None}
+  recipe = {k: getattr(cfg, k) for k in TRAJECTORY} | ({"steps": cfg.steps} if cfg.schedule == "cosine" else {})
+  digest = hashlib.sha256(json.dumps([data.ids, data.loss_mask]).encode()).hexdigest()[:16]
+  return {"model": shapes, "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None, **recipe, "data": digest}
 
 
 @dataclasses.dataclass
@@ -204,7 +213,7 @@ def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, 
   check_batch(cfg, mesh)
   state, frozen = initial_state(model_cfg, base_params, cfg, mesh)
   step_fn, batch_sh = _compiled_step(model_cfg, cfg, mesh, state, frozen is not None)
-  fingerprint = _fingerprint(model_cfg, cfg)
+  fingerprint = _fingerprint(model_cfg, cfg, data)
   metrics_path = workdir / "metrics.jsonl"
   history = files.read_jsonl(metrics_path) if metrics_path.exists() else []
   with checkpoints.manager(workdir / "checkpoints", keep=cfg.keep) as mngr:
