@@ -109,7 +109,7 @@ def test_report_table_matches_the_records(finished):
     rs = [r for r in ft_records if (r["task"], r["variant"], r["method"]) == (row["task"], row["variant"], "ft-fewshot")]
     assert row["strict"]["ft_fewshot"]["acc"] == pytest.approx(sum(r["correct_strict"] for r in rs) / len(rs))
   assert set(results["table"][0]["strict"]["controls"]) == {"icl2", "icl-shuffled", "icl-irrelevant"}
-  assert "## Circuit shift" in text and "**Reading.**" in text and "| icl-shuffled |" in text
+  assert "## Circuit shift" in text and "**Reading.**" in text and "ICL, shuffled labels |" in text
   assert results["config"]["model"] == cfg.model and "jax" in results["versions"]
   assert "![accuracy vs shots](icl/accuracy_vs_shots.png)" in text
 
@@ -368,7 +368,7 @@ def test_bad_config_values_are_named(tiny_lm, tmp_path, key, value, message):
 def _main(*args, cwd=ROOT, env=None):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **(env or {}))
   return subprocess.run([sys.executable, "-m", "icl_ft.main", *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=600)
 
 
 def test_cli_rejects_unknown_keys_models_and_values(tmp_path):
@@ -461,7 +461,7 @@ def test_killed_anywhere_then_resumed_equals_an_uninterrupted_run(finished, tmp_
     _assert_close(ours[key], theirs[key], key)
 
 
-_VOLATILE = {"step_time_s", "tokens_per_s", "mfu", "model", "source"}  # timings and paths, not results
+_VOLATILE = {"step_time_s", "tokens_per_s", "mfu", "model", "source", "seconds"}  # timings and paths, not results
 
 
 def _assert_close(a, b, where):

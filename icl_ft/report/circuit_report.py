@@ -21,7 +21,7 @@ def _ci(item: dict | None) -> str:
   """``point [lo, hi]``, with ``*`` when the item's interval lies beyond its noise floor."""
   if not item or item.get("point") is None:
     return (item or {}).get("reason", "n/a")
-  ci = f" [{item['lo']:.2f}, {item['hi']:.2f}]" if item.get("lo") is not None else ""
+  ci = f" [{item['lo']:.3f}, {item['hi']:.3f}]" if item.get("lo") is not None else ""
   return f"{item['point']:.3f}{ci}{' *' if item.get('exceeds_floor') else ''}"
 
 
@@ -187,7 +187,8 @@ def _vectors(v: dict | None) -> list[str]:
   icl = ref[f"icl{k}"]
   return ["", f"Function vector (mean answer-position residual, {k}-shot minus 0-shot, fit on {v['n_fit']} pairs, "
           f"added to the 0-shot prompts of {v['n_held_out']} others). Pairwise preference (own answer's first token "
-          f"over the other's; chance 0.5): 0-shot {_ci(ref['zero_shot']['preference'])}, {k}-shot "
+          f"over the other's; chance 0.5, exactly 0.5 when the model answers both prompts of every pair alike): "
+          f"0-shot {_ci(ref['zero_shot']['preference'])}, {k}-shot "
           f"{_ci(icl['preference'])}; the layer of largest gain ({best}, chosen on these pairs: optimistic): "
           f"preference {_ci(row['preference'])}, score gain {_ci(row['gain'])}. Layers whose gain interval excludes "
           f"0 (uncorrected): {', '.join(map(str, helps)) if helps else 'none'}."]

@@ -80,13 +80,19 @@ def _controls(results: dict) -> list[str]:
            "with their labels shuffled among them (Min et al., 2022) and another task's demos of the same token "
            f"length; few-shot FT: the first query's {cfg['ft']['fewshot_k']} ICL demos per task, fine-tuned on "
            f"for {cfg['ft']['fewshot_steps']} steps{_fewshot_loss(results)}, then 0-shot (Mosbach et al., 2023).", "",
-           "| task | variant | " + " | ".join(names) + " | few-shot FT 0-shot | fine-tuned 0-shot |",
+           "| task | variant | " + " | ".join(_control_name(m) for m in names) + " | few-shot FT 0-shot | "
+           "fine-tuned 0-shot |",
            "|---|---|" + "---|" * (len(names) + 2)]
   for r in rows:
     c = r["strict"]
     lines.append(f"| {r['task']} | {r['variant']} | " + " | ".join(_fmt(c.get("controls", {}).get(m)) for m in names)
                  + f" | {_fmt(c.get('ft_fewshot'))} | {_fmt(c['ft_0shot'])} |")
   return lines
+
+
+def _control_name(method: str) -> str:
+  return {"icl-shuffled": "ICL, shuffled labels", "icl-irrelevant": "ICL, irrelevant demos"}.get(
+      method, f"ICL, {method.removeprefix('icl')} real demos")
 
 
 def _fewshot_loss(results: dict) -> str:

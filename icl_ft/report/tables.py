@@ -103,8 +103,9 @@ def _best_rows(rows: Sequence[dict], rule: str) -> dict[tuple, dict]:
 
 
 def _icl_rows(summary: Sequence[dict], split: str) -> list[dict]:
-  """The ICL cells (k > 0 real demos; not the controls) of ``split``."""
-  return [r for r in summary if r.get("method") == "icl" and r.get("split", "test") == split]
+  """The ICL cells (k > 0 real demos; not the controls, ``icl-<control>``) of ``split``."""
+  return [r for r in summary if r.get("shots", 0) > 0 and not str(r.get("method", "")).startswith("icl-")
+          and r.get("split", "test") == split]
 
 
 def _cell_stats(row: dict) -> dict:

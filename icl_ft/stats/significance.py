@@ -56,19 +56,18 @@ def crossfit_terms(fn: Metric, runs: dict[str, PatchRuns], a: str, b: str,
 def crossfit(stat: Callable[[dict[str, PatchRuns], list], np.ndarray], runs: dict[str, PatchRuns],
              n_boot: int = 200, n_splits: int = 20, seed: int = 0) -> tuple[float, float, float]:
   """(point, lo, hi) of a cross-fitted statistic ``stat(runs, splits) -> per-split values``: the point averages
-  ``n_splits`` random half splits of all pairs; the 95% percentile interval resamples pairs (paired across
-  conditions) and splits each resample's distinct pairs into halves, so a pair and its copies stay on one side."""
+  ``n_splits`` random half splits of all pairs; each of ``n_boot`` replicates draws a random split and resamples
+  pairs with replacement within each half (paired across conditions), so the halves stay disjoint and
+  half-sized and the noise a resample adds enters the between- and within-condition terms alike; 95%
+  percentile interval."""
   n = next(iter(runs.values())).n
   rng = np.random.default_rng(seed)
   point = float(np.nanmean(stat(runs, halves(n, n_splits, rng))))
   boots = np.full(n_boot, np.nan)
-  inner = max(1, n_splits // 4)
   for r in range(n_boot):
-    ids, counts = np.unique(resampling.indices(rng, n), return_counts=True)
-    expand = lambda part: np.repeat(ids[part], counts[part])
-    splits = [(expand(h1), expand(h2)) for h1, h2 in halves(len(ids), inner, rng)]
+    (h1, h2), = halves(n, 1, rng)
     with np.errstate(all="ignore"):
-      boots[r] = np.nanmean(stat(runs, splits))
+      boots[r] = stat(runs, [(rng.choice(h1, h1.size), rng.choice(h2, h2.size))])[0]
   lo, hi = resampling.interval(boots)
   return point, lo, hi
 
