@@ -257,3 +257,12 @@ def test_the_report_says_which_formats_meet_and_whether_the_ft_data_shows_the_pa
   # the release's boolean FT data (paper format) never shows the absorbing clause; the fixed format always does
   assert tables.ft_data_cues(["boolean"], 100, 42, "paper") == {"boolean": {"final_literal": 0.0}}
   assert tables.ft_data_cues(["boolean"], 100, 42, "fixed") == {"boolean": {"final_literal": 1.0}}
+
+
+def test_wilson_intervals_hold_their_proportion_exactly():
+  """At 50/50 rounding put the upper bound at 0.9999999999999999, below the accuracy: a figure's error bar
+  went negative and failed to draw."""
+  for n in (1, 7, 50, 199):
+    for hits in range(n + 1):
+      lo, hi = wilson(hits, n)
+      assert 0.0 <= lo <= hits / n <= hi <= 1.0, (hits, n, lo, hi)
