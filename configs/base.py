@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.icl = ml_collections.ConfigDict()
   c.icl.shots = "0,1,2,4,8"  # 0 is the base model's 0-shot baseline
   c.icl.n = 50  # queries per (task, variant, shots) cell; the paper uses 199
+  c.icl.n_by_shots = ""  # cells of another size, e.g. "16:20": the first 20 of the same query set
   c.icl.n_dev = 20  # dev queries per cell with shots > 0, disjoint from the test set, to choose k (0: none)
   c.icl.batch_size = 8
   c.icl.on_too_long = "skip"  # prompts beyond the context window: skip (counted) or error
@@ -39,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.ft.method = "full"  # full (the paper's) or lora
   c.ft.tasks = ""  # fine-tuning mixture; empty: the config's tasks
   c.ft.n_per_task = 400  # the paper's mixture uses 1000 of each of four tasks
+  c.ft.n_heldout = 0  # per task: held-out examples for the held-out loss at each saved step (0: none)
   c.ft.with_header = False  # the release trains on bare question + answer
   c.ft.loss_on = "all"  # all (the release: every token) or answer
   c.ft.steps = 40

@@ -15,9 +15,11 @@ def get_config():
   c.progress = False
   c.icl.shots = "0,1,2"
   c.icl.n = 4
+  c.icl.n_by_shots = "1:3"
   c.icl.n_dev = 2
   c.icl.batch_size = 4
   c.ft.n_per_task = 8
+  c.ft.n_heldout = 4
   c.ft.steps = 4
   c.ft.batch_size = 4
   c.ft.warmup_steps = 1

@@ -249,6 +249,15 @@ def test_control_cells_hold_the_test_items_with_their_demos_replaced():
     icl.sweep_queries(["parity"], ["correct"], ["fixed"], [0], 3, 5, controls=("shuffled",), control_shots=1)
 
 
+def test_sized_cells_hold_the_first_items_of_the_same_query_set():
+  qs = icl.sweep_queries(["parity"], ["correct"], ["fixed"], [0, 4, 8], 6, 5, n_dev=2, controls=("shuffled",),
+                         control_shots=4, sizes={8: 2, 4: 3})
+  cell = lambda k, control=None, split="test": [q.cell.question for q in qs if (q.cell.shots, q.cell.control,
+                                                                                 q.cell.split) == (k, control, split)]
+  assert len(cell(0)) == 6 and cell(4) == cell(0)[:3] == cell(4, "shuffled") and cell(8) == cell(0)[:2]
+  assert len(cell(8, split="dev")) == 2 and not set(cell(8, split="dev")) & set(cell(0))
+
+
 def test_the_report_says_which_formats_meet_and_whether_the_ft_data_shows_the_pattern():
   f = tables.formats({"format": "paper"}, {"parity": "paper", "boolean": "fixed"})
   assert f["circuits"] == {"parity": "paper", "boolean": "fixed"}

@@ -14,6 +14,7 @@ from configs import smoke
 from icl_ft.io import files
 from icl_ft.io import loading
 from icl_ft.model import sharding
+from icl_ft.report import cues
 from icl_ft import study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,8 @@ def test_every_stage_writes_its_outputs(finished):
   assert len(data) == cfg.n_queries * len(cfg.tasks)
   icl_records = [json.loads(x) for x in (workdir / "icl" / "records.jsonl").read_text().splitlines()]
   test = [r for r in icl_records if r["split"] == "test" and r["control"] is None]
-  assert len(test) == cfg.n_queries * len(cfg.tasks) * len(cfg.variants) * len(cfg.shots)
+  sizes = [cfg.n_by_shots.get(k, cfg.n_queries) for k in cfg.shots]
+  assert cfg.n_by_shots and len(test) == sum(sizes) * len(cfg.tasks) * len(cfg.variants)
   controls = [r for r in icl_records if r["control"]]
   assert len(controls) == cfg.n_queries * len(cfg.tasks) * len(cfg.variants) * len(cfg.icl_controls)
   assert {(r["method"], r["shots"]) for r in controls} == {(f"icl-{c}", cfg.control_shots) for c in cfg.icl_controls}
@@ -98,7 +100,8 @@ def test_report_table_matches_the_records(finished):
     assert row["strict"]["base_0shot"]["acc"] == pytest.approx(sum(r["correct_strict"] for r in base) / len(base))
     best = max(sum(r["correct_lenient"] for r in icl_records
                    if (r["task"], r["variant"], r["shots"]) == (row["task"], row["variant"], k)) for k in cfg.shots if k)
-    assert row["lenient"]["icl_best"]["acc"] == pytest.approx(best / cfg.n_queries)
+    assert row["lenient"]["icl_best"]["acc"] == pytest.approx(best / cfg.n_by_shots.get(
+        row["lenient"]["icl_best"]["shots"], cfg.n_queries))
     assert row["ft_samples"] == cfg.train.steps * cfg.train.batch_size
     for rule in ("lenient", "strict"):
       assert f"| {row['task']} | {row['variant']} | {rule} |" in text
@@ -112,6 +115,25 @@ def test_report_table_matches_the_records(finished):
   assert "## Circuit shift" in text and "**Reading.**" in text and "ICL, shuffled labels |" in text
   assert results["config"]["model"] == cfg.model and "jax" in results["versions"]
   assert "![accuracy vs shots](icl/accuracy_vs_shots.png)" in text
+
+
+def test_the_headline_is_the_cue_analysis_of_every_condition(finished):
+  cfg, workdir, _, _ = finished
+  results = json.loads((workdir / "results.json").read_text())
+  text = (workdir / "REPORT.md").read_text()
+  records = [json.loads(x) for stage in ("icl", "ft_eval") for x in (workdir / stage / "records.jsonl").read_text().splitlines()]
+  assert results["cues"] == json.loads(json.dumps(files.json_safe(cues.analyse(records))))
+  names = {(r["task"], r["condition"]) for r in results["cues"]}
+  assert {(t, c) for t in cfg.tasks for c in ("base 0-shot", "ICL k=1", "ICL k=2", "ICL k=2, shuffled", "FT step 2",
+                                               "FT step 4", "few-shot FT")} <= names
+  headline = text[text.index("## Headline"):text.index("## ICL vs fine-tuning")]
+  for r in results["cues"]:
+    assert f"| {r['condition']} | {r['n']} | {cues.verdict_text(r)} |" in headline
+  assert {(d["condition"], d["variant"]) for d in results["differences"] if d["task"] == "parity"} == {
+      (c, v) for c, _ in [(n, 0) for t, n in names if t == "parity" and n != "base 0-shot"] for v in cfg.variants}
+  held = results["training"]["heldout"]
+  assert [h["step"] for h in held["ft"]] == [0, 2, 4] and [h["step"] for h in held["ft-fewshot"]] == [0, 2]
+  assert "Held-out loss" in text
 
 
 def test_rerun_skips_completed_stages(finished):

@@ -115,6 +115,29 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
   assert [r["loss"] for r in resumed.metrics] == [r["loss"] for r in full.metrics]
 
 
+def test_heldout_loss_is_the_mean_token_loss_on_unseen_examples_and_resumes(setup, tiny_lm, tmp_path):
+  m, ds, _ = setup
+  held = ft_data.heldout(dataclasses.replace(DATA, n_heldout=5), tiny_lm[2])  # 10 rows: the last batch is short
+  assert len(held) == 10 and not set(held.texts) & set(ds.texts)
+  res = training.train(m.config, m.params, ds, FAST, tmp_path / "a", progress=False, heldout=held)
+  assert [h["step"] for h in res.heldout] == [0, 2, 4]
+
+  def direct(params):  # one example at a time, no padding
+    total = count = 0.0
+    for ids, mask in zip(held.ids, held.loss_mask):
+      logits = _logits(m.config, params, jnp.asarray(ids)[None])[0, :-1]
+      ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(ids[1:])))
+      total, count = total + float((ce * np.asarray(mask[1:])).sum()), count + sum(mask[1:])
+    return total / count
+
+  np.testing.assert_allclose(res.heldout[0]["loss"], direct(m.params), rtol=1e-5)
+  np.testing.assert_allclose(res.heldout[-1]["loss"], direct(res.params), rtol=1e-5)
+  training.train(m.config, m.params, ds, dataclasses.replace(FAST, steps=2), tmp_path / "b", progress=False,
+                 heldout=held)
+  resumed = training.train(m.config, m.params, ds, FAST, tmp_path / "b", progress=False, heldout=held)
+  assert resumed.heldout == res.heldout
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
   m, ds, _ = setup
   cfg = dataclasses.replace(FAST, steps=6, lr=1e30, save_every=1)

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -173,24 +173,26 @@ DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
 
 def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str], shots: Sequence[int],
                   n: int, seed: int, n_dev: int = 0, controls: Sequence[str] = (), control_shots: int = 0,
-                  measure: Callable[[str], int] = len) -> list[Query]:
-  """Every (task, variant, format, shots) cell's queries, for the variants each task has; with ``n_dev``,
+                  measure: Callable[[str], int] = len, sizes: Mapping[int, int] | None = None) -> list[Query]:
+  """Every (task, variant, format, shots) cell's queries, for the variants each task has: the first ``n`` items
+  of the fixed query set, or ``sizes[shots]`` where given (so smaller cells hold the same items); with ``n_dev``,
   also ``n_dev`` dev-split queries per cell with shots > 0 (disjoint from the test questions) for choosing k;
   with ``controls``, the same test items at ``control_shots`` demos replaced by each control the task has
   (``tasks.controls_of``; lengths by ``measure``)."""
   if controls and control_shots < 2:
     raise ValueError(f"the ICL controls replace demos and need control_shots >= 2, got {control_shots}")
+  size = lambda k: (sizes or {}).get(k, n)
   out = []
   for t in task_names:
     for v in [v for v in variants if v in tasks.get_task(t).variants]:
       for f in formats:
-        test = {ex.question for ex in tasks.make_queries(t, v, n, seed, f)}
+        test = {ex.question for ex in tasks.make_queries(t, v, max(n, *map(size, shots)), seed, f)}
         for k in shots:
-          out += icl_queries(t, v, f, k, n, seed)
+          out += icl_queries(t, v, f, k, size(k), seed)
           if n_dev and k:
             out += icl_queries(t, v, f, k, n_dev, seed, "dev", exclude=test)
         for c in tasks.controls_of(t, controls):
-          out += icl_queries(t, v, f, control_shots, n, seed, control=c, measure=measure)
+          out += icl_queries(t, v, f, control_shots, size(control_shots), seed, control=c, measure=measure)
   return out
 
 
@@ -202,13 +204,13 @@ def method(cell: QueryCell) -> str:
 def sweep(model: LoadedModel, task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str],
           shots: Sequence[int] = DEFAULT_SHOTS, n: int = 199, seed: int = 114514,
           engine: EngineConfig = EngineConfig(), model_name: str = "", n_dev: int = 0,
-          units: Units | None = None, controls: Sequence[str] = (),
-          control_shots: int = 0) -> tuple[list[QueryRecord], list[SkippedQuery]]:
+          units: Units | None = None, controls: Sequence[str] = (), control_shots: int = 0,
+          sizes: Mapping[int, int] | None = None) -> tuple[list[QueryRecord], list[SkippedQuery]]:
   """Every cell of ``sweep_queries`` in one batched run (length buckets shared across cells; controls as long
   as the real demos in the model's tokens); returns (records, skipped queries), tagged with ``model`` and
   ``method``."""
   count = lambda text: len(model.tokenizer(text, add_special_tokens=False).input_ids)
-  queries = sweep_queries(task_names, variants, formats, shots, n, seed, n_dev, controls, control_shots, count)
+  queries = sweep_queries(task_names, variants, formats, shots, n, seed, n_dev, controls, control_shots, count, sizes)
   records, skipped = run(model, queries, engine, units)
   tag = lambda r: r.tagged(model=model_name or model.source, method=method(r))
   return [tag(r) for r in records], [tag(r) for r in skipped]

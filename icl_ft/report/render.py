@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from icl_ft.report import circuit_report
+from icl_ft.report import circuit_report, cues
 from icl_ft.report.tables import RULES
 
 
@@ -20,7 +20,7 @@ def render_study(results: dict, figures: dict[str, str], circuit_figures: dict[s
   """``REPORT.md`` from ``results.json``'s numbers: header and warnings, the comparison table, the
   shortcut-breaking items, training, the accuracy figures (title -> path), per task the circuit shift (with its
   figures, name -> path), timings, config and versions."""
-  lines = _header(results) + _comparison(results) + _controls(results) + _breaking(results) + _training(results)
+  lines = _header(results) + _headline(results) + _comparison(results) + _controls(results) + _breaking(results) + _training(results)
   for title, path in figures.items():
     lines += [f"### {title[0].upper() + title[1:]}", "", f"![{title}]({path})", ""]
   if results["circuits"]:
@@ -34,7 +34,7 @@ def _header(results: dict) -> list[str]:
   cfg = results["config"]
   lines = [f"# icl_ft study: {cfg['name']}", "",
            f"Model `{cfg['model']}` ({cfg['dtype']}); tasks {cfg['tasks']}; prompt format `{cfg['format']}`; "
-           f"{cfg['icl']['n']} queries per cell; shots {cfg['icl']['shots']}; fine-tuning: {cfg['ft']['method']}, "
+           f"{cfg['icl']['n']} queries per cell{_sizes(cfg['icl'])}; shots {cfg['icl']['shots']}; fine-tuning: {cfg['ft']['method']}, "
            f"{cfg['ft']['steps']} steps x {cfg['ft']['batch_size']} examples.", ""]
   if cfg.get("note"):
     lines += [f"> {cfg['note']}", ""]
@@ -42,6 +42,47 @@ def _header(results: dict) -> list[str]:
     lines += ["**Warnings** (the numbers below are complete; these figures are not):", ""]
     lines += [f"- {w}" for w in results["warnings"]] + [""]
   return lines
+
+
+def _sizes(icl: dict) -> str:
+  return f" ({icl['n_by_shots']} shots:queries)" if icl.get("n_by_shots") else ""
+
+
+def _headline(results: dict) -> list[str]:
+  """Per task and condition: the rule its answers follow, each rule's agreement, accuracy where the rules
+  conflict, and per variant the accuracy difference from the base model."""
+  rows = results.get("cues") or []
+  if not rows:
+    return []
+  lines = ["## Headline: which rule do the answers follow?", "",
+           "Per condition, all variants pooled, the model's answers (strict parse) against each rule: the gold "
+           "answer (the pattern), each shortcut cue of the task, and the condition's most frequent answer "
+           "(constant). A condition *follows* a rule when, against every rule it can be told apart from, the "
+           "answers on the items where the two disagree side with it (95% Wilson interval above 0.5). Agreement: "
+           "share of all items whose answer equals the rule's prediction. Conflict: accuracy on the items where "
+           "the rules (gold and cues) do not all agree. Difference from base: accuracy minus the base model's "
+           "0-shot accuracy on the same items, strict rule, Newcombe's paired 95% interval; bold where it "
+           "excludes 0.", ""]
+  diffs = results.get("differences") or []
+  for task in dict.fromkeys(r["task"] for r in rows):
+    mine = [r for r in rows if r["task"] == task]
+    rules = list(mine[0]["agreement"])
+    variants = sorted({d["variant"] for d in diffs if d["task"] == task})
+    lines += [f"### {task}", "", "| condition | n | answers follow | " + " | ".join(f"agree: {r}" for r in rules)
+              + " | conflict accuracy | " + " | ".join(f"vs base: {v}" for v in variants) + " |",
+              "|---" * (4 + len(rules) + len(variants)) + "|"]
+    for r in mine:
+      agree = [_share(r["agreement"][rule]) for rule in rules]
+      vs = [next((cues.difference_text(d) for d in diffs if d["task"] == task and d["condition"] == r["condition"]
+                  and d["variant"] == v), "–") for v in variants]
+      lines.append(f"| {r['condition']} | {r['n']} | {cues.verdict_text(r)} | " + " | ".join(agree)
+                   + f" | {_share(r['conflict'])} (n = {r['conflict']['n']}) | " + " | ".join(vs) + " |")
+    lines.append("")
+  return lines
+
+
+def _share(c: dict) -> str:
+  return "–" if not c["n"] else f"{c['share']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]"
 
 
 def _comparison(results: dict) -> list[str]:
@@ -123,6 +164,10 @@ def _training(results: dict) -> list[str]:
   lines = ["", f"Fine-tuned for {t['steps']} steps ({t['samples']} samples); loss {t['first_loss']:.3f} -> "
            f"{t['final_loss']:.3f}; median {t['median_tokens_per_s']:.0f} tokens/s, MFU {t['median_mfu']:.2f}."
            if t["steps"] else ""]
+  for name, rows in (t.get("heldout") or {}).items():
+    label = {"ft": "fine-tuning", "ft-fewshot": "few-shot fine-tuning"}.get(name, name)
+    lines += ["", f"Held-out loss of {label} ({results['config']['ft']['n_heldout']} unseen examples per task, per "
+              "scored token), by step: " + ", ".join(f"{h['step']}: {h['loss']:.3f}" for h in rows) + "."]
   if t.get("data_cues"):
     lines += ["", "The fine-tuning data's patterns: per task, the share of its training examples each cue answers "
               "right (0: the data never shows that pattern): " + "; ".join(

@@ -158,13 +158,17 @@ def _find(rows: Sequence[dict], **match) -> dict | None:
 
 def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], metrics: Sequence[dict],
                   circuits: dict, timings: dict, report_step: int | None = None,
-                  fewshot_metrics: Sequence[dict] = (), ft_cues: dict | None = None) -> dict:
+                  fewshot_metrics: Sequence[dict] = (), ft_cues: dict | None = None,
+                  cue_analysis: Sequence[dict] = (), differences: Sequence[dict] = (),
+                  heldout: dict[str, list[dict]] | None = None) -> dict:
   """Every number of a study run: the comparison table (per task and variant, lenient and strict: base
   0-shot, fine-tuned 0-shot at ``report_step`` (default: the last checkpoint), ICL at the best shot count on the
   test set (the release's, optimistic) and at the shot count chosen on the dev split, the controls (ICL with
   shuffled labels / irrelevant demos next to real demos at the same k, few-shot FT on one prompt's demos); the
-  shortcut-breaking share and skipped counts), the per-cell summaries, training statistics, circuit-shift results
-  per task, timings, the config and package versions."""
+  shortcut-breaking share and skipped counts), the per-cell summaries, the cue analysis of every condition
+  (``cues.analyse``) and its accuracy difference from the base model (``cues.differences_from_base``), training
+  statistics (with the held-out loss per saved step), circuit-shift results per task,
+  timings, the config and package versions."""
   cells = [r for r in icl_summary["cells"] if r.get("split", "test") == "test"]
   steps = sorted({r["step"] for r in ft_summary if r.get("shots") == 0 and r.get("method") == "ft"})
   step = report_step if report_step is not None else (steps[-1] if steps else None)
@@ -199,10 +203,11 @@ def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], m
                median_mfu=float(np.median([m["mfu"] for m in steady])) if steady else None,
                fewshot=dict(steps=len(fewshot_metrics), first_loss=fewshot_metrics[0]["loss"],
                             final_loss=fewshot_metrics[-1]["loss"]) if fewshot_metrics else None)
-  train["data_cues"] = ft_cues
+  train.update(data_cues=ft_cues, heldout=heldout or {})
   circuit_formats = {t: c["config"]["fmt"] for t, c in circuits.items()}
   return json_safe(dict(config=config, versions=package_versions(), formats=formats(config, circuit_formats),
-                        table=table, icl=icl_summary,
+                        table=table, cues=list(cue_analysis),
+                        differences=list(differences), icl=icl_summary,
                         ft_eval=list(ft_summary), ft_report_step=step, training=train, circuits=circuits,
                         timings_s=timings))
 

@@ -61,6 +61,22 @@ def _optional_names(key: str, spec: Any, valid: Sequence[str]) -> tuple[str, ...
   return () if empty else _names(key, spec, valid)
 
 
+def _sizes(spec: str, shots: Sequence[int], control_shots: int) -> dict[int, int]:
+  """``icl.n_by_shots``: "k:n,k:n" -> {k: n} for shot counts of the sweep (or the controls')."""
+  out = {}
+  for item in (s.strip() for s in str(spec).split(",") if s.strip()):
+    k, _, n = item.partition(":")
+    try:
+      k, n = int(k), int(n)
+    except ValueError:
+      raise ConfigError(f"icl.n_by_shots must look like '8:40,16:20' (shots:queries), got {spec!r}") from None
+    if k not in (*shots, control_shots) or n < 1 or k in out:
+      raise ConfigError(f"icl.n_by_shots: {item!r} must name a shot count of icl.shots {tuple(shots)} or "
+                        f"icl.control_shots once, with at least 1 query")
+    out[k] = n
+  return out
+
+
 def _choice(key: str, value: Any, valid: Sequence[Any]) -> Any:
   if value not in valid:
     raise ConfigError(f"{key} must be one of {list(valid)}, got {value!r}")
@@ -92,6 +108,7 @@ class StudyConfig:
   shots: tuple[int, ...]
   icl_engine: engine.EngineConfig
   n_queries: int
+  n_by_shots: dict[int, int]  # cells whose size differs from n_queries: shots -> queries (the first of the set)
   n_dev: int  # dev-split queries per ICL cell (k > 0) for choosing k without the test set; 0: none
   icl_controls: tuple[str, ...]  # ICL control columns (tasks.controls), at control_shots demos
   control_shots: int
@@ -127,6 +144,7 @@ class StudyConfig:
         mesh=dict(raw["mesh"]), progress=bool(raw["progress"]), overwrite=bool(raw.get("overwrite", False)),
         shots=_ints("icl.shots", icl["shots"]), icl_engine=_engine_section(icl, bool(raw["progress"])),
         n_queries=_positive("icl.n", icl["n"]), n_dev=_ints("icl.n_dev", [icl["n_dev"]])[0],
+        n_by_shots=_sizes(icl.get("n_by_shots", ""), _ints("icl.shots", icl["shots"]), control_shots),
         icl_controls=icl_controls, control_shots=control_shots,
         ft_data=data, train=train, fewshot=fewshot, fewshot_k=fewshot_k, ft_eval_shots=eval_shots, ft_eval_steps=eval_steps, ft_report_step=report_step,
         circuits=_circuit_section(raw["circuits"], task_names, int(raw["seed"]), fmt))
@@ -159,7 +177,8 @@ def _ft_section(ft: dict, task_names: Sequence[str], fmt: str) -> tuple[trainer.
   data = dataset.FTDataConfig(
       tasks=_names("ft.tasks", ft["tasks"], tuple(tasks.TASKS), default=task_names),
       n_per_task=_positive("ft.n_per_task", ft["n_per_task"]), format=fmt, with_header=bool(ft["with_header"]),
-      loss_on=_choice("ft.loss_on", ft["loss_on"], dataset.LOSS_ON), seed=ft["seed"])
+      loss_on=_choice("ft.loss_on", ft["loss_on"], dataset.LOSS_ON), seed=ft["seed"],
+      n_heldout=_ints("ft.n_heldout", [ft.get("n_heldout", 0)])[0])
   train = trainer.TrainConfig(
       steps=_positive("ft.steps", ft["steps"]), batch_size=_positive("ft.batch_size", ft["batch_size"]),
       grad_accum=_positive("ft.grad_accum", ft["grad_accum"]), lr=float(ft["lr"]), warmup_steps=ft["warmup_steps"],

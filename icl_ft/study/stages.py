@@ -17,10 +17,10 @@ from icl_ft.interp import circuits
 from icl_ft.io import files
 from icl_ft.io import loading
 from icl_ft.io.loading import LoadedModel
-from icl_ft.io.records import read_document, write_document, write_queries
+from icl_ft.io.records import read_document, read_queries, write_document, write_queries
 from icl_ft.io.units import Units
 from icl_ft.model.decoder import Params
-from icl_ft.report import outputs, plots, render, tables
+from icl_ft.report import cues, outputs, plots, render, tables
 from icl_ft.tasks import export
 from icl_ft.training import dataset, trainer
 
@@ -99,7 +99,7 @@ def _icl(study: Study, d: epath.Path, units: Units) -> dict:
   cfg = study.cfg
   records, skipped = engine.sweep(study.model, cfg.tasks, cfg.variants, [cfg.format], cfg.shots, cfg.n_queries,
                                   cfg.seed, cfg.icl_engine, cfg.model, cfg.n_dev, units, cfg.icl_controls,
-                                  cfg.control_shots)
+                                  cfg.control_shots, cfg.n_by_shots)
   paths = outputs.write_icl_results(d, records, skipped, f"{cfg.model}: accuracy vs shots", study.figure)
   return {k: study.rel(v) if v else None for k, v in paths.items()}
 
@@ -107,18 +107,19 @@ def _icl(study: Study, d: epath.Path, units: Units) -> dict:
 def _finetune(study: Study, d: epath.Path, units: Units) -> dict:
   del units  # Orbax checkpoints are its resume points
   cfg, m = study.cfg, study.model
-  data = dataset.build(cfg.ft_data, m.tokenizer)
+  data, heldout = dataset.build(cfg.ft_data, m.tokenizer), dataset.heldout(cfg.ft_data, m.tokenizer)
   study.log(f"[finetune] {len(data)} examples ({data.num_tokens} tokens) from {', '.join(cfg.ft_data.tasks)}; "
             f"{cfg.train.steps} steps of {cfg.train.batch_size}")
   trainer.train(m.config, m.params, data, cfg.train, d, mesh=study.mesh, length_multiple=cfg.ft_data.length_multiple,
-                progress=cfg.progress)
+                progress=cfg.progress, heldout=heldout)
   out = dict(checkpoints=study.rel(d / "checkpoints"), metrics=study.rel(d / "metrics.jsonl"), fewshot=None)
   if cfg.fewshot:
     demos = dataset.fewshot_examples(cfg.tasks, cfg.fewshot_k, cfg.seed, cfg.format)
     study.log(f"[finetune] few-shot control: the {cfg.fewshot_k} ICL demos of the first query per task "
               f"({len(demos)} examples), {cfg.fewshot.steps} full-batch steps")
     trainer.train(m.config, m.params, dataset.from_examples(demos, cfg.ft_data, m.tokenizer), cfg.fewshot,
-                  d / FEWSHOT, mesh=study.mesh, length_multiple=cfg.ft_data.length_multiple, progress=cfg.progress)
+                  d / FEWSHOT, mesh=study.mesh, length_multiple=cfg.ft_data.length_multiple, progress=cfg.progress,
+                  heldout=heldout)
     out["fewshot"] = study.rel(d / FEWSHOT)
   return out
 
@@ -200,13 +201,19 @@ def _report(study: Study, d: epath.Path, units: Units) -> dict:
   circuit = ({t: read_document(study.path("circuits", t, "json"), "circuits") for t in study.output("circuits")}
              if cfg.circuits else {})
   timings = {s: study.done(s)["seconds"] for s in ALL if study.done(s)}
+  answers = [dict(r) for stage in ("icl", "ft_eval") for r in read_queries(study.path(stage, "records"))]
+  ft_dir = study.path("finetune", "checkpoints").parent
   results = tables.study_results(cfg.raw, read_document(study.path("icl", "summary"), "summary"),
                                  read_document(study.path("ft_eval", "summary"), "summary")["cells"],
                                  files.read_jsonl(study.path("finetune", "metrics")), circuit, timings,
                                  cfg.ft_report_step, fewshot_metrics=files.read_jsonl(
                                      study.path("finetune", "fewshot") / "metrics.jsonl") if cfg.fewshot else (),
                                  ft_cues=tables.ft_data_cues(cfg.ft_data.tasks, cfg.ft_data.n_per_task,
-                                                             cfg.ft_data.seed, cfg.ft_data.format))
+                                                             cfg.ft_data.seed, cfg.ft_data.format),
+                                 cue_analysis=cues.analyse(answers), differences=cues.differences_from_base(answers),
+                                 heldout={name: files.read_jsonl(p) for name, p in (
+                                     ("ft", ft_dir / trainer.HELDOUT), ("ft-fewshot", ft_dir / FEWSHOT / trainer.HELDOUT))
+                                          if p.exists()})
   figures, circuit_figures, warnings = _figures(study)
   results["warnings"] = results["formats"]["warnings"] + warnings
   write_document(study.root / "results.json", "results", results)

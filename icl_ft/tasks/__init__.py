@@ -91,12 +91,19 @@ def make_demos(task: str | Task, k: int, seed: int, query_index: int, fmt: str, 
   return [t.sample("correct", rng, fmt) for _ in range(k)]
 
 
-def make_ft_examples(task: str | Task, n: int, seed: int, fmt: str) -> list[Example]:
-  """``n`` correct-variant fine-tuning examples (paper: the release's FT generator, e.g. expression's ``+=``)."""
+def make_ft_examples(task: str | Task, n: int, seed: int, fmt: str, heldout: bool = False,
+                     exclude: Collection[str] = ()) -> list[Example]:
+  """``n`` correct-variant fine-tuning examples (paper: the release's FT generator, e.g. expression's ``+=``);
+  ``heldout``: from a separate stream, for a held-out loss; questions in ``exclude`` are skipped."""
   t = get_task(task)
   t.check("correct", fmt)
-  rng = keyed_rng("ft", t.name, fmt, seed)
-  return [t.sample("correct", rng, fmt, ft=True) for _ in range(_count("n", n))]
+  rng = keyed_rng("ft", t.name, fmt, seed, *(("heldout",) if heldout else ()))
+  out: list[Example] = []
+  while len(out) < _count("n", n):
+    ex = t.sample("correct", rng, fmt, ft=True)
+    if ex.question not in exclude:
+      out.append(ex)
+  return out
 
 
 def shortcut_record(ex: Example, fmt: str) -> dict:

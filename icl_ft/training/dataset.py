@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -30,6 +30,7 @@ class FTDataConfig:
   max_len: int = 512
   length_multiple: int = 32  # batches are padded to a multiple of this (the release pads to max_len)
   seed: int = 42
+  n_heldout: int = 0  # per task: held-out examples (same generator, another stream) for the held-out loss
 
 
 @dataclasses.dataclass
@@ -54,6 +55,18 @@ def build(cfg: FTDataConfig, tokenizer) -> FTDataset:
     raise ValueError(f"n_per_task must be at least 1, got {cfg.n_per_task}")
   return from_examples([ex for name in cfg.tasks for ex in tasks.make_ft_examples(name, cfg.n_per_task, cfg.seed,
                                                                                   cfg.format)], cfg, tokenizer)
+
+
+def heldout(cfg: FTDataConfig, tokenizer) -> FTDataset | None:
+  """``n_heldout`` examples per task from a separate stream, none of whose questions is in the training data;
+  None when ``n_heldout`` is 0."""
+  if not cfg.n_heldout:
+    return None
+  out = []
+  for name in cfg.tasks:
+    seen = {ex.question for ex in tasks.make_ft_examples(name, cfg.n_per_task, cfg.seed, cfg.format)}
+    out += tasks.make_ft_examples(name, cfg.n_heldout, cfg.seed, cfg.format, heldout=True, exclude=seen)
+  return from_examples(out, cfg, tokenizer)
 
 
 def fewshot_examples(task_names: Sequence[str], k: int, seed: int, fmt: str) -> list[tasks.Example]:
@@ -110,15 +123,32 @@ def batch_at(ds: FTDataset, step: int, batch_size: int, seed: int, length_multip
     raise ValueError(f"batch size {batch_size} exceeds the dataset size {len(ds)}")
   epoch, k = divmod(step, per_epoch)
   index = epoch_order(len(ds), epoch, seed)[k * batch_size:(k + 1) * batch_size]
+  return _padded(ds, index, length_multiple, rows)
+
+
+def _padded(ds: FTDataset, index: Sequence[int], length_multiple: int, rows: slice = slice(None),
+            scored: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
+  """Rows ``index`` right-padded to the length bucket of the longest; rows with ``scored`` False keep no loss."""
   length = length_multiple * math.ceil(max(len(ds.ids[i]) for i in index) / length_multiple)
-  index = index[rows]
+  scored = [True] * len(index) if scored is None else scored
+  index, scored = list(index)[rows], list(scored)[rows]
   ids = np.full((len(index), length), ds.pad_id, np.int32)
   valid = np.zeros((len(index), length), bool)
   loss = np.zeros((len(index), length), bool)
   for r, i in enumerate(index):
     n = len(ds.ids[i])
-    ids[r, :n], valid[r, :n], loss[r, :n] = ds.ids[i], True, ds.loss_mask[i]
+    ids[r, :n], valid[r, :n], loss[r, :n] = ds.ids[i], True, np.asarray(ds.loss_mask[i]) & scored[r]
   return {"ids": ids, "valid": valid, "loss_mask": loss}
+
+
+def eval_batches(ds: FTDataset, batch_size: int, length_multiple: int,
+                 rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
+  """Every example of ``ds`` once, in order, in batches of ``batch_size`` (the last one filled with repeats of
+  its first row that carry no loss, so one compiled shape serves)."""
+  for start in range(0, len(ds), batch_size):
+    index = list(range(start, min(start + batch_size, len(ds))))
+    scored = [True] * len(index) + [False] * (batch_size - len(index))
+    yield _padded(ds, index + [start] * (batch_size - len(index)), length_multiple, rows, scored)
 
 
 def steps_per_epoch(ds: FTDataset, batch_size: int) -> int:

@@ -37,6 +37,7 @@ class TrainingDivergedError(FloatingPointError):
   """The loss became NaN or infinite."""
 
 
+HELDOUT = "heldout.jsonl"  # held-out loss per saved step, next to metrics.jsonl
 SCHEDULES = ("constant_with_warmup", "cosine")  # the release's; or cosine decay after warmup
 
 
@@ -101,13 +102,8 @@ def token_loss(cfg: ModelConfig, params: Params, batch: dict, remat: bool = Fals
   return jnp.sum(ce * mask), jnp.sum(mask)
 
 
-def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, opt: optax.GradientTransformation) -> Callable:
-  """step(state, batch, frozen) -> (state, metrics); ``batch`` arrays are [grad_accum, micro_batch, T].
-
-  ``state`` = {"params": float32 trainable tree (full params, or LoRA factors), "opt": optax state,
-  "step": int32}. The forward runs in ``cfg.compute_dtype``. ``frozen`` is the base model when
-  training LoRA (an argument, never updated), else None.
-  """
+def _loss_fn(model_cfg: ModelConfig, cfg: TrainConfig) -> Callable:
+  """loss(trainable, frozen, batch) -> ``token_loss`` of the model training sees (LoRA attached, compute dtype)."""
   compute = jnp.dtype(cfg.compute_dtype)
 
   def loss(trainable, frozen, mb):
@@ -115,7 +111,17 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, opt: optax.Gradien
     params = jax.tree.map(lambda p: p.astype(compute), params)
     return token_loss(model_cfg, params, mb, cfg.remat, cfg.unroll_layers)
 
-  grad_fn = jax.value_and_grad(loss, has_aux=True)
+  return loss
+
+
+def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, opt: optax.GradientTransformation) -> Callable:
+  """step(state, batch, frozen) -> (state, metrics); ``batch`` arrays are [grad_accum, micro_batch, T].
+
+  ``state`` = {"params": float32 trainable tree (full params, or LoRA factors), "opt": optax state,
+  "step": int32}. The forward runs in ``cfg.compute_dtype``. ``frozen`` is the base model when
+  training LoRA (an argument, never updated), else None.
+  """
+  grad_fn = jax.value_and_grad(_loss_fn(model_cfg, cfg), has_aux=True)
 
   def step(state, batch, frozen=None):
     def micro(carry, mb):
@@ -186,6 +192,7 @@ class TrainResult:
   trainable: Params
   metrics: list[dict]
   checkpoint_dir: str
+  heldout: list[dict]  # {step, samples, loss} before training and at each save (empty without held-out data)
 
 
 def check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
@@ -200,13 +207,14 @@ def check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
 
 def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, cfg: TrainConfig,
           workdir: files.PathLike, mesh: jax.sharding.Mesh | None = None, length_multiple: int = 32,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, heldout: dataset.FTDataset | None = None) -> TrainResult:
   """Fine-tunes for ``cfg.steps`` steps, resuming from the latest checkpoint in ``workdir/checkpoints``.
 
   Checkpoints (parameters, optimizer state, step; the data position is the step, since batch order is
   a function of (seed, step)) are saved every ``save_every`` steps and at the end, keeping ``keep``.
   A NaN/inf loss raises ``TrainingDivergedError`` without saving; the last good checkpoint remains.
-  Metrics go to ``workdir/metrics.jsonl``.
+  Metrics go to ``workdir/metrics.jsonl``; with ``heldout``, ``workdir/heldout.jsonl`` gets the mean loss per
+  scored token on those examples before training (step 0) and at every saved step.
   """
   mesh = mesh or sharding.make_mesh()
   workdir = files.as_path(workdir)
@@ -215,13 +223,19 @@ def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, 
   step_fn, batch_sh = _compiled_step(model_cfg, cfg, mesh, state, frozen is not None)
   fingerprint = _fingerprint(model_cfg, cfg, data)
   metrics_path = workdir / "metrics.jsonl"
+  heldout_path = workdir / HELDOUT
   history = files.read_jsonl(metrics_path) if metrics_path.exists() else []
+  held = files.read_jsonl(heldout_path) if heldout and heldout_path.exists() else []
   with checkpoints.manager(workdir / "checkpoints", keep=cfg.keep) as mngr:
     restored, start = checkpoints.restore_latest(mngr, checkpoints.abstract(state), fingerprint)
     if restored is not None:
-      state, history = restored, [m for m in history if m["step"] <= start]
+      state = restored
+    history, held = [m for m in history if m["step"] <= (start or 0)], [h for h in held if h["step"] <= (start or 0)]
     meter = _Meter(model_cfg, cfg)
     rows = dataset.split_rows(cfg.batch_size, jax.process_index(), jax.process_count())
+    evaluate = _heldout_loss(model_cfg, cfg, heldout, mesh, length_multiple) if heldout else None
+    if evaluate and not held:
+      held.append(dict(step=0, samples=0, loss=evaluate(state["params"], frozen)))
     bar = tqdm(range(start or 0, cfg.steps), initial=start or 0, total=cfg.steps, desc="train", disable=not progress)
     for step in bar:
       local = dataset.batch_at(data, step, cfg.batch_size, cfg.seed, length_multiple, rows)
@@ -238,13 +252,16 @@ def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, 
       bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
       faults.point("finetune.step")  # a kill here loses the steps since the last checkpoint
       if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if evaluate:
+          held.append(dict(step=step + 1, samples=m["samples"], loss=evaluate(state["params"], frozen)))
+          files.write_jsonl(heldout_path, held)
         checkpoints.save(mngr, step + 1, state, fingerprint)
         faults.point("finetune.save")  # a kill here leaves a half-written checkpoint, which Orbax ignores
         mngr.wait_until_finished()
         files.write_jsonl(metrics_path, history)
   files.write_jsonl(metrics_path, history)
   final = lora.merge(model_cfg, base_params, state["params"], cfg.lora) if cfg.lora else state["params"]
-  return TrainResult(final, state["params"], history, str(workdir / "checkpoints"))
+  return TrainResult(final, state["params"], history, str(workdir / "checkpoints"), held)
 
 
 def _compiled_step(model_cfg: ModelConfig, cfg: TrainConfig, mesh: jax.sharding.Mesh, state: dict, lora_on: bool):
@@ -255,6 +272,23 @@ def _compiled_step(model_cfg: ModelConfig, cfg: TrainConfig, mesh: jax.sharding.
   step_fn = jax.jit(make_train_step(model_cfg, cfg, optimizer(cfg)), in_shardings=(state_sh, batch_sh, frozen_sh),
                     out_shardings=(state_sh, None), donate_argnums=0)
   return step_fn, batch_sh
+
+
+def _heldout_loss(model_cfg: ModelConfig, cfg: TrainConfig, data: dataset.FTDataset, mesh: jax.sharding.Mesh,
+                  length_multiple: int) -> Callable[[Params, Params | None], float]:
+  """evaluate(trainable, frozen) -> the mean next-token loss per scored token over ``data`` (micro-batches)."""
+  fn = jax.jit(_loss_fn(model_cfg, cfg))
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None))
+  micro = cfg.batch_size // cfg.grad_accum
+  rows = dataset.split_rows(micro, jax.process_index(), jax.process_count())
+  batches = [{k: jax.make_array_from_process_local_data(sh, v) for k, v in b.items()}
+             for b in dataset.eval_batches(data, micro, length_multiple, rows)]
+
+  def evaluate(trainable, frozen) -> float:
+    sums = [fn(trainable, frozen, b) for b in batches]
+    return sum(float(s) for s, _ in sums) / max(sum(float(n) for _, n in sums), 1.0)
+
+  return evaluate
 
 
 class _Meter:

@@ -1,0 +1,100 @@
+"""Cue analysis: which rule a condition's answers follow, on answers made by known rules."""
+
+import random
+
+import pytest
+
+from icl_ft import tasks
+from icl_ft.report import cues
+
+N = 40
+
+
+def _records(answer_by, n=N, method="icl", shots=4):
+  """Parity records over all three variants whose completions ``answer_by(example, record)`` writes."""
+  out = []
+  for variant in ("correct", "misleading", "misleading-z"):
+    for ex in tasks.make_queries("parity", variant, n, 0, "paper"):
+      r = dict(task="parity", variant=variant, format="paper", method=method, step=None, shots=shots, split="test",
+               gold=ex.answer, **tasks.shortcut_record(ex, "paper"))
+      r["completion"] = answer_by(ex, r) + "\n"
+      out.append(r)
+  return out
+
+
+@pytest.mark.parametrize("rule, answer_by", [
+    ("z_present", lambda ex, r: r["cues"]["z_present"]),
+    ("line_parity", lambda ex, r: r["cues"]["line_parity"]),
+    ("gold", lambda ex, r: ex.answer),
+    ("constant", lambda ex, r: "True"),
+])
+def test_the_rule_that_wrote_the_answers_is_found(rule, answer_by):
+  row = cues.analyse_condition(_records(answer_by))
+  assert row["follows"] == rule
+  assert row["agreement"][rule]["share"] == 1.0
+  if rule == "constant":
+    assert row["modal"] == "True" and row["modal_share"]["share"] == 1.0
+    assert "a constant answer: 'True' on 120/120" in cues.verdict_text(row)
+
+
+def test_random_answers_follow_no_rule_and_label_digits_count():
+  rng = random.Random(0)
+  row = cues.analyse_condition(_records(lambda ex, r: rng.choice(["True", "False"])))
+  assert row["follows"] is None and "no rule detected" in cues.verdict_text(row)
+  digits = cues.analyse_condition(_records(lambda ex, r: "1" if r["cues"]["z_present"] == "True" else "0"))
+  assert digits["follows"] == "z_present" and digits["answered"]["share"] == 1.0
+
+
+def test_a_noisy_follower_is_found_only_when_its_interval_says_so():
+  def noisy(p, seed):
+    rng = random.Random(seed)
+    return lambda ex, r: r["cues"]["line_parity"] if rng.random() < p else rng.choice(["True", "False"])
+  assert cues.analyse_condition(_records(noisy(0.9, 1)))["follows"] == "line_parity"
+  assert cues.analyse_condition(_records(noisy(0.9, 1), n=2))["follows"] is None  # 6 items cannot tell
+
+
+def test_conflict_accuracy_is_the_accuracy_where_shortcut_and_pattern_part():
+  recs = _records(lambda ex, r: r["cues"]["z_present"])
+  row = cues.analyse_condition(recs)
+  # Correct items: every rule agrees; misleading (z right) and misleading-z (z wrong) items conflict.
+  assert row["conflict"]["n"] == 2 * N and row["conflict"]["k"] == N
+  pair = row["pairs"]["gold|z_present"]
+  assert pair["disputed"] == N and pair["k"] == 0  # on misleading-z every answer sides with z
+
+
+def test_conditions_are_grouped_named_and_ordered():
+  recs = (_records(lambda ex, r: "True", method="ft", shots=0) + _records(lambda ex, r: "True", method="base", shots=0)
+          + _records(lambda ex, r: "True", shots=8) + _records(lambda ex, r: "True", method="icl-shuffled"))
+  for r in recs[:3 * N]:
+    r["step"] = 40
+  names = [row["condition"] for row in cues.analyse(recs + [dict(recs[0], split="dev")])]
+  assert names == ["base 0-shot", "ICL k=8", "ICL k=4, shuffled", "FT step 40"]
+
+
+def test_paired_difference_interval_covers_at_its_level():
+  import numpy as np
+  from icl_ft.stats.proportions import paired_difference
+  rng = np.random.default_rng(0)
+  for p1, p2, n in [(0.5, 0.5, 50), (0.9, 0.7, 40)]:
+    cover = 0
+    for _ in range(1000):
+      u = rng.random(n)
+      v = np.where(rng.random(n) < 0.5, u, rng.random(n))  # correlated pairs
+      _, lo, hi = paired_difference(u < p1, v < p2)
+      cover += lo <= p1 - p2 <= hi
+    assert 0.93 <= cover / 1000 <= 0.975
+  assert paired_difference([True] * 30, [True] * 30)[1:] == pytest.approx((-0.114, 0.114), abs=0.01)
+
+
+def test_differences_from_base_pair_the_same_items():
+  base = _records(lambda ex, r: "True", method="base", shots=0)
+  icl = _records(lambda ex, r: ex.answer)  # right everywhere
+  for recs in (base, icl):
+    for i, r in enumerate(recs):
+      r.update(index=i % N, correct_strict=r["completion"].strip() == r["gold"])
+  rows = {(r["condition"], r["variant"]): r for r in cues.differences_from_base(base + icl)}
+  correct = rows[("ICL k=4", "correct")]
+  truths = sum(r["gold"] == "True" for r in base[:N])
+  assert correct["diff"] == pytest.approx(1 - truths / N) and correct["detected"]
+  assert rows[("ICL k=4", "misleading")]["diff"] == 1.0  # every misleading gold is False; base said True
+  assert "no difference detected" in cues.difference_text(dict(correct, diff=0.02, lo=-0.05, hi=0.09, detected=False))
