@@ -35,6 +35,9 @@ def test_the_rule_that_wrote_the_answers_is_found(rule, answer_by):
   if rule == "constant":
     assert row["modal"] == "True" and row["modal_share"]["share"] == 1.0
     assert "a constant answer: 'True' on 120/120" in cues.verdict_text(row)
+    count = iter(range(10 ** 6))
+    mostly = cues.analyse_condition(_records(lambda ex, r: "x" if next(count) % 5 == 0 else "True"))  # 80% True
+    assert mostly["follows"] == "constant" and "one answer more than any cue" in cues.verdict_text(mostly)
 
 
 def test_random_answers_follow_no_rule_and_label_digits_count():
@@ -50,7 +53,29 @@ def test_a_noisy_follower_is_found_only_when_its_interval_says_so():
     rng = random.Random(seed)
     return lambda ex, r: r["cues"]["line_parity"] if rng.random() < p else rng.choice(["True", "False"])
   assert cues.analyse_condition(_records(noisy(0.9, 1)))["follows"] == "line_parity"
-  assert cues.analyse_condition(_records(noisy(0.9, 1), n=2))["follows"] is None  # 6 items cannot tell
+  assert cues.analyse_condition(_records(noisy(0.2, 1)))["follows"] is None
+
+
+def test_rules_disputed_on_too_few_items_to_decide_are_aliases_not_rivals():
+  row = cues.analyse_condition(_records(lambda ex, r: r["cues"]["line_parity"], n=2))  # 2 misleading items
+  assert row["follows"] == "line_parity" and row["aliases"] == ["z_present", "constant"]
+  assert "not told apart from z_present" in cues.verdict_text(row)
+
+
+def test_answers_matching_neither_rule_count_against_both():
+  count = iter(range(10 ** 6))  # right on 1 item in 5, an unparsable answer elsewhere
+  row = cues.analyse_condition(_records(lambda ex, r: ex.answer if next(count) % 5 == 0 else "?"))
+  assert row["follows"] is None and row["agreement"]["gold"]["share"] == pytest.approx(0.2, abs=0.05)
+  assert "answered" in cues.verdict_text(row)
+
+
+def test_agreement_counts_only_the_items_a_rule_predicts():
+  recs = _records(lambda ex, r: r["cues"]["z_present"])
+  for r in recs:
+    if r["variant"] == "correct":
+      r["cues"]["line_parity"] = None
+  row = cues.analyse_condition(recs)
+  assert row["agreement"]["line_parity"]["n"] == 2 * N and row["agreement"]["z_present"]["n"] == 3 * N
 
 
 def test_conflict_accuracy_is_the_accuracy_where_shortcut_and_pattern_part():
@@ -59,7 +84,8 @@ def test_conflict_accuracy_is_the_accuracy_where_shortcut_and_pattern_part():
   # Correct items: every rule agrees; misleading (z right) and misleading-z (z wrong) items conflict.
   assert row["conflict"]["n"] == 2 * N and row["conflict"]["k"] == N
   pair = row["pairs"]["gold|z_present"]
-  assert pair["disputed"] == N and pair["k"] == 0  # on misleading-z every answer sides with z
+  assert pair["n"] == N and pair["k"] == 0 and pair["second_side"]["k"] == N  # on misleading-z: all with z
+  assert row["conflict_modal"]["n"] == 2 * N
 
 
 def test_conditions_are_grouped_named_and_ordered():
@@ -83,7 +109,12 @@ def test_paired_difference_interval_covers_at_its_level():
       _, lo, hi = paired_difference(u < p1, v < p2)
       cover += lo <= p1 - p2 <= hi
     assert 0.93 <= cover / 1000 <= 0.975
-  assert paired_difference([True] * 30, [True] * 30)[1:] == pytest.approx((-0.114, 0.114), abs=0.01)
+
+  def table(a, b, c, d):  # both right, only x right, only y right, both wrong
+    return paired_difference([1] * (a + b) + [0] * (c + d), [1] * a + [0] * b + [1] * c + [0] * d)
+  assert table(1, 1, 7, 12)[1:] == pytest.approx((-0.5069, -0.0256), abs=1e-4)  # Newcombe (1998), Table II
+  assert table(59, 6, 16, 80)[1:] == pytest.approx((-0.1186, -0.0046), abs=1e-4)
+  assert table(10, 0, 0, 10)[1] < 0 < table(10, 0, 0, 10)[2]  # identical answers: still an interval
 
 
 def test_differences_from_base_pair_the_same_items():
@@ -98,3 +129,16 @@ def test_differences_from_base_pair_the_same_items():
   assert correct["diff"] == pytest.approx(1 - truths / N) and correct["detected"]
   assert rows[("ICL k=4", "misleading")]["diff"] == 1.0  # every misleading gold is False; base said True
   assert "no difference detected" in cues.difference_text(dict(correct, diff=0.02, lo=-0.05, hi=0.09, detected=False))
+
+
+@pytest.mark.parametrize("with_differences", [True, False])
+def test_headline_table_is_well_formed_when_a_condition_has_no_answer(with_differences):
+  from icl_ft.report import render
+  recs = _records(lambda ex, r: "True", method="base", shots=0) + _records(lambda ex, r: "?")
+  for i, r in enumerate(recs):
+    r.update(index=i % N, correct_strict=r["completion"].strip() == r["gold"])
+  rows = cues.analyse(recs)
+  lines = render._headline(dict(cues=rows, differences=cues.differences_from_base(recs) if with_differences else []))
+  table = [l for l in lines if l.startswith("|")]
+  assert len(table) == 4 and len({l.count("|") for l in table}) == 1
+  assert "no parsable answer on any of 120 items" in table[-1] and "agree: constant" in table[0]

@@ -115,11 +115,20 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
   assert [r["loss"] for r in resumed.metrics] == [r["loss"] for r in full.metrics]
 
 
+class _AnyQuestion:
+  def __contains__(self, question):
+    return True
+
+  def __len__(self):
+    return 1
+
+
 def test_heldout_loss_is_the_mean_token_loss_on_unseen_examples_and_resumes(setup, tiny_lm, tmp_path):
   m, ds, _ = setup
-  held = ft_data.heldout(dataclasses.replace(DATA, n_heldout=5), tiny_lm[2])  # 10 rows: the last batch is short
-  assert len(held) == 10 and not set(held.texts) & set(ds.texts)
-  res = training.train(m.config, m.params, ds, FAST, tmp_path / "a", progress=False, heldout=held)
+  sets = ft_data.heldout(dataclasses.replace(DATA, n_heldout=5), tiny_lm[2])  # 10 rows: the last batch is short
+  held = sets["loss"]
+  assert len(held) == 10 and not set(held.texts) & set(ds.texts) and sets["answer_loss"].texts == held.texts
+  res = training.train(m.config, m.params, ds, FAST, tmp_path / "a", progress=False, heldout=sets)
   assert [h["step"] for h in res.heldout] == [0, 2, 4]
 
   def direct(params):  # one example at a time, no padding
@@ -132,10 +141,17 @@ def test_heldout_loss_is_the_mean_token_loss_on_unseen_examples_and_resumes(setu
 
   np.testing.assert_allclose(res.heldout[0]["loss"], direct(m.params), rtol=1e-5)
   np.testing.assert_allclose(res.heldout[-1]["loss"], direct(res.params), rtol=1e-5)
+  assert res.heldout[0]["answer_loss"] != res.heldout[0]["loss"]
   training.train(m.config, m.params, ds, dataclasses.replace(FAST, steps=2), tmp_path / "b", progress=False,
-                 heldout=held)
-  resumed = training.train(m.config, m.params, ds, FAST, tmp_path / "b", progress=False, heldout=held)
+                 heldout=sets)
+  resumed = training.train(m.config, m.params, ds, FAST, tmp_path / "b", progress=False, heldout=sets)
   assert resumed.heldout == res.heldout
+  # Resumed without a held-out record (trained without one): no "step 0" measured on the restored parameters.
+  training.train(m.config, m.params, ds, dataclasses.replace(FAST, steps=2), tmp_path / "c", progress=False)
+  later = training.train(m.config, m.params, ds, FAST, tmp_path / "c", progress=False, heldout=sets)
+  assert [h["step"] for h in later.heldout] == [4] and later.heldout[0] == res.heldout[-1]
+  with pytest.raises(ValueError, match="question space is too small"):
+    tasks.make_ft_examples("parity", 3, 0, "paper", heldout=True, exclude=_AnyQuestion())
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):

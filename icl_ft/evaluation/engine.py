@@ -186,7 +186,7 @@ def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: S
   for t in task_names:
     for v in [v for v in variants if v in tasks.get_task(t).variants]:
       for f in formats:
-        test = {ex.question for ex in tasks.make_queries(t, v, max(n, *map(size, shots)), seed, f)}
+        test = {ex.question for ex in tasks.make_queries(t, v, max(n, *map(size, (*shots, control_shots))), seed, f)}
         for k in shots:
           out += icl_queries(t, v, f, k, size(k), seed)
           if n_dev and k:

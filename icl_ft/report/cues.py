@@ -5,16 +5,18 @@ A task's rules are its cues (``Task.cues``: pure functions of the question, e.g.
 constant answer is a rule too). Per condition (base, ICL at each k, each control, fine-tuned at each checkpoint,
 few-shot FT), with all of a task's variants pooled, this module gives:
 
-- ``agreement``: per rule, the share of items whose parsed answer (the strict rule's first answer-typed span)
-  equals the rule's prediction, with a 95% Wilson interval;
-- ``conflict``: accuracy on the items where the rules do not all agree (where a shortcut and the pattern part);
-- ``pairs``: for two rules, on the items where they disagree, how many answers side with each; the share siding
-  with the first, with its Wilson interval;
+- ``agreement``: per rule, the share of the items it predicts whose parsed answer (the strict rule's first
+  answer-typed span) equals its prediction, with a 95% Wilson interval;
+- ``conflict``: accuracy on the items where the rules do not all agree (where a shortcut and the pattern part),
+  next to ``conflict_modal``, what the modal answer alone scores there;
+- ``pairs``: for two rules, on the items where they disagree, the share of answers siding with each (answers
+  matching neither count against both), with Wilson intervals;
 - ``follows``: the rule that wins every comparison with a rule it can be told apart from (the interval of its
-  side's share above 0.5), ``None`` when no rule does. A constant answer that wins is reported as such.
+  share above 0.5), ``None`` when no rule does. A constant answer that wins is reported as such.
 
-The constant rule's answer is chosen on the same items (the modal answer), which favours it slightly; a rule
-must still win each of its comparisons beyond its interval.
+Each comparison is a per-comparison 95% interval, not adjusted for the number of rules or conditions. The
+constant rule's answer is chosen on the same items (the modal answer), which favours it slightly (a
+false-positive verdict for it in under 1% of random binary answer sets); it must still win each comparison.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from icl_ft.stats.proportions import paired_difference, wilson
 
 GOLD = "gold"
 CONSTANT = "constant"
+CONSTANT_SHARE = 0.9  # a winning modal answer is called constant when its share's interval lies above this
 CONDITION_KEYS = ("task", "format", "method", "step", "shots")
 
 
@@ -48,7 +51,8 @@ def _interval(hits: int, n: int) -> dict:
 
 def analyse_condition(records: Sequence[dict]) -> dict:
   """The cue analysis of one condition's records (one task; variants pooled): answered share, the modal answer's
-  share, per-rule agreement, accuracy on conflicting items, pairwise comparisons and the rule it follows."""
+  share, per-rule agreement (over the items the rule predicts), accuracy on conflicting items (and what the
+  modal answer alone would score there), pairwise comparisons and the rule it follows."""
   task = tasks.get_task(records[0]["task"])
   kind = task.answer_kind
   answers = [_canonical(scoring.strict_answer(r["completion"], kind), kind) for r in records]
@@ -58,36 +62,40 @@ def analyse_condition(records: Sequence[dict]) -> dict:
   preds.update({c: [_canonical(r["cues"][c], kind) for r in records] for c in task.cues})
   if modal is not None:
     preds[CONSTANT] = [modal] * len(records)
-  agreement = {rule: _interval(sum(a is not None and a == p for a, p in zip(answers, ps)), len(records))
-               for rule, ps in preds.items()}
+  agreement = {rule: _interval(sum(a == p for a, p in zip(answers, ps) if p is not None),
+                               sum(p is not None for p in ps)) for rule, ps in preds.items()}
   conflict = [i for i in range(len(records)) if len({ps[i] for r, ps in preds.items() if r != CONSTANT
                                                      and ps[i] is not None}) > 1]
   pairs = {}
   for r, s in itertools.combinations(preds, 2):
-    split = [i for i in range(len(records)) if None not in (preds[r][i], preds[s][i]) and preds[r][i] != preds[s][i]]
-    side_r = sum(answers[i] == preds[r][i] for i in split)
-    side_s = sum(answers[i] == preds[s][i] for i in split)
-    pairs[f"{r}|{s}"] = dict(_interval(side_r, side_r + side_s), disputed=len(split), first=r, second=s,
-                             neither=len(split) - side_r - side_s)
+    disputed = [i for i in range(len(records))
+                if None not in (preds[r][i], preds[s][i]) and preds[r][i] != preds[s][i]]
+    side_r = sum(answers[i] == preds[r][i] for i in disputed)
+    side_s = sum(answers[i] == preds[s][i] for i in disputed)
+    pairs[f"{r}|{s}"] = dict(_interval(side_r, len(disputed)), first=r, second=s, second_side=_interval(
+        side_s, len(disputed)), neither=len(disputed) - side_r - side_s)
   return dict(n=len(records), answered=_interval(sum(a is not None for a in answers), len(records)),
               modal=modal, modal_share=_interval(modal_n, len(records)), agreement=agreement,
               conflict=_interval(sum(answers[i] == preds[GOLD][i] for i in conflict), len(conflict)),
+              conflict_modal=_interval(sum(modal == preds[GOLD][i] for i in conflict), len(conflict)),
               pairs=pairs, **_verdict(list(preds), pairs))
 
 
 def _verdict(rules: Sequence[str], pairs: dict) -> dict:
-  """``follows``: the rule beating (interval above 0.5) every rule it disagrees with somewhere; ``aliases``: the
-  rules never told apart from it on these items; ``beaten``: per rule, the rules it beats."""
+  """Two rules are told apart when they disagree on enough items that a unanimous side's interval would lie
+  above 0.5; one beats the other when the share of those items answered its way (answers matching neither count
+  against both) has its interval above 0.5. ``follows``: the rule beating every rule it is told apart from;
+  ``aliases``: the rules not told apart from it here; ``beaten``: per rule, the rules it beats."""
   beats = {r: set() for r in rules}
   distinct = {r: set() for r in rules}
   for p in pairs.values():
     r, s = p["first"], p["second"]
-    if p["disputed"]:
+    if p["n"] and wilson(p["n"], p["n"])[0] > 0.5:
       distinct[r].add(s)
       distinct[s].add(r)
     if p["n"] and p["lo"] > 0.5:
       beats[r].add(s)
-    elif p["n"] and p["hi"] < 0.5:
+    elif p["n"] and p["second_side"]["lo"] > 0.5:
       beats[s].add(r)
   winners = [r for r in rules if distinct[r] and beats[r] == distinct[r]]
   follows = winners[0] if winners else None
@@ -96,7 +104,7 @@ def _verdict(rules: Sequence[str], pairs: dict) -> dict:
 
 
 def condition_name(key: dict) -> str:
-  """A readable name: ``base``, ``ICL k=4``, ``ICL k=4, shuffled``, ``FT step 40``, ``few-shot FT``."""
+  """A readable name: ``base 0-shot``, ``ICL k=4``, ``ICL k=4, shuffled``, ``FT step 40``, ``few-shot FT``."""
   method, shots = key["method"], key.get("shots") or 0
   if method == "base":
     return "base 0-shot"
@@ -131,14 +139,16 @@ def verdict_text(row: dict) -> str:
     return f"no parsable answer on any of {answered['n']} items"
   constant = f"'{row['modal']}' on {share['k']}/{share['n']} ({share['share']:.2f} [{share['lo']:.2f}, {share['hi']:.2f}])"
   follows = row["follows"]
-  if follows == CONSTANT:
-    return f"a constant answer: {constant}"
+  unanswered = f"; answered {answered['k']}/{answered['n']}" if answered["k"] < answered["n"] else ""
+  if follows == CONSTANT:  # constant: at least 90% one answer (interval); otherwise one answer over every cue
+    what = "a constant answer" if share["lo"] >= CONSTANT_SHARE else "one answer more than any cue or the gold"
+    return f"{what}: {constant}{unanswered}"
   if follows is None:
-    return f"no rule detected (most frequent answer {constant})"
-  aliases = f" (= {', '.join(row['aliases'])} on these items)" if row["aliases"] else ""
+    return f"no rule detected (most frequent answer {constant}{unanswered})"
+  aliases = f" (not told apart from {', '.join(row['aliases'])} on these items)" if row["aliases"] else ""
   agree = row["agreement"][follows]
   what = "the gold answer (the pattern)" if follows == GOLD else f"cue `{follows}`"
-  return f"{what}{aliases}: agrees on {agree['share']:.2f} [{agree['lo']:.2f}, {agree['hi']:.2f}]"
+  return f"{what}{aliases}: agrees on {agree['share']:.2f} [{agree['lo']:.2f}, {agree['hi']:.2f}]{unanswered}"
 
 
 def differences_from_base(records: Sequence[dict], rule: str = "strict") -> list[dict]:

@@ -34,7 +34,7 @@ def _header(results: dict) -> list[str]:
   cfg = results["config"]
   lines = [f"# icl_ft study: {cfg['name']}", "",
            f"Model `{cfg['model']}` ({cfg['dtype']}); tasks {cfg['tasks']}; prompt format `{cfg['format']}`; "
-           f"{cfg['icl']['n']} queries per cell{_sizes(cfg['icl'])}; shots {cfg['icl']['shots']}; fine-tuning: {cfg['ft']['method']}, "
+           f"{cfg['icl']['n']} queries per cell{_cell_sizes(cfg['icl'])}; shots {cfg['icl']['shots']}; fine-tuning: {cfg['ft']['method']}, "
            f"{cfg['ft']['steps']} steps x {cfg['ft']['batch_size']} examples.", ""]
   if cfg.get("note"):
     lines += [f"> {cfg['note']}", ""]
@@ -44,7 +44,7 @@ def _header(results: dict) -> list[str]:
   return lines
 
 
-def _sizes(icl: dict) -> str:
+def _cell_sizes(icl: dict) -> str:
   return f" ({icl['n_by_shots']} shots:queries)" if icl.get("n_by_shots") else ""
 
 
@@ -58,31 +58,37 @@ def _headline(results: dict) -> list[str]:
            "Per condition, all variants pooled, the model's answers (strict parse) against each rule: the gold "
            "answer (the pattern), each shortcut cue of the task, and the condition's most frequent answer "
            "(constant). A condition *follows* a rule when, against every rule it can be told apart from, the "
-           "answers on the items where the two disagree side with it (95% Wilson interval above 0.5). Agreement: "
-           "share of all items whose answer equals the rule's prediction. Conflict: accuracy on the items where "
-           "the rules (gold and cues) do not all agree. Difference from base: accuracy minus the base model's "
-           "0-shot accuracy on the same items, strict rule, Newcombe's paired 95% interval; bold where it "
-           "excludes 0.", ""]
+           "share of the items where the two disagree that it answers that rule's way (answers matching neither "
+           "count against both) has its 95% Wilson interval above 0.5; rules disputed on too few items to decide "
+           "are named as not told apart. Agreement: share of the items a rule predicts whose answer equals its "
+           "prediction. Conflict accuracy: accuracy on the items where the rules (gold and cues) do not all "
+           "agree, next to what the modal answer alone would score there. Difference from base: accuracy minus "
+           "the base model's 0-shot accuracy on the same items (strict rule), Newcombe's paired 95% interval, "
+           "bold where it excludes 0. Every interval is per comparison, not adjusted for the number of cells.",
+           ""]
   diffs = results.get("differences") or []
   for task in dict.fromkeys(r["task"] for r in rows):
     mine = [r for r in rows if r["task"] == task]
-    rules = list(mine[0]["agreement"])
+    rules = list(dict.fromkeys(rule for r in mine for rule in r["agreement"]))
     variants = sorted({d["variant"] for d in diffs if d["task"] == task})
     lines += [f"### {task}", "", "| condition | n | answers follow | " + " | ".join(f"agree: {r}" for r in rules)
-              + " | conflict accuracy | " + " | ".join(f"vs base: {v}" for v in variants) + " |",
+              + " | conflict accuracy (modal answer alone) | " + "".join(f"vs base: {v} | " for v in variants),
               "|---" * (4 + len(rules) + len(variants)) + "|"]
     for r in mine:
-      agree = [_share(r["agreement"][rule]) for rule in rules]
+      agree = [_share(r["agreement"].get(rule)) for rule in rules]
       vs = [next((cues.difference_text(d) for d in diffs if d["task"] == task and d["condition"] == r["condition"]
                   and d["variant"] == v), "–") for v in variants]
       lines.append(f"| {r['condition']} | {r['n']} | {cues.verdict_text(r)} | " + " | ".join(agree)
-                   + f" | {_share(r['conflict'])} (n = {r['conflict']['n']}) | " + " | ".join(vs) + " |")
+                   + f" | {_share(r['conflict'])} ({_share(r['conflict_modal'], ci=False)}; n = {r['conflict']['n']}) | "
+                   + "".join(f"{v} | " for v in vs))
     lines.append("")
   return lines
 
 
-def _share(c: dict) -> str:
-  return "–" if not c["n"] else f"{c['share']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]"
+def _share(c: dict | None, ci: bool = True) -> str:
+  if not c or not c["n"]:
+    return "–"
+  return f"{c['share']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]" if ci else f"{c['share']:.2f}"
 
 
 def _comparison(results: dict) -> list[str]:
@@ -167,7 +173,8 @@ def _training(results: dict) -> list[str]:
   for name, rows in (t.get("heldout") or {}).items():
     label = {"ft": "fine-tuning", "ft-fewshot": "few-shot fine-tuning"}.get(name, name)
     lines += ["", f"Held-out loss of {label} ({results['config']['ft']['n_heldout']} unseen examples per task, per "
-              "scored token), by step: " + ", ".join(f"{h['step']}: {h['loss']:.3f}" for h in rows) + "."]
+              "scored token as trained / on the answer tokens alone), by step: " + ", ".join(
+                  f"{h['step']}: {h['loss']:.3f} / {h['answer_loss']:.3f}" for h in rows) + "."]
   if t.get("data_cues"):
     lines += ["", "The fine-tuning data's patterns: per task, the share of its training examples each cue answers "
               "right (0: the data never shows that pattern): " + "; ".join(

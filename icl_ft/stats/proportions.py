@@ -20,8 +20,9 @@ def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 def paired_difference(x: Sequence[bool], y: Sequence[bool], z: float = 1.959964) -> tuple[float, float, float]:
   """(mean(x) - mean(y), lower, upper): the difference of two proportions measured on the same items, with
-  Newcombe's (1998, method 10) hybrid score interval for paired data (Wilson limits of each proportion, combined
-  with the correlation of the pairs)."""
+  Newcombe's (1998, method 10) hybrid score interval for paired data: the Wilson limits of each proportion,
+  combined through the pairs' phi correlation (continuity-corrected: (AD - BC - N/2) / sqrt(EFGH) when
+  AD - BC > N/2, 0 when 0 <= AD - BC <= N/2)."""
   if len(x) != len(y) or not len(x):
     raise ValueError(f"paired proportions need the same, non-zero number of items, got {len(x)} and {len(y)}")
   n = len(x)
@@ -31,8 +32,9 @@ def paired_difference(x: Sequence[bool], y: Sequence[bool], z: float = 1.959964)
   d = n - a - b - c
   p1, p2 = (a + b) / n, (a + c) / n
   (l1, u1), (l2, u2) = wilson(a + b, n, z), wilson(a + c, n, z)
-  denom = (a + b) * (c + d) * (a + c) * (b + d)
-  phi = (a * d - b * c) / math.sqrt(denom) if denom else 0.0
+  denom = math.sqrt((a + b) * (c + d) * (a + c) * (b + d))
+  cross = a * d - b * c
+  phi = 0.0 if not denom or 0 <= cross <= n / 2 else (cross - n / 2 if cross > n / 2 else cross) / denom
   theta = p1 - p2
   lower = theta - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
   upper = theta + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))

@@ -107,14 +107,15 @@ def _icl(study: Study, d: epath.Path, units: Units) -> dict:
 def _finetune(study: Study, d: epath.Path, units: Units) -> dict:
   del units  # Orbax checkpoints are its resume points
   cfg, m = study.cfg, study.model
-  data, heldout = dataset.build(cfg.ft_data, m.tokenizer), dataset.heldout(cfg.ft_data, m.tokenizer)
+  demos = dataset.fewshot_examples(cfg.tasks, cfg.fewshot_k, cfg.seed, cfg.format) if cfg.fewshot else []
+  data = dataset.build(cfg.ft_data, m.tokenizer)
+  heldout = dataset.heldout(cfg.ft_data, m.tokenizer, exclude={ex.question for ex in demos})  # unseen by both runs
   study.log(f"[finetune] {len(data)} examples ({data.num_tokens} tokens) from {', '.join(cfg.ft_data.tasks)}; "
             f"{cfg.train.steps} steps of {cfg.train.batch_size}")
   trainer.train(m.config, m.params, data, cfg.train, d, mesh=study.mesh, length_multiple=cfg.ft_data.length_multiple,
                 progress=cfg.progress, heldout=heldout)
   out = dict(checkpoints=study.rel(d / "checkpoints"), metrics=study.rel(d / "metrics.jsonl"), fewshot=None)
   if cfg.fewshot:
-    demos = dataset.fewshot_examples(cfg.tasks, cfg.fewshot_k, cfg.seed, cfg.format)
     study.log(f"[finetune] few-shot control: the {cfg.fewshot_k} ICL demos of the first query per task "
               f"({len(demos)} examples), {cfg.fewshot.steps} full-batch steps")
     trainer.train(m.config, m.params, dataset.from_examples(demos, cfg.ft_data, m.tokenizer), cfg.fewshot,

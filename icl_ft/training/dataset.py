@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -57,16 +57,19 @@ def build(cfg: FTDataConfig, tokenizer) -> FTDataset:
                                                                                   cfg.format)], cfg, tokenizer)
 
 
-def heldout(cfg: FTDataConfig, tokenizer) -> FTDataset | None:
-  """``n_heldout`` examples per task from a separate stream, none of whose questions is in the training data;
-  None when ``n_heldout`` is 0."""
+def heldout(cfg: FTDataConfig, tokenizer, exclude: Collection[str] = ()) -> dict[str, FTDataset]:
+  """``n_heldout`` examples per task from a separate stream, none of whose questions is in the training data or
+  ``exclude``, scored as training scores them (``loss``) and on the answer alone (``answer_loss``); empty when
+  ``n_heldout`` is 0."""
   if not cfg.n_heldout:
-    return None
-  out = []
+    return {}
+  examples = []
   for name in cfg.tasks:
     seen = {ex.question for ex in tasks.make_ft_examples(name, cfg.n_per_task, cfg.seed, cfg.format)}
-    out += tasks.make_ft_examples(name, cfg.n_heldout, cfg.seed, cfg.format, heldout=True, exclude=seen)
-  return from_examples(out, cfg, tokenizer)
+    examples += tasks.make_ft_examples(name, cfg.n_heldout, cfg.seed, cfg.format, heldout=True,
+                                       exclude=seen | set(exclude))
+  return {"loss": from_examples(examples, cfg, tokenizer),
+          "answer_loss": from_examples(examples, dataclasses.replace(cfg, loss_on="answer"), tokenizer)}
 
 
 def fewshot_examples(task_names: Sequence[str], k: int, seed: int, fmt: str) -> list[tasks.Example]:

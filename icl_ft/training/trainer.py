@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -182,8 +182,8 @@ def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data: dataset.FTDatas
   shapes = dataclasses.asdict(model_cfg)
   shapes.pop("hf_config")
   recipe = {k: getattr(cfg, k) for k in TRAJECTORY} | ({"steps": cfg.steps} if cfg.schedule == "cosine" else {})
-  digest = hashlib.sha256(json.dumps([data.ids, data.loss_mask]).encode()).hexdigest()[:16]
-  return {"model": shapes, "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None, **recipe, "data": digest}
+  return {"model": shapes, "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None, **recipe,
+          "data": _digest([data.ids, data.loss_mask])}
 
 
 @dataclasses.dataclass
@@ -207,14 +207,15 @@ def check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
 
 def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, cfg: TrainConfig,
           workdir: files.PathLike, mesh: jax.sharding.Mesh | None = None, length_multiple: int = 32,
-          progress: bool = True, heldout: dataset.FTDataset | None = None) -> TrainResult:
+          progress: bool = True, heldout: Mapping[str, dataset.FTDataset] | None = None) -> TrainResult:
   """Fine-tunes for ``cfg.steps`` steps, resuming from the latest checkpoint in ``workdir/checkpoints``.
 
   Checkpoints (parameters, optimizer state, step; the data position is the step, since batch order is
   a function of (seed, step)) are saved every ``save_every`` steps and at the end, keeping ``keep``.
   A NaN/inf loss raises ``TrainingDivergedError`` without saving; the last good checkpoint remains.
-  Metrics go to ``workdir/metrics.jsonl``; with ``heldout``, ``workdir/heldout.jsonl`` gets the mean loss per
-  scored token on those examples before training (step 0) and at every saved step.
+  Metrics go to ``workdir/metrics.jsonl``; with ``heldout`` (name -> examples), ``workdir/heldout.jsonl`` gets
+  each set's mean loss per scored token before training (step 0, unless resumed) and at every saved step, with
+  a digest of the sets (rows of other sets are dropped on resume).
   """
   mesh = mesh or sharding.make_mesh()
   workdir = files.as_path(workdir)
@@ -225,7 +226,9 @@ def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, 
   metrics_path = workdir / "metrics.jsonl"
   heldout_path = workdir / HELDOUT
   history = files.read_jsonl(metrics_path) if metrics_path.exists() else []
-  held = files.read_jsonl(heldout_path) if heldout and heldout_path.exists() else []
+  digest = _digest({k: [d.ids, d.loss_mask] for k, d in sorted(heldout.items())}) if heldout else None
+  held = [h for h in (files.read_jsonl(heldout_path) if heldout and heldout_path.exists() else [])
+          if h.get("data") == digest]
   with checkpoints.manager(workdir / "checkpoints", keep=cfg.keep) as mngr:
     restored, start = checkpoints.restore_latest(mngr, checkpoints.abstract(state), fingerprint)
     if restored is not None:
@@ -234,8 +237,8 @@ def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, 
     meter = _Meter(model_cfg, cfg)
     rows = dataset.split_rows(cfg.batch_size, jax.process_index(), jax.process_count())
     evaluate = _heldout_loss(model_cfg, cfg, heldout, mesh, length_multiple) if heldout else None
-    if evaluate and not held:
-      held.append(dict(step=0, samples=0, loss=evaluate(state["params"], frozen)))
+    if evaluate and not held and restored is None:
+      held.append(dict(step=0, samples=0, data=digest, **evaluate(state["params"], frozen)))
     bar = tqdm(range(start or 0, cfg.steps), initial=start or 0, total=cfg.steps, desc="train", disable=not progress)
     for step in bar:
       local = dataset.batch_at(data, step, cfg.batch_size, cfg.seed, length_multiple, rows)
@@ -253,7 +256,7 @@ def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, 
       faults.point("finetune.step")  # a kill here loses the steps since the last checkpoint
       if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
         if evaluate:
-          held.append(dict(step=step + 1, samples=m["samples"], loss=evaluate(state["params"], frozen)))
+          held.append(dict(step=step + 1, samples=m["samples"], data=digest, **evaluate(state["params"], frozen)))
           files.write_jsonl(heldout_path, held)
         checkpoints.save(mngr, step + 1, state, fingerprint)
         faults.point("finetune.save")  # a kill here leaves a half-written checkpoint, which Orbax ignores
@@ -274,19 +277,26 @@ def _compiled_step(model_cfg: ModelConfig, cfg: TrainConfig, mesh: jax.sharding.
   return step_fn, batch_sh
 
 
-def _heldout_loss(model_cfg: ModelConfig, cfg: TrainConfig, data: dataset.FTDataset, mesh: jax.sharding.Mesh,
-                  length_multiple: int) -> Callable[[Params, Params | None], float]:
-  """evaluate(trainable, frozen) -> the mean next-token loss per scored token over ``data`` (micro-batches)."""
+def _digest(payload) -> str:
+  return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def _heldout_loss(model_cfg: ModelConfig, cfg: TrainConfig, sets: Mapping[str, dataset.FTDataset],
+                  mesh: jax.sharding.Mesh, length_multiple: int) -> Callable[[Params, Params | None], dict[str, float]]:
+  """evaluate(trainable, frozen) -> per set, the mean next-token loss per scored token (in micro-batches)."""
   fn = jax.jit(_loss_fn(model_cfg, cfg))
   sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None))
   micro = cfg.batch_size // cfg.grad_accum
   rows = dataset.split_rows(micro, jax.process_index(), jax.process_count())
-  batches = [{k: jax.make_array_from_process_local_data(sh, v) for k, v in b.items()}
-             for b in dataset.eval_batches(data, micro, length_multiple, rows)]
+  batches = {name: [{k: jax.make_array_from_process_local_data(sh, v) for k, v in b.items()}
+                    for b in dataset.eval_batches(data, micro, length_multiple, rows)] for name, data in sets.items()}
 
-  def evaluate(trainable, frozen) -> float:
-    sums = [fn(trainable, frozen, b) for b in batches]
-    return sum(float(s) for s, _ in sums) / max(sum(float(n) for _, n in sums), 1.0)
+  def evaluate(trainable, frozen) -> dict[str, float]:
+    out = {}
+    for name, bs in batches.items():
+      sums = [fn(trainable, frozen, b) for b in bs]
+      out[name] = sum(float(s) for s, _ in sums) / max(sum(float(n) for _, n in sums), 1.0)
+    return out
 
   return evaluate
 
