@@ -141,7 +141,7 @@ def verdict_text(row: dict) -> str:
   follows = row["follows"]
   unanswered = f"; answered {answered['k']}/{answered['n']}" if answered["k"] < answered["n"] else ""
   if follows == CONSTANT:  # constant: at least 90% one answer (interval); otherwise one answer over every cue
-    what = "a constant answer" if share["lo"] >= CONSTANT_SHARE else "one answer more than any cue or the gold"
+    what = "a constant answer" if share["lo"] >= CONSTANT_SHARE else "mostly one answer (no cue, not the gold)"
     return f"{what}: {constant}{unanswered}"
   if follows is None:
     return f"no rule detected (most frequent answer {constant}{unanswered})"
