@@ -2,8 +2,9 @@
 
   python -m icl_ft.icl --model=smollm2-135m --task=expression --shots=0,1,4 --n=20 --out=work/icl
 
-Evaluates every (task, variant, format, shots) cell with the batched engine and writes the records, the
-summaries and the accuracy-vs-shots plot into ``--out``.
+Evaluates every (task, variant, format, shots) cell with the batched engine, writes the records, the
+summaries and the accuracy-vs-shots plot into ``--out``, and prints per cell its accuracy and per (task, format,
+shots) the rule its answers follow (``report.cues``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from icl_ft.evaluation import engine
-from icl_ft.report import outputs, tables
+from icl_ft.report import cues, outputs, tables
 
 F = flags.FLAGS
 
@@ -44,6 +45,8 @@ def main(argv) -> None:
         f"lenient={row['acc_lenient']:.3f} strict={row['acc_strict']:.3f} "
         f"[{row['ci_strict_lo']:.2f}, {row['ci_strict_hi']:.2f}]")
     print(f"{row['task']:>10} {row['variant']:>12} {row['format']:>5} k={row['shots']:<2} n={row['n']:<4} {acc}")
+  for row in cues.analyse([dict(r) for r in records]):
+    print(f"{row['task']:>10} {row['format']:>5} k={row['shots']:<2} answers follow: {cues.verdict_text(row)}")
   print("skipped (too long):", len(skipped))
   for k, v in paths.items():
     print(f"{k}: {v}")

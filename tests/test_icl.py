@@ -275,3 +275,13 @@ def test_wilson_intervals_hold_their_proportion_exactly():
     for hits in range(n + 1):
       lo, hi = wilson(hits, n)
       assert 0.0 <= lo <= hits / n <= hi <= 1.0, (hits, n, lo, hi)
+
+
+def test_icl_command_prints_accuracy_and_the_rule_followed(tiny_lm, tmp_path):
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "icl_ft.icl", f"--model={tiny_lm[0]}", "--task=parity",
+                        "--variant=correct,misleading-z", "--shots=0,1", "--n=2", f"--out={tmp_path}"],
+                       capture_output=True, text=True, check=True).stdout
+  assert "misleading-z paper k=1  n=2" in out and out.count("answers follow:") == 2
+  assert (tmp_path / "records.jsonl").exists()
