@@ -156,6 +156,21 @@ def _find(rows: Sequence[dict], **match) -> dict | None:
   return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
+def _training(metrics: Sequence[dict], fewshot_metrics: Sequence[dict], ft_cues: dict | None,
+              heldout: dict[str, list[dict]] | None) -> dict:
+  """Training statistics: steps, samples, first and last loss, median real tokens/s and MFU (the first step,
+  which compiles, left out), the few-shot control's losses, the data's cue shares and the held-out losses."""
+  steady = list(metrics[1:] or metrics)  # the first step includes compilation
+  train = dict(steps=len(metrics), samples=metrics[-1]["samples"] if metrics else 0,
+               first_loss=metrics[0]["loss"] if metrics else None, final_loss=metrics[-1]["loss"] if metrics else None,
+               median_tokens_per_s=float(np.median([m["tokens_per_s"] for m in steady])) if steady else None,
+               median_mfu=float(np.median([m["mfu"] for m in steady])) if steady else None,
+               fewshot=dict(steps=len(fewshot_metrics), first_loss=fewshot_metrics[0]["loss"],
+                            final_loss=fewshot_metrics[-1]["loss"]) if fewshot_metrics else None)
+  train.update(data_cues=ft_cues, heldout=heldout or {})
+  return train
+
+
 def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], metrics: Sequence[dict],
                   circuits: dict, timings: dict, report_step: int | None = None,
                   fewshot_metrics: Sequence[dict] = (), ft_cues: dict | None = None,
@@ -196,14 +211,7 @@ def study_results(config: dict, icl_summary: dict, ft_summary: Sequence[dict], m
                        icl_dev_breaking=_cell(dev, rule, "_breaking"), ft_fewshot=_cell(fewshot, rule),
                        controls={m: _cell(r, rule) for m, r in controls.items()})
     table.append(row)
-  steady = list(metrics[1:] or metrics)  # the first step includes compilation
-  train = dict(steps=len(metrics), samples=metrics[-1]["samples"] if metrics else 0,
-               first_loss=metrics[0]["loss"] if metrics else None, final_loss=metrics[-1]["loss"] if metrics else None,
-               median_tokens_per_s=float(np.median([m["tokens_per_s"] for m in steady])) if steady else None,
-               median_mfu=float(np.median([m["mfu"] for m in steady])) if steady else None,
-               fewshot=dict(steps=len(fewshot_metrics), first_loss=fewshot_metrics[0]["loss"],
-                            final_loss=fewshot_metrics[-1]["loss"]) if fewshot_metrics else None)
-  train.update(data_cues=ft_cues, heldout=heldout or {})
+  train = _training(metrics, fewshot_metrics, ft_cues, heldout)
   circuit_formats = {t: c["config"]["fmt"] for t, c in circuits.items()}
   return json_safe(dict(config=config, versions=package_versions(), formats=formats(config, circuit_formats),
                         table=table, cues=list(cue_analysis),

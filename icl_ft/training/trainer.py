@@ -212,10 +212,8 @@ def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, 
 
   Checkpoints (parameters, optimizer state, step; the data position is the step, since batch order is
   a function of (seed, step)) are saved every ``save_every`` steps and at the end, keeping ``keep``.
-  A NaN/inf loss raises ``TrainingDivergedError`` without saving; the last good checkpoint remains.
-  Metrics go to ``workdir/metrics.jsonl``; with ``heldout`` (name -> examples), ``workdir/heldout.jsonl`` gets
-  each set's mean loss per scored token before training (step 0, unless resumed) and at every saved step, with
-  a digest of the sets (rows of other sets are dropped on resume).
+  A NaN/inf loss raises ``TrainingDivergedError`` without saving; the last good checkpoint remains. Metrics go
+  to ``workdir/metrics.jsonl``; ``heldout`` sets' losses at step 0 and every save to ``heldout.jsonl``.
   """
   mesh = mesh or sharding.make_mesh()
   workdir = files.as_path(workdir)
@@ -224,21 +222,15 @@ def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, 
   step_fn, batch_sh = _compiled_step(model_cfg, cfg, mesh, state, frozen is not None)
   fingerprint = _fingerprint(model_cfg, cfg, data)
   metrics_path = workdir / "metrics.jsonl"
-  heldout_path = workdir / HELDOUT
   history = files.read_jsonl(metrics_path) if metrics_path.exists() else []
-  digest = _digest({k: [d.ids, d.loss_mask] for k, d in sorted(heldout.items())}) if heldout else None
-  held = [h for h in (files.read_jsonl(heldout_path) if heldout and heldout_path.exists() else [])
-          if h.get("data") == digest]
+  held = _HeldoutLog(model_cfg, cfg, heldout or {}, mesh, length_multiple, workdir / HELDOUT)
   with checkpoints.manager(workdir / "checkpoints", keep=cfg.keep) as mngr:
     restored, start = checkpoints.restore_latest(mngr, checkpoints.abstract(state), fingerprint)
-    if restored is not None:
-      state = restored
-    history, held = [m for m in history if m["step"] <= (start or 0)], [h for h in held if h["step"] <= (start or 0)]
+    state = state if restored is None else restored
+    history = [m for m in history if m["step"] <= (start or 0)]
+    held.resume(start or 0, state["params"], frozen)
     meter = _Meter(model_cfg, cfg)
     rows = dataset.split_rows(cfg.batch_size, jax.process_index(), jax.process_count())
-    evaluate = _heldout_loss(model_cfg, cfg, heldout, mesh, length_multiple) if heldout else None
-    if evaluate and not held and restored is None:
-      held.append(dict(step=0, samples=0, data=digest, **evaluate(state["params"], frozen)))
     bar = tqdm(range(start or 0, cfg.steps), initial=start or 0, total=cfg.steps, desc="train", disable=not progress)
     for step in bar:
       local = dataset.batch_at(data, step, cfg.batch_size, cfg.seed, length_multiple, rows)
@@ -255,16 +247,14 @@ def train(model_cfg: ModelConfig, base_params: Params, data: dataset.FTDataset, 
       bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
       faults.point("finetune.step")  # a kill here loses the steps since the last checkpoint
       if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-        if evaluate:
-          held.append(dict(step=step + 1, samples=m["samples"], data=digest, **evaluate(state["params"], frozen)))
-          files.write_jsonl(heldout_path, held)
+        held.measure(step + 1, m["samples"], state["params"], frozen)
         checkpoints.save(mngr, step + 1, state, fingerprint)
         faults.point("finetune.save")  # a kill here leaves a half-written checkpoint, which Orbax ignores
         mngr.wait_until_finished()
         files.write_jsonl(metrics_path, history)
   files.write_jsonl(metrics_path, history)
   final = lora.merge(model_cfg, base_params, state["params"], cfg.lora) if cfg.lora else state["params"]
-  return TrainResult(final, state["params"], history, str(workdir / "checkpoints"), held)
+  return TrainResult(final, state["params"], history, str(workdir / "checkpoints"), held.rows)
 
 
 def _compiled_step(model_cfg: ModelConfig, cfg: TrainConfig, mesh: jax.sharding.Mesh, state: dict, lora_on: bool):
@@ -281,24 +271,42 @@ def _digest(payload) -> str:
   return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def _heldout_loss(model_cfg: ModelConfig, cfg: TrainConfig, sets: Mapping[str, dataset.FTDataset],
-                  mesh: jax.sharding.Mesh, length_multiple: int) -> Callable[[Params, Params | None], dict[str, float]]:
-  """evaluate(trainable, frozen) -> per set, the mean next-token loss per scored token (in micro-batches)."""
-  fn = jax.jit(_loss_fn(model_cfg, cfg))
-  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None))
-  micro = cfg.batch_size // cfg.grad_accum
-  rows = dataset.split_rows(micro, jax.process_index(), jax.process_count())
-  batches = {name: [{k: jax.make_array_from_process_local_data(sh, v) for k, v in b.items()}
-                    for b in dataset.eval_batches(data, micro, length_multiple, rows)] for name, data in sets.items()}
+class _HeldoutLog:
+  """The held-out losses of a run (``workdir/heldout.jsonl``): per set (name -> examples) the mean next-token
+  loss per scored token, in micro-batches, with a digest of the sets; rows of other sets are dropped."""
 
-  def evaluate(trainable, frozen) -> dict[str, float]:
-    out = {}
-    for name, bs in batches.items():
-      sums = [fn(trainable, frozen, b) for b in bs]
-      out[name] = sum(float(s) for s, _ in sums) / max(sum(float(n) for _, n in sums), 1.0)
-    return out
+  def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, sets: Mapping[str, dataset.FTDataset],
+               mesh: jax.sharding.Mesh, length_multiple: int, path):
+    self.path, self.rows, self.batches = path, [], {}
+    if not sets:
+      return
+    self.digest = _digest({k: [d.ids, d.loss_mask] for k, d in sorted(sets.items())})
+    self.loss = jax.jit(_loss_fn(model_cfg, cfg))
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None))
+    micro = cfg.batch_size // cfg.grad_accum
+    rows = dataset.split_rows(micro, jax.process_index(), jax.process_count())
+    self.batches = {name: [{k: jax.make_array_from_process_local_data(sh, v) for k, v in b.items()}
+                           for b in dataset.eval_batches(data, micro, length_multiple, rows)]
+                    for name, data in sets.items()}
 
-  return evaluate
+  def resume(self, start: int, trainable: Params, frozen: Params | None) -> None:
+    """Keeps the saved rows up to ``start``; before training (``start`` 0) measures step 0."""
+    if not self.batches:
+      return
+    saved = files.read_jsonl(self.path) if self.path.exists() else []
+    self.rows = [h for h in saved if h.get("data") == self.digest and h["step"] <= start]
+    if start == 0 and not self.rows:
+      self.measure(0, 0, trainable, frozen)
+
+  def measure(self, step: int, samples: int, trainable: Params, frozen: Params | None) -> None:
+    if not self.batches:
+      return
+    row = dict(step=step, samples=samples, data=self.digest)
+    for name, batches in self.batches.items():
+      sums = [self.loss(trainable, frozen, b) for b in batches]
+      row[name] = sum(float(s) for s, _ in sums) / max(sum(float(n) for _, n in sums), 1.0)
+    self.rows.append(row)
+    files.write_jsonl(self.path, self.rows)
 
 
 class _Meter:
