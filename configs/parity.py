@@ -1,9 +1,9 @@
 """Relation reasoning whose answer is fixed by the parity of the number of lines (the default study).
 
 ``python -m icl_ft.main --config=configs/parity.py`` runs it end to end on the embedded SmolLM2-135M in
-about 24 minutes on a 2-core CPU. The task has two cues that agree on every correct item, the line count's
-parity and a line mentioning Z; ``misleading`` breaks the parity cue, ``misleading-z`` the Z cue, so the
-headline can say which one each condition's answers follow. Fine-tuning uses the recipe the sweep in
+about 25 minutes on a 2-core AVX-512 CPU. The task has two cues that agree on every correct item, the line count's
+parity and a line mentioning Z; ``misleading`` breaks the parity cue (Z decides), ``misleading-z`` both (Z
+present but not connected, 10 lines), so the headline can tell parity from Z and either from the gold. Fine-tuning uses the recipe the sweep in
 BUILD_NOTES chose: lr 3e-4 on the texts with the test header (at the release's lr 1e-5, or on bare texts with
 another seed, no answer moves on this model).
 """

@@ -79,16 +79,14 @@ def _headline(results: dict) -> list[str]:
       vs = [next((cues.difference_text(d) for d in diffs if d["task"] == task and d["condition"] == r["condition"]
                   and d["variant"] == v), "–") for v in variants]
       lines.append(f"| {r['condition']} | {r['n']} | {cues.verdict_text(r)} | " + " | ".join(agree)
-                   + f" | {_share(r['conflict'])} ({_share(r['conflict_modal'], ci=False)}; n = {r['conflict']['n']}) | "
+                   + f" | {_share(r['conflict'])} ({_share(r['conflict_modal'])}; n = {r['conflict']['n']}) | "
                    + "".join(f"{v} | " for v in vs))
     lines.append("")
   return lines
 
 
-def _share(c: dict | None, ci: bool = True) -> str:
-  if not c or not c["n"]:
-    return "–"
-  return f"{c['share']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]" if ci else f"{c['share']:.2f}"
+def _share(c: dict | None) -> str:
+  return "–" if not c or not c["n"] else f"{c['share']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]"
 
 
 def _comparison(results: dict) -> list[str]:

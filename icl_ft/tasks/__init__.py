@@ -100,11 +100,11 @@ def make_ft_examples(task: str | Task, n: int, seed: int, fmt: str, heldout: boo
   rng = keyed_rng("ft", t.name, fmt, seed, *(("heldout",) if heldout else ()))
   out: list[Example] = []
   for _ in range(100 * _count("n", n) + 100):
-    if len(out) == n:
-      return out
     ex = t.sample("correct", rng, fmt, ft=True)
     if ex.question not in exclude:
       out.append(ex)
+    if len(out) == n:
+      return out
   raise ValueError(f"{t.name} ({fmt}): could not draw {n} fine-tuning examples outside the {len(exclude)} excluded "
                    "questions; its question space is too small for this many held-out examples (lower n_heldout)")
 
