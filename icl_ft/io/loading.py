@@ -50,6 +50,25 @@ REGISTRY: dict[str, str] = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 
+# The shapes of the paper's models (values of their public config.json files), so that a grid can be sized
+# (``icl_ft.grid --dry_run``) and ordered by parameter count where the hub is out of reach.
+_QWEN15 = dict(model_type="qwen2", vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
+SHAPES: dict[str, dict] = {
+    "qwen1.5-0.5b": dict(_QWEN15, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                         num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=True),
+    "qwen1.5-1.8b": dict(_QWEN15, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+                         num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False),
+    "qwen1.5-7b": dict(_QWEN15, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
+    "pythia-1.4b": dict(model_type="gpt_neox", vocab_size=50304, hidden_size=2048, intermediate_size=8192,
+                        num_hidden_layers=24, num_attention_heads=16, max_position_embeddings=2048, rotary_pct=0.25,
+                        rotary_emb_base=10000, use_parallel_residual=True, hidden_act="gelu",
+                        tie_word_embeddings=False),
+    "gpt-neo-1.3b": dict(model_type="gpt_neo", vocab_size=50257, hidden_size=2048, num_layers=24, num_heads=16,
+                         max_position_embeddings=2048, window_size=256, activation_function="gelu_new",
+                         attention_types=[[["global", "local"], 12]]),
+}
+
 
 class ModelNotFoundError(FileNotFoundError):
   """The name is neither registered, nor a local checkpoint, nor reachable on the hub."""
@@ -128,6 +147,29 @@ def model_config(name_or_path: str) -> ModelConfig:
   if not (path / "config.json").is_file():
     raise convert.CheckpointError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
   return ModelConfig.from_json(path / "config.json")
+
+
+def sizing_config(name_or_path: str) -> ModelConfig:
+  """The model's config for sizing and ordering, never reaching the hub: ``model_config`` of a local checkpoint
+  (the embedded model, a directory or a GGUF file), else the recorded ``SHAPES`` of a registered paper model.
+  Raises ``ModelNotFoundError`` for anything else."""
+  target = check_name(name_or_path)
+  if Path(target).expanduser().exists():
+    return model_config(name_or_path)
+  if name_or_path in SHAPES:
+    return ModelConfig.from_hf(SHAPES[name_or_path])
+  raise ModelNotFoundError(f"cannot size {name_or_path!r} without the hub: pass a local checkpoint directory, or "
+                           f"one of the models whose shapes are recorded: {', '.join(SHAPES)}")
+
+
+def model_facts(name_or_path: str, dtype: str) -> dict[str, Any]:
+  """The model's name, dtype, architecture and parameter count (``sizing_config``; None where it cannot be read
+  here)."""
+  try:
+    cfg = sizing_config(name_or_path)
+  except (ModelNotFoundError, OSError, ValueError):
+    return dict(name=name_or_path, dtype=dtype, arch=None, params=None)
+  return dict(name=name_or_path, dtype=dtype, arch=cfg.arch, params=cfg.num_params())
 
 
 def check(name_or_path: str) -> ModelConfig:

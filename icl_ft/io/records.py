@@ -124,7 +124,7 @@ def _checked(d: Mapping[str, Any], path: files.PathLike) -> Mapping[str, Any]:
   return d
 
 
-DOCUMENT_KINDS = ("summary", "circuits", "results")
+DOCUMENT_KINDS = ("summary", "circuits", "results", "grid")
 
 
 def write_document(path: files.PathLike, kind: str, payload: Mapping[str, Any]) -> files.epath.Path:

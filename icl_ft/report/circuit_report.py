@@ -137,7 +137,7 @@ def _reading(res: dict) -> list[str]:
     for key, c in res[f]["contrasts"].items():
       tv = _corrected(c)
       if _beyond(tv):
-        a, b = _split_contrast(key, conds)
+        a, b = split_contrast(key, conds)
         more, less = (a, b) if tv["point"] > 0 else (b, a)
         found.append(key)
         out.append(f"{f}: {more} moves the circuit more than {less} (test: cross-fitted TV contrast {_ci(tv)}; "
@@ -148,7 +148,7 @@ def _reading(res: dict) -> list[str]:
   return ["**Reading.** " + " ".join(out)]
 
 
-def _split_contrast(key: str, conds: dict) -> tuple[str, str]:
+def split_contrast(key: str, conds: dict) -> tuple[str, str]:
   """``a-b`` of two condition names that may contain hyphens."""
   for a in conds:
     if key.startswith(a + "-") and key[len(a) + 1:] in conds:

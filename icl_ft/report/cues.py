@@ -151,9 +151,11 @@ def verdict_text(row: dict) -> str:
   return f"{what}{aliases}: agrees on {agree['share']:.2f} [{agree['lo']:.2f}, {agree['hi']:.2f}]{unanswered}"
 
 
-def differences_from_base(records: Sequence[dict], rule: str = "strict") -> list[dict]:
-  """Per condition other than base and per variant: its accuracy minus the base model's 0-shot accuracy on the
-  same test items (``rule``), with Newcombe's paired interval; ``detected`` when the interval excludes 0."""
+def paired_differences(records: Sequence[dict], reference: tuple[str, int | None, int], rule: str = "strict",
+                       methods: Sequence[str] | None = None) -> list[dict]:
+  """Per condition (of ``methods``, default every one but the reference) and per variant: its accuracy minus the
+  accuracy of the ``reference`` condition ``(method, step, shots)`` on the same test items (``rule``), with
+  Newcombe's paired interval; ``detected`` when the interval excludes 0."""
   cells: dict[tuple, dict[int, bool]] = collections.defaultdict(dict)
   for r in records:
     if r.get("split", "test") == "test":
@@ -161,14 +163,27 @@ def differences_from_base(records: Sequence[dict], rule: str = "strict") -> list
   out = []
   for key, hits in cells.items():
     meta = dict(zip((*CONDITION_KEYS, "variant"), key))
-    base = cells.get((meta["task"], meta["format"], "base", None, 0, meta["variant"]))
-    if meta["method"] == "base" or base is None:
+    ref = cells.get((meta["task"], meta["format"], *reference, meta["variant"]))
+    if (meta["method"], meta["step"], meta["shots"]) == tuple(reference) or ref is None or (
+        methods is not None and meta["method"] not in methods):
       continue
-    items = sorted(set(hits) & set(base))
-    diff, lo, hi = paired_difference([hits[i] for i in items], [base[i] for i in items])
-    out.append(dict(meta, condition=condition_name(meta), n=len(items), diff=diff, lo=lo, hi=hi,
+    items = sorted(set(hits) & set(ref))
+    diff, lo, hi = paired_difference([hits[i] for i in items], [ref[i] for i in items])
+    out.append(dict(meta, condition=condition_name(meta), rule=rule, n=len(items), diff=diff, lo=lo, hi=hi,
                     detected=lo > 0 or hi < 0))
   return sorted(out, key=lambda r: (*_order(r), r["variant"]))
+
+
+def differences_from_base(records: Sequence[dict], rule: str = "strict") -> list[dict]:
+  """Every condition's accuracy minus the base model's 0-shot accuracy on the same items (``paired_differences``)."""
+  return paired_differences(records, ("base", None, 0), rule)
+
+
+def icl_minus_ft(records: Sequence[dict], step: int) -> list[dict]:
+  """ICL with real demos at each k minus the fine-tuned model (0-shot, checkpoint ``step``) on the same items,
+  lenient and strict (``paired_differences``): the ICL - FT gap."""
+  return [row for rule in ("lenient", "strict")
+          for row in paired_differences(records, ("ft", step, 0), rule, methods=("icl",))]
 
 
 def difference_text(row: dict) -> str:

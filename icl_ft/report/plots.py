@@ -158,3 +158,111 @@ def plot_vectors(outdir: files.PathLike, results: dict, effects: dict):
 # Circuit figure name -> draw(directory, results, per-condition effects) -> path.
 CIRCUIT_FIGURES = {"heatmaps": plot_heatmaps, "mlps": plot_mlps, "shifts": plot_shifts,
                    "faithfulness": plot_faithfulness, "vectors": plot_vectors}
+
+
+# -- the grid (``icl_ft.aggregate``) -------------------------------------------------------------------------------
+
+def _grid_point(row: dict, key: str) -> tuple[float, float, float]:
+  """(value, lo, hi) of an aggregated row: across seeds when there are several, else the one run's."""
+  a = row.get("across")
+  if a is not None:
+    return a["mean"], a["lo"], a["hi"]
+  r = row["runs"][0]
+  return (np.nan, np.nan, np.nan) if r[key] is None else (r[key], r["lo"], r["hi"])
+
+
+def _panels(plt, keys: Sequence, width: float = 4.0):
+  cols = min(len(keys), 3)
+  rows = -(-len(keys) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.2 * rows), squeeze=False)
+  for ax in axes.flat[len(keys):]:
+    ax.set_visible(False)
+  return fig, list(axes.flat)
+
+
+def _errorbar(ax, xs, points, **kw):
+  y = np.array([p[0] for p in points], np.float64)
+  err = np.abs(np.array([[p[0] - p[1] for p in points], [p[2] - p[0] for p in points]], np.float64))
+  ax.errorbar(xs, y, yerr=err, marker="o", capsize=3, **kw)
+
+
+def plot_grid_accuracy(group: dict, path, rule: str = "strict"):
+  """Accuracy vs parameter count (log), one panel per task and variant, one line per condition (95% intervals:
+  across seeds when replicated, else the run's Wilson interval). Models of unknown size are left out."""
+  from icl_ft.report.aggregation import CONDITIONS
+  plt = _plt()
+  size = {m["label"]: m["params"] for m in group["models"] if m["params"]}
+  panels = sorted({(r["task"], r["variant"]) for r in group["accuracy"]})
+  fig, axes = _panels(plt, panels)
+  for ax, (task, variant) in zip(axes, panels):
+    for offset, (cond, name) in enumerate(CONDITIONS.items()):
+      rows = sorted((r for r in group["accuracy"] if (r["task"], r["variant"], r["rule"], r["condition"]) == (
+          task, variant, rule, cond) and r["model"] in size), key=lambda r: size[r["model"]])
+      if rows:
+        _errorbar(ax, [size[r["model"]] * 1.04 ** offset for r in rows], [_grid_point(r, "acc") for r in rows],
+                  label=name)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{task} / {variant}", fontsize=9)
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(f"accuracy ({rule})")
+    ax.grid(alpha=0.3)
+  if axes[0].get_legend_handles_labels()[0]:
+    axes[0].legend(fontsize=7)
+  return files.save_figure(fig, path, dpi=110)
+
+
+def plot_grid_gap(group: dict, path, rule: str = "strict"):
+  """ICL - FT (paired, 95% interval) vs parameter count, one panel per task, one line per variant and ICL choice
+  (dev-chosen k where the runs have a dev split, else the best k on test)."""
+  plt = _plt()
+  size = {m["label"]: m["params"] for m in group["models"] if m["params"]}
+  tasks_ = sorted({r["task"] for r in group["gaps"]})
+  fig, axes = _panels(plt, tasks_ or ["(no gaps)"])
+  for ax, task in zip(axes, tasks_):
+    rows = [r for r in group["gaps"] if r["task"] == task and r["rule"] == rule and r["model"] in size]
+    choice = "icl_dev" if any(r["condition"] == "icl_dev" for r in rows) else "icl_best"
+    for offset, variant in enumerate(sorted({r["variant"] for r in rows})):
+      line = sorted((r for r in rows if r["variant"] == variant and r["condition"] == choice),
+                    key=lambda r: size[r["model"]])
+      _errorbar(ax, [size[r["model"]] * 1.04 ** offset for r in line], [_grid_point(r, "diff") for r in line],
+                label=f"{variant} ({choice.replace('icl_', '')} k)")
+    ax.axhline(0, color="k", lw=1)
+    ax.set_xscale("log")
+    ax.set_ylim(-1.02, 1.02)
+    ax.set_title(task, fontsize=9)
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(f"ICL − FT accuracy ({rule})")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  return files.save_figure(fig, path, dpi=110)
+
+
+def plot_grid_circuits(group: dict, path, family: str = "heads"):
+  """The cross-fitted TV contrasts (ICL - FT and the controls) per model, one panel per task, with 95% intervals;
+  contrasts without a number (a condition has no circuit) are left out."""
+  plt = _plt()
+  labels = [m["label"] for m in group["models"]]
+  rows = [r for r in group["circuits"] if r["family"] == family]
+  tasks_ = sorted({r["task"] for r in rows})
+  fig, axes = _panels(plt, tasks_ or ["(no circuits)"], width=5.0)
+  for ax, task in zip(axes, tasks_):
+    keys = sorted({(r["a"], r["b"]) for r in rows if r["task"] == task})
+    for offset, (a, b) in enumerate(keys):
+      line = [r for r in rows if (r["task"], r["a"], r["b"]) == (task, a, b) and r["runs"][0]["point"] is not None]
+      xs = [labels.index(r["model"]) + 0.1 * (offset - len(keys) / 2) for r in line]
+      _errorbar(ax, xs, [_grid_point(r, "point") for r in line], ls="none", label=f"{a} − {b}")
+    ax.axhline(0, color="k", lw=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
+    ax.set_title(f"{task}: {family}", fontsize=9)
+    ax.set_ylabel("cross-fitted TV contrast (95% CI)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  return files.save_figure(fig, path, dpi=110)
+
+
+GRID_FIGURES = {"accuracy vs model size (strict)": ("accuracy_vs_size.png", plot_grid_accuracy),
+                "ICL − FT vs model size (strict)": ("gap_vs_size.png", plot_grid_gap),
+                "circuit-shift contrasts (heads)": ("circuit_contrasts.png", plot_grid_circuits)}

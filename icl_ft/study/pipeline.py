@@ -181,6 +181,11 @@ class Study:
       stage.check(cfg, mesh)
     return steps
 
+  @property
+  def ran(self) -> frozenset[str]:
+    """The stages this run executed (the others were skipped as up to date)."""
+    return frozenset(self._ran)
+
   # -- running -------------------------------------------------------------------------------------------------
   def run(self) -> dict[str, dict]:
     """Plans, then runs (or skips) each selected stage in order under the lock; returns every completed

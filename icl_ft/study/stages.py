@@ -217,6 +217,7 @@ def _report(study: Study, d: epath.Path, units: Units) -> dict:
                                           if p.exists()})
   figures, circuit_figures, warnings = _figures(study)
   results["warnings"] = results["formats"]["warnings"] + warnings
+  results.update(model=loading.model_facts(cfg.model, cfg.dtype), gaps=cues.icl_minus_ft(answers, cfg.ft_report_step))
   write_document(study.root / "results.json", "results", results)
   faults.point("report.write")
   files.atomic_write_text(study.root / "REPORT.md", render.render_study(results, figures, circuit_figures))

@@ -1,0 +1,253 @@
+"""Aggregation of finished study runs into the paper's grid (``python -m icl_ft.aggregate``): every number comes
+from a run's ``results.json``, per model (ordered by parameter count), task, variant, scoring rule and condition,
+with each run's own interval and, where seeds replicate a cell, the across-seed mean and Student-t interval.
+
+Runs may differ in their model, dtype, tasks, data seed and fine-tuning seed, and in how they were executed
+(``EXECUTION_KEYS``: mesh, batch sizes, remat); any other differing config key is refused by name, unless the
+runs are split into groups by it (``group_by``). Runs that have not finished (no results.json, or one older than
+a stage's latest results) are listed with what they lack, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+from etils import epath
+
+from icl_ft.io import files, loading
+from icl_ft.report.circuit_report import split_contrast
+from icl_ft.report.tables import RULES
+from icl_ft.stats.replicates import across
+from icl_ft.study.workdir import flat
+
+IDENTITY_KEYS = ("model", "dtype", "tasks", "seed", "ft.seed")  # what a grid varies: rows, columns, replicates
+EXECUTION_KEYS = ("name", "workdir", "note", "progress", "overwrite", "stages", "mesh.data", "mesh.fsdp",
+                  "mesh.tensor", "icl.batch_size", "ft.grad_accum", "ft.remat", "ft.unroll_layers", "circuits.chunk")
+CONDITIONS = {"base_0shot": "base 0-shot", "ft_0shot": "FT 0-shot", "icl_best": "ICL best",
+              "icl_dev": "ICL dev-chosen"}
+STAGES = ("data", "icl", "finetune", "ft_eval", "circuits", "report")
+
+
+class GridError(ValueError):
+  """The runs cannot be aggregated as given; the message says which runs and keys, and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A finished run: where it is, its results and the identity keys of its config."""
+  path: str
+  results: dict
+
+  @property
+  def config(self) -> dict:
+    return self.results["config"]
+
+  @property
+  def model(self) -> tuple[str, str]:
+    return str(self.config["model"]), str(self.config["dtype"])
+
+  @property
+  def params(self) -> int | None:
+    """The parameter count results.json records (older runs: the model's config, where it can be read here)."""
+    recorded = self.results.get("model") or loading.model_facts(*self.model)
+    return recorded.get("params")
+
+  @property
+  def replicate(self) -> tuple[int, int]:
+    return int(self.config["seed"]), int(self.config["ft"]["seed"])
+
+
+def _stage_state(root: epath.Path) -> dict[str, list[str]]:
+  done = [s for s in STAGES if (root / s / "DONE.json").exists()]
+  started = [s for s in STAGES if s not in done and (root / s / "STARTED.json").exists()]
+  return dict(done=done, interrupted=started, not_started=[s for s in STAGES if s not in done + started])
+
+
+def _stale(root: epath.Path) -> list[str]:
+  """Stages whose latest results the report stage did not read (the report predates them)."""
+  report = files.read_json(root / "report" / "DONE.json")
+  out = []
+  for stage, up in report.get("upstream", {}).items():
+    done = root / stage / "DONE.json"
+    if not done.exists() or files.read_json(done).get("fingerprint") != (up.get("fingerprint") if isinstance(
+        up, dict) else up):
+      out.append(stage)
+  return out
+
+
+def read_run(path: str) -> Run | dict:
+  """The run in directory ``path`` (or of its ``results.json``), or a dict saying why it is not finished."""
+  root = files.as_path(path)
+  if root.name == "results.json":
+    root = root.parent
+  if not root.is_dir():
+    return dict(run=str(root), reason="no such directory", **dict(done=[], interrupted=[], not_started=list(STAGES)))
+  state = _stage_state(root)
+  if not (root / "results.json").exists() or "report" not in state["done"]:
+    return dict(run=str(root), reason="no results.json: the report stage has not finished", **state)
+  try:
+    stale = _stale(root)
+    results = files.read_json(root / "results.json")
+  except (OSError, ValueError) as e:
+    return dict(run=str(root), reason=f"results.json or a stage record cannot be read ({e})", **state)
+  if stale:
+    return dict(run=str(root), reason=f"results.json predates the latest results of stage(s) {', '.join(stale)}: "
+                "rerun its study (the report stage reruns)", **state)
+  return Run(str(root), results)
+
+
+def expand(patterns: Iterable[str]) -> list[str]:
+  """Run directories from paths and globs, in order, each once (a glob matching nothing is an error naming it)."""
+  out: list[str] = []
+  for pattern in patterns:
+    if not any(ch in pattern for ch in "*?["):
+      out.append(pattern)
+      continue
+    parent, _, rest = pattern[:min(pattern.index(ch) for ch in "*?[" if ch in pattern)].rpartition("/")
+    matched = sorted(str(p) for p in files.as_path(parent or ".").glob(pattern[len(parent) + 1:] if parent else pattern))
+    if not matched:
+      raise GridError(f"--runs pattern {pattern!r} matches nothing")
+    out += matched
+  return list(dict.fromkeys(out))
+
+
+def _settings(run: Run) -> dict[str, Any]:
+  """The run's config keys that must agree within a group (all but identity and execution keys)."""
+  skip = set(IDENTITY_KEYS) | set(EXECUTION_KEYS)
+  return {k: v for k, v in flat(run.config).items() if k not in skip}
+
+
+def group(runs: Sequence[Run], group_by: Sequence[str] = ()) -> list[tuple[dict, list[Run]]]:
+  """The runs split by the values of ``group_by`` keys, each group checked: no other settings differ and no cell
+  (model, dtype, task, seed, FT seed) is measured twice. Raises ``GridError`` naming what differs."""
+  groups: dict[tuple, list[Run]] = collections.defaultdict(list)
+  for run in runs:
+    settings = flat(run.config)
+    unknown = [k for k in group_by if k not in settings]
+    if unknown:
+      raise GridError(f"--group_by key(s) {unknown} are not config keys of {run.path}; keys look like "
+                      f"'ft.lr' or 'icl.n'")
+    groups[tuple(str(settings[k]) for k in group_by)].append(run)
+  for members in groups.values():
+    _check_group(members, group_by)
+  return [(dict(zip(group_by, key)), members) for key, members in sorted(groups.items())]
+
+
+def _check_group(runs: Sequence[Run], group_by: Sequence[str]) -> None:
+  values: dict[str, dict[str, Any]] = collections.defaultdict(dict)
+  for run in runs:
+    for k, v in _settings(run).items():
+      values[k][run.path] = v
+  differing = {k: by_run for k, by_run in values.items() if k not in group_by and (
+      len(by_run) < len(runs) or len({repr(v) for v in by_run.values()}) > 1)}
+  if differing:
+    lines = [f"  {k}: " + ", ".join(f"{path} = {by_run.get(path, '(absent)')!r}" for path in [r.path for r in runs])
+             for k, by_run in sorted(differing.items())]
+    raise GridError("the runs differ in config keys other than model, dtype, tasks and seeds:\n" + "\n".join(lines[:20])
+                    + f"\nAggregate them separately, or split them into groups with --group_by="
+                    f"{','.join(sorted(differing)[:3])}. Nothing was written.")
+  seen: dict[tuple, str] = {}
+  for run in runs:
+    for task in _tasks(run):
+      key = (*run.model, task, *run.replicate)
+      if key in seen:
+        raise GridError(f"{seen[key]} and {run.path} both measure {key[0]} ({key[1]}) on {task} with seed "
+                        f"{key[3]} and FT seed {key[4]}: leave one out. Nothing was written.")
+      seen[key] = run.path
+
+
+def _tasks(run: Run) -> list[str]:
+  return sorted({row["task"] for row in run.results["table"]})
+
+
+# -- numbers ------------------------------------------------------------------------------------------------------
+
+def _models(runs: Sequence[Run]) -> list[dict]:
+  """One row per (model, dtype), smallest first (models of unknown size last); labelled with the dtype only when
+  the runs have several."""
+  dtypes = {r.model[1] for r in runs}
+  params = {r.model: r.params for r in runs}
+  keys = sorted(params, key=lambda m: (params[m] is None, params[m] or 0, m))
+  return [dict(model=m, dtype=d, params=params[(m, d)], label=m if len(dtypes) == 1 else f"{m} ({d})")
+          for m, d in keys]
+
+
+def _replicate(run: Run, **numbers) -> dict:
+  seed, ft_seed = run.replicate
+  return dict(run=run.path, seed=seed, ft_seed=ft_seed, **numbers)
+
+
+def _accuracy_rows(runs: Sequence[Run], label: dict) -> list[dict]:
+  """Per model, task, variant, rule and condition: each run's accuracy with its Wilson interval (and k for ICL)."""
+  cells: dict[tuple, list[dict]] = collections.defaultdict(list)
+  for run in runs:
+    for row in run.results["table"]:
+      for rule in RULES:
+        for cond in CONDITIONS:
+          c = row[rule].get(cond)
+          if c and c.get("acc") is not None:
+            cells[(label[run.model], row["task"], row["variant"], rule, cond)].append(_replicate(
+                run, acc=c["acc"], lo=c["lo"], hi=c["hi"], n=c["n"], shots=c.get("shots")))
+  return [dict(model=m, task=t, variant=v, rule=rule, condition=cond, runs=reps,
+               across=across([r["acc"] for r in reps], bounds=(0.0, 1.0)))
+          for (m, t, v, rule, cond), reps in cells.items()]
+
+
+def _gap_rows(runs: Sequence[Run], label: dict) -> list[dict]:
+  """Per model, task, variant, rule and ICL choice (best k on test / k chosen on dev): ICL minus FT, paired on
+  the same items (``cues.icl_minus_ft``), at the run's chosen k."""
+  cells: dict[tuple, list[dict]] = collections.defaultdict(list)
+  for run in runs:
+    gaps = {(g["task"], g["variant"], g["rule"], g["shots"]): g for g in run.results.get("gaps", [])}
+    for row in run.results["table"]:
+      for rule in RULES:
+        for choice in ("icl_best", "icl_dev"):
+          cell = row[rule].get(choice)
+          g = gaps.get((row["task"], row["variant"], rule, cell["shots"])) if cell else None
+          if g:
+            cells[(label[run.model], row["task"], row["variant"], rule, choice)].append(_replicate(
+                run, diff=g["diff"], lo=g["lo"], hi=g["hi"], n=g["n"], shots=g["shots"], detected=g["detected"]))
+  return [dict(model=m, task=t, variant=v, rule=rule, condition=choice, runs=reps,
+               across=across([r["diff"] for r in reps], bounds=(-1.0, 1.0)))
+          for (m, t, v, rule, choice), reps in cells.items()]
+
+
+def _circuit_rows(runs: Sequence[Run], label: dict) -> list[dict]:
+  """Per model, task, component family and contrast: the cross-fitted TV contrast (the tested number) with its
+  interval, or why there is none (a condition without a circuit)."""
+  cells: dict[tuple, list[dict]] = collections.defaultdict(list)
+  sides: dict[str, tuple[str, str]] = {}
+  for run in runs:
+    for task, res in run.results.get("circuits", {}).items():
+      for family in ("heads", "mlps"):
+        for key, c in res[family]["contrasts"].items():
+          tv = c["tv"]
+          cf = tv.get("corrected") or {}
+          sides[key] = split_contrast(key, res[family]["conditions"])
+          cells[(label[run.model], task, family, key)].append(_replicate(
+              run, point=cf.get("point"), lo=cf.get("lo"), hi=cf.get("hi"), excludes_zero=cf.get("excludes_zero"),
+              raw=tv.get("point"), reason=tv.get("reason")))
+  return [dict(model=m, task=t, family=f, contrast=key, a=sides[key][0], b=sides[key][1], runs=reps,
+               across=across([r["point"] for r in reps], bounds=(-1.0, 1.0))
+               if all(r["point"] is not None for r in reps) else None)
+          for (m, t, f, key), reps in cells.items()]
+
+
+def aggregate(runs: Sequence[Run], unfinished: Sequence[dict] = (), group_by: Sequence[str] = ()) -> dict:
+  """Every number of the grid (grid.json): per group, its models (by size), the accuracy, gap and circuit rows
+  with each run's values and the across-seed statistics; the runs that are unfinished or lack a stage."""
+  out = []
+  for key, members in group(runs, group_by):
+    models = _models(members)
+    label = {(m["model"], m["dtype"]): m["label"] for m in models}
+    replicates = sorted({r.replicate for r in members})
+    out.append(dict(key=key, models=models, runs=[r.path for r in members],
+                    tasks=sorted({t for r in members for t in _tasks(r)}),
+                    replicates=[dict(seed=s, ft_seed=f) for s, f in replicates],
+                    settings=_settings(members[0]),
+                    accuracy=_accuracy_rows(members, label), gaps=_gap_rows(members, label),
+                    circuits=_circuit_rows(members, label),
+                    without_circuits=[r.path for r in members if not r.results.get("circuits")]))
+  return dict(groups=out, unfinished=list(unfinished))

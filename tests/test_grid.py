@@ -1,0 +1,232 @@
+"""The grid: aggregation of hand-made results.json files (table, order, refusal, unfinished runs, seeds), the
+grid's cells, its dry run, and the grid command end to end on a tiny model (resume after a kill, GRID.md equal
+to the runs' results.json)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from configs import grid as paper_grid
+from configs import grid_cpu
+from icl_ft import aggregate
+from icl_ft.io import files
+from icl_ft.report import aggregation
+from icl_ft.study import ConfigError, grid, sizing
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cell(acc, n=100, shots=None):
+  lo, hi = max(0.0, acc - 0.1), min(1.0, acc + 0.1)
+  return dict(acc=acc, lo=lo, hi=hi, n=n, n_skipped=0, **({"shots": shots} if shots is not None else {}))
+
+
+def _results(model="m-small", dtype="float32", params=int(5e8), seed=1, ft_seed=42, accs=(0.5, 0.9, 0.6),
+             icl_n=50, task="parity", contrast=-0.2):
+  base, ft, icl = accs
+  table = [dict(task=task, variant=v, **{rule: dict(base_0shot=_cell(base), ft_0shot=_cell(ft),
+                                                     icl_best=_cell(icl, 32, shots=4), icl_dev=None, controls={})
+                                         for rule in ("lenient", "strict")}) for v in ("correct", "misleading")]
+  gaps = [dict(task=task, format="paper", method="icl", step=None, shots=4, variant=v, rule=rule, n=32,
+               diff=icl - ft, lo=icl - ft - 0.15, hi=icl - ft + 0.15, detected=abs(icl - ft) > 0.15)
+          for v in ("correct", "misleading") for rule in ("lenient", "strict")]
+  tv = dict(point=contrast / 2, corrected=dict(point=contrast, lo=contrast - 0.05, hi=contrast + 0.05,
+                                                 excludes_zero=abs(contrast) > 0.05))
+  family = dict(conditions={"base": {}, "icl4": {}, "icl4-shuffled": {}, "ft": {}},
+                contrasts={"icl4-ft": {"tv": tv}, "icl4-icl4-shuffled": {"tv": {"point": None, "reason": "no circuit in icl4-shuffled"}}})
+  config = dict(name="x", model=model, dtype=dtype, seed=seed, tasks=task, workdir="w", note="",
+                icl=dict(n=icl_n, shots="0,4", batch_size=8), ft=dict(seed=ft_seed, lr=3e-4, grad_accum=1),
+                mesh=dict(data=1, fsdp=-1, tensor=1))
+  return dict(config=config, table=table, gaps=gaps, circuits={task: dict(heads=family, mlps=family)},
+              model=dict(name=model, dtype=dtype, arch="llama", params=params), schema=2, kind="results")
+
+
+def _write_run(root: Path, results: dict | None, stages=("data", "icl", "finetune", "ft_eval", "circuits", "report"),
+               started=()) -> Path:
+  for s in stages:
+    (root / s).mkdir(parents=True, exist_ok=True)
+    (root / s / "DONE.json").write_text(json.dumps({"fingerprint": s, "upstream": {}}))
+  for s in started:
+    (root / s).mkdir(parents=True, exist_ok=True)
+    (root / s / "STARTED.json").write_text("{}")
+  if results is not None:
+    (root / "results.json").write_text(json.dumps(results))
+  return root
+
+
+def _aggregate(tmp_path, runs, **kw):
+  lines = []
+  code = aggregate.write([str(r) for r in runs], str(tmp_path / "out"), log=lines.append, **kw)
+  return code, "\n".join(lines)
+
+
+def test_the_table_orders_models_by_size_and_copies_each_runs_numbers(tmp_path):
+  big = _write_run(tmp_path / "big", _results("m-big", params=int(7e9), accs=(0.55, 0.8, 0.95), contrast=0.3))
+  small = _write_run(tmp_path / "small", _results("m-small", params=int(5e8)))
+  code, log = _aggregate(tmp_path, [big, small])
+  assert code == 0, log
+  md = (tmp_path / "out" / "GRID.md").read_text()
+  rows = [line for line in md.splitlines() if line.startswith("| m-")]
+  assert [r.split(" | ")[0] for r in rows[:2]] == ["| m-small", "| m-big"]  # smallest first, in each table
+  assert rows[0].split(" | ")[1] == "500M" and rows[1].split(" | ")[1] == "7.00B"
+  assert "base 0-shot: 0.55 [0.45, 0.65]<br>FT 0-shot: 0.80 [0.70, 0.90]<br>ICL best (k=4): 0.95 [0.85, 1.00]" in rows[1]
+  assert "**ICL best (k=4): +0.15 [+0.00, +0.30]**" not in md  # not detected: |0.15| is not > 0.15
+  assert "ICL best (k=4): -0.30 [-0.45, -0.15]" in md  # the small model's gap, detected
+  assert "| m-big | parity | heads | icl4 − ft | +0.30 [+0.25, +0.35] | icl4 moves the circuit more |" in md
+  assert "| m-small | parity | heads | icl4 − ft | -0.20 [-0.25, -0.15] | ft moves the circuit more |" in md
+  assert "no circuit in icl4-shuffled" in md
+  g = files.read_json(tmp_path / "out" / "grid.json")
+  (group,) = g["groups"]
+  row = next(r for r in group["accuracy"] if (r["model"], r["variant"], r["rule"], r["condition"]) == (
+      "m-big", "correct", "strict", "ft_0shot"))
+  assert row["runs"][0]["acc"] == 0.8 and row["across"] is None
+  for name in ("accuracy_vs_size.png", "gap_vs_size.png", "circuit_contrasts.png"):
+    assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unfinished_and_stale_runs_are_listed_with_what_they_lack(tmp_path):
+  done = _write_run(tmp_path / "done", _results())
+  partial = _write_run(tmp_path / "partial", None, stages=("data",), started=("icl",))
+  stale = _write_run(tmp_path / "stale", _results(seed=2))
+  (stale / "report" / "DONE.json").write_text(json.dumps({"fingerprint": "r", "upstream": {"icl": {"fingerprint": "old"}}}))
+  code, log = _aggregate(tmp_path, [done, partial, stale, tmp_path / "missing"])
+  assert code == 0, log
+  md = (tmp_path / "out" / "GRID.md").read_text()
+  assert f"| {partial} | no results.json: the report stage has not finished | data | icl |" in md
+  assert f"| {stale} | results.json predates the latest results of stage(s) icl" in md
+  assert f"| {tmp_path / 'missing'} | no such directory |" in md
+  assert "1 finished run(s)" in md
+
+
+def test_runs_that_differ_in_a_setting_are_refused_by_name_or_grouped(tmp_path):
+  a = _write_run(tmp_path / "a", _results(icl_n=50))
+  b = _write_run(tmp_path / "b", _results("m-big", params=int(7e9), icl_n=100))
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "GRID.md").write_text("previous")
+  code, log = _aggregate(tmp_path, [a, b])
+  assert code == 2 and "icl.n" in log and f"{a} = 50" in log and f"{b} = 100" in log and "--group_by=icl.n" in log
+  assert (tmp_path / "out" / "GRID.md").read_text() == "previous" and not (tmp_path / "out" / "grid.json").exists()
+  code, log = _aggregate(tmp_path, [a, b], group_by=["icl.n"])
+  assert code == 0, log
+  md = (tmp_path / "out" / "GRID.md").read_text()
+  assert "## Group: icl.n=100" in md and "## Group: icl.n=50" in md
+  assert (tmp_path / "out" / "group1-accuracy_vs_size.png").exists()
+
+
+def test_the_same_cell_twice_is_refused(tmp_path):
+  a = _write_run(tmp_path / "a", _results())
+  b = _write_run(tmp_path / "b", _results())
+  code, log = _aggregate(tmp_path, [a, b])
+  assert code == 2 and "both measure m-small (float32) on parity with seed 1 and FT seed 42" in log
+
+
+def test_seeds_aggregate_to_their_mean_with_a_student_t_interval(tmp_path):
+  runs = [_write_run(tmp_path / f"s{s}", _results(seed=s, ft_seed=40 + s, accs=(0.5, base_ft, 0.6), contrast=c))
+          for s, base_ft, c in ((1, 0.5, -0.1), (2, 0.6, -0.2), (3, 0.7, -0.3))]
+  code, log = _aggregate(tmp_path, runs)
+  assert code == 0, log
+  (group,) = files.read_json(tmp_path / "out" / "grid.json")["groups"]
+  row = next(r for r in group["accuracy"] if (r["variant"], r["rule"], r["condition"]) == ("correct", "strict", "ft_0shot"))
+  half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
+  assert row["across"]["mean"] == pytest.approx(0.6) and row["across"]["sd"] == pytest.approx(0.1)
+  assert (row["across"]["lo"], row["across"]["hi"]) == pytest.approx((0.6 - half, 0.6 + half))
+  assert [r["acc"] for r in row["runs"]] == [0.5, 0.6, 0.7] and [r["ft_seed"] for r in row["runs"]] == [41, 42, 43]
+  md = (tmp_path / "out" / "GRID.md").read_text()
+  assert f"FT 0-shot: 0.60 [{0.6 - half:.2f}, {0.6 + half:.2f}] (3 seeds; runs ±0.10)" in md
+  circuit = next(r for r in group["circuits"] if (r["family"], r["contrast"]) == ("heads", "icl4-ft"))
+  assert circuit["across"]["mean"] == pytest.approx(-0.2)
+  assert "(1, 41), (2, 42), (3, 43)" in md
+
+
+def test_run_patterns_expand_and_a_pattern_matching_nothing_is_an_error(tmp_path):
+  for name in ("paper-a", "paper-b", "other"):
+    (tmp_path / name).mkdir()
+  assert aggregation.expand([str(tmp_path / "paper-*"), str(tmp_path / "other"), str(tmp_path / "paper-a")]) == [
+      str(tmp_path / "paper-a"), str(tmp_path / "paper-b"), str(tmp_path / "other")]
+  with pytest.raises(aggregation.GridError, match="matches nothing"):
+    aggregation.expand([str(tmp_path / "nope-*")])
+
+
+def test_grid_cells_cover_the_axes_each_in_its_own_work_directory():
+  g = grid_cpu.get_config()
+  g.split_tasks = True
+  cells = grid.cells(g)
+  assert len(cells) == 2 * 2 * 2  # dtypes x tasks x seeds
+  assert len({c.cfg.workdir for c in cells}) == len(cells)
+  c = cells[-1]
+  assert (c.dtype, c.tasks, c.seed, c.ft_seed) == ("bfloat16", ("expression",), 2, 42)
+  assert (c.cfg.dtype, c.cfg.tasks, c.cfg.seed, c.cfg.train.seed) == ("bfloat16", ("expression",), 2, 42)
+  assert str(c.cfg.workdir) == "work/cpu-grid/smollm2-135m.bfloat16/expression/seed2.ft42"
+  g.dtypes = "float16"
+  with pytest.raises(ConfigError, match="grid cell 0 .*dtype must be one of"):
+    grid.cells(g)
+
+
+def test_dry_run_sizes_the_paper_grid_on_a_v4_32():
+  text = sizing.dry_run(grid.cells(paper_grid.get_config()), "v4-32", 0.3)
+  assert "v4-32: 16 device(s) of 32 GiB" in text
+  lines = [line for line in text.splitlines() if line.strip().startswith(("0 ", "2 ")) and "P" in line]
+  assert len(lines) == 2 and "(exceeds)" not in text  # 0.5B and 7B both fit 32 GiB when sharded 16 ways
+  with pytest.raises(ValueError, match="unknown slice"):
+    sizing.parse_slice("v9-1")
+
+
+def assert_grid_md_equals_the_runs(grid_dir: Path, run_dirs: list[Path]) -> int:
+  """Every base and FT 0-shot cell of GRID.md is the runs' results.json numbers: one run's value and interval, or
+  the mean over the runs with its Student-t interval and the runs' mean half-width. Returns the cells checked."""
+  md = (grid_dir / "GRID.md").read_text()
+  runs = [files.read_json(d / "results.json") for d in run_dirs]
+  t = stats.t.ppf(0.975, len(runs) - 1) if len(runs) > 1 else None
+  checked = 0
+  for rows in zip(*(r["table"] for r in runs)):
+    assert len({(row["task"], row["variant"]) for row in rows}) == 1
+    for rule in ("lenient", "strict"):
+      for cond, name in (("base_0shot", "base 0-shot"), ("ft_0shot", "FT 0-shot")):
+        cells = [row[rule][cond] for row in rows]
+        if t is None:
+          text = f"{cells[0]['acc']:.2f} [{cells[0]['lo']:.2f}, {cells[0]['hi']:.2f}]"
+        else:
+          accs = [c["acc"] for c in cells]
+          mean = sum(accs) / len(accs)
+          half = t * math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) / math.sqrt(len(accs))
+          within = sum(c["hi"] - c["lo"] for c in cells) / (2 * len(cells))
+          text = (f"{mean:.2f} [{max(0.0, mean - half):.2f}, {min(1.0, mean + half):.2f}] ({len(cells)} seeds; "
+                  f"runs ±{within:.2f})")
+        table = md.split(f"### Accuracy ({rule})")[1].split("###")[0]
+        assert f"{name}: {text}" in table, (rows[0]["task"], rows[0]["variant"], rule, cond, text)
+        checked += 1
+  return checked
+
+
+@pytest.mark.slow
+def test_grid_command_resumes_after_a_kill_and_grid_md_equals_the_runs(tiny_lm, tmp_path):
+  """configs/grid_cpu.py on a tiny random model (two seeds, no circuits): killed in the second cell's report,
+  rerun: the first cell is not redone, and GRID.md's cells are the runs' results.json numbers."""
+  args = [sys.executable, "-m", "icl_ft.grid", "--config=configs/grid_cpu.py", f"--config.models={tiny_lm[0]}",
+          "--config.dtypes=float32", "--config.tasks=parity", f"--config.workdir={tmp_path / 'grid'}",
+          "--config.study.icl.n=4", "--config.study.icl.n_by_shots=", "--config.study.icl.n_dev=2",
+          "--config.study.icl.shots=0,2", "--config.study.icl.control_shots=2", "--config.study.ft.n_per_task=8",
+          "--config.study.ft.steps=2", "--config.study.ft.save_every=2", "--config.study.ft.batch_size=4",
+          "--config.study.ft.warmup_steps=1", "--config.study.ft.fewshot_k=2", "--config.study.ft.fewshot_steps=2",
+          "--config.study.ft_eval.steps=2", "--config.study.circuits.enabled=False"]
+  env = dict(os.environ, ICL_FT_CACHE=str(tmp_path / "cache"), ICL_FT_KILL_AT="report.write:2")
+  r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert r.returncode == -9, r.stderr[-3000:]
+  cells = sorted((tmp_path / "grid").glob("*/*/seed*"))
+  assert [(c / "report" / "DONE.json").exists() for c in cells] == [True, False]
+  first = (cells[0] / "results.json").stat().st_mtime_ns
+  env.pop("ICL_FT_KILL_AT")
+  r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "cell 0: up to date" in r.stdout and "cell 1: finished" in r.stdout
+  assert "[report] running" in r.stdout and "[icl] running" not in r.stdout  # only the killed stage reran
+  assert (cells[0] / "results.json").stat().st_mtime_ns == first
+  assert assert_grid_md_equals_the_runs(tmp_path / "grid", cells) == 8  # 2 variants x 2 rules x 2 conditions
+  md = (tmp_path / "grid" / "GRID.md").read_text()
+  assert "Runs without a circuit stage" in md and "2 finished run(s)" in md
