@@ -4,15 +4,18 @@
 #
 #   launch/tpu_pod.sh --name icl-ft --zone us-central2-b --type v4-32 --config configs/paper.py:qwen1.5-7b \
 #       [--project P] [--workdir gs://bucket/icl_ft/run1] [--keep] [--dry-run] [-- --config.icl.n=50 ...]
+#   launch/tpu_pod.sh --name icl-ft --zone us-central2-b --type v4-32 --grid configs/grid.py [...]
 #
+# --grid runs a grid's cells one after another on the one slice (python -m icl_ft.grid), then aggregates them;
+# size it first with `python -m icl_ft.grid --config=configs/grid.py --dry_run --slice=v4-32`.
 # The work directory must be shared by all workers (a gs:// bucket path, used directly, or NFS): Orbax writes
 # checkpoints from every host; results files are written by process 0. --dry-run prints the
 # gcloud commands instead of running them. --keep leaves the slice running.
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
-NAME="" ZONE="" TYPE="" CONFIG="" PROJECT="" WORKDIR="" KEEP=0 DRY=0
+NAME="" ZONE="" TYPE="" CONFIG="" GRID="" PROJECT="" WORKDIR="" KEEP=0 DRY=0
 VERSION="tpu-ubuntu2204-base"
 REPO_URL="${ICL_FT_REPO:-$(git -C "$(dirname "$0")/.." config --get remote.origin.url 2>/dev/null || true)}"
 EXTRA=()
@@ -22,6 +25,7 @@ while [[ $# -gt 0 ]]; do
     --zone) ZONE="$2"; shift 2 ;;
     --type) TYPE="$2"; shift 2 ;;
     --config) CONFIG="$2"; shift 2 ;;
+    --grid) GRID="$2"; shift 2 ;;
     --project) PROJECT="$2"; shift 2 ;;
     --workdir) WORKDIR="$2"; shift 2 ;;
     --version) VERSION="$2"; shift 2 ;;
@@ -33,9 +37,10 @@ while [[ $# -gt 0 ]]; do
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
 done
-for v in NAME ZONE TYPE CONFIG; do
+for v in NAME ZONE TYPE; do
   if [[ -z "${!v}" ]]; then echo "missing --${v,,}" >&2; usage; fi
 done
+if [[ -z "$CONFIG" && -z "$GRID" || -n "$CONFIG" && -n "$GRID" ]]; then echo "pass one of --config and --grid" >&2; usage; fi
 if [[ -z "$REPO_URL" ]]; then echo "no git remote to install from: pass --repo URL (or set ICL_FT_REPO)" >&2; exit 2; fi
 
 run() { if [[ $DRY -eq 1 ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; else "$@"; fi; }
@@ -43,12 +48,12 @@ GC=(gcloud compute tpus tpu-vm)
 WHERE=(--zone "$ZONE")
 [[ -n "$PROJECT" ]] && WHERE+=(--project "$PROJECT")
 
-ARGS="--config=$CONFIG"
+ARGS="--config=${GRID:-$CONFIG}"
 [[ -n "$WORKDIR" ]] && ARGS+=" --config.workdir=$WORKDIR"
 for a in "${EXTRA[@]}"; do ARGS+=" $(printf '%q' "$a")"; done
 INSTALL="set -e; [ -d icl_ft ] || git clone $REPO_URL icl_ft; cd icl_ft && git pull -q; python3 -m venv .venv; \
 .venv/bin/pip install -q -r requirements-cloud.txt 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
-START="cd icl_ft && .venv/bin/python -m icl_ft.main $ARGS"
+START="cd icl_ft && .venv/bin/python -m icl_ft.$([[ -n "$GRID" ]] && echo grid || echo main) $ARGS"
 
 # Results written to a bucket are already safe; a local work directory lives on worker 0's disk and is copied
 # back (the config's default work directory is under icl_ft/work) before the slice is deleted, also when the

@@ -177,6 +177,28 @@ def test_dry_run_sizes_the_paper_grid_on_a_v4_32():
     sizing.parse_slice("v9-1")
 
 
+def test_launch_scripts_run_a_grid_cell_per_array_task_or_every_cell_on_one_slice(tmp_path):
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "srun").write_text("#!/bin/sh\necho srun \"$@\"\n")
+  (fake / "srun").chmod(0o755)
+  env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", GRID="configs/grid.py", PYTHON="python3",
+             SLURM_SUBMIT_DIR=str(ROOT), SLURM_ARRAY_TASK_ID="3")
+  r = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch")], env=env, capture_output=True, text=True)
+  assert r.returncode == 0 and r.stdout.strip() == "srun python3 -m icl_ft.grid --config=configs/grid.py --cell=3"
+  env.pop("SLURM_ARRAY_TASK_ID")
+  r = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--only_aggregate"], env=env,
+                     capture_output=True, text=True)
+  assert r.stdout.strip() == "srun python3 -m icl_ft.grid --config=configs/grid.py --only_aggregate"
+  common = ["bash", str(ROOT / "launch" / "tpu_pod.sh"), "--name", "x", "--zone", "z", "--type", "v4-32",
+            "--repo", "https://example.org/r.git", "--dry-run"]
+  r = subprocess.run(common + ["--grid", "configs/grid.py"], capture_output=True, text=True)
+  assert r.returncode == 0 and "icl_ft.grid\\ --config=configs/grid.py" in r.stdout
+  r = subprocess.run(common + ["--grid", "configs/grid.py", "--config", "configs/parity.py"], capture_output=True,
+                     text=True)
+  assert r.returncode == 2 and "pass one of --config and --grid" in r.stderr
+
+
 def assert_grid_md_equals_the_runs(grid_dir: Path, run_dirs: list[Path]) -> int:
   """Every base and FT 0-shot cell of GRID.md is the runs' results.json numbers: one run's value and interval, or
   the mean over the runs with its Student-t interval and the runs' mean half-width. Returns the cells checked."""

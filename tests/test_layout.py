@@ -12,7 +12,7 @@ from icl_ft import study, tasks
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "icl_ft"
 # Lower layers never import higher ones: model -> io/tasks/stats -> evaluation/training -> interp -> report -> study.
 LAYERS = {"faults": 0, "model": 0, "io": 1, "tasks": 1, "stats": 1, "evaluation": 2, "training": 2, "interp": 3,
-          "report": 4, "study": 5, "main": 6, "bench": 6, "icl": 6, "__init__": 6}
+          "report": 4, "study": 5, "main": 6, "bench": 6, "icl": 6, "grid": 6, "aggregate": 6, "__init__": 6}
 
 
 def _modules():

@@ -443,6 +443,10 @@ def test_every_config_file_validates():
     if path.stem in ("__init__",):
       continue
     c = importlib.import_module(f"configs.{path.stem}").get_config()
+    if "study" in c:  # a grid config: every cell validates
+      from icl_ft.study import grid
+      assert all(cell.cfg.stages == study.STAGES for cell in grid.cells(c))
+      continue
     cfg = study.StudyConfig.from_dict(c)
     assert cfg.stages == study.STAGES and cfg.tasks
 

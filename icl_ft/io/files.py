@@ -157,3 +157,10 @@ def save_figure(fig, path: PathLike, dpi: int = 120) -> epath.Path:
     return as_path(path)
   finally:
     plt.close(fig)
+
+
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  """Nested dicts as ``{"a.b": value}``."""
+  if not isinstance(d, dict) or not d:
+    return {prefix: d}
+  return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}

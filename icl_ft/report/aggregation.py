@@ -20,7 +20,6 @@ from icl_ft.io import files, loading
 from icl_ft.report.circuit_report import split_contrast
 from icl_ft.report.tables import RULES
 from icl_ft.stats.replicates import across
-from icl_ft.study.workdir import flat
 
 IDENTITY_KEYS = ("model", "dtype", "tasks", "seed", "ft.seed")  # what a grid varies: rows, columns, replicates
 EXECUTION_KEYS = ("name", "workdir", "note", "progress", "overwrite", "stages", "mesh.data", "mesh.fsdp",
@@ -116,7 +115,7 @@ def expand(patterns: Iterable[str]) -> list[str]:
 def _settings(run: Run) -> dict[str, Any]:
   """The run's config keys that must agree within a group (all but identity and execution keys)."""
   skip = set(IDENTITY_KEYS) | set(EXECUTION_KEYS)
-  return {k: v for k, v in flat(run.config).items() if k not in skip}
+  return {k: v for k, v in files.flat(run.config).items() if k not in skip}
 
 
 def group(runs: Sequence[Run], group_by: Sequence[str] = ()) -> list[tuple[dict, list[Run]]]:
@@ -124,7 +123,7 @@ def group(runs: Sequence[Run], group_by: Sequence[str] = ()) -> list[tuple[dict,
   (model, dtype, task, seed, FT seed) is measured twice. Raises ``GridError`` naming what differs."""
   groups: dict[tuple, list[Run]] = collections.defaultdict(list)
   for run in runs:
-    settings = flat(run.config)
+    settings = files.flat(run.config)
     unknown = [k for k in group_by if k not in settings]
     if unknown:
       raise GridError(f"--group_by key(s) {unknown} are not config keys of {run.path}; keys look like "

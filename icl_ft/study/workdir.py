@@ -144,16 +144,9 @@ def check_writable(path: epath.Path) -> None:
                       f"choose another with --config.workdir=DIR")
 
 
-def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-  """Nested dicts as ``{"a.b": value}``."""
-  if not isinstance(d, dict) or not d:
-    return {prefix: d}
-  return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}
-
-
 def config_diff(old: dict, new: dict) -> list[str]:
   """``key: old -> new`` for every (dotted) key whose value differs."""
-  a, b = flat(json.loads(json.dumps(old, default=str))), flat(json.loads(json.dumps(new, default=str)))
+  a, b = files.flat(json.loads(json.dumps(old, default=str))), files.flat(json.loads(json.dumps(new, default=str)))
   return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
           if a.get(k) != b.get(k)]
 
