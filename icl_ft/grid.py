@@ -54,14 +54,10 @@ def main(argv) -> int:
   for o in outcomes:
     print(f"  cell {o.cell.index}: {o.status} ({o.seconds / 60:.1f} min)  {o.cell.cfg.workdir}")
   failed = [o for o in outcomes if o.status.startswith("failed")]
-  if _CELL.value is None:
-    code = aggregate.write([str(c.cfg.workdir) for c in cells], g.workdir, group_by=())
-    if code:
-      return code
+  code = aggregate.write([str(c.cfg.workdir) for c in cells], g.workdir) if _CELL.value is None else 0
   if failed:
     print(f"error: {len(failed)} cell(s) failed (see above); rerun the same command to retry them", file=sys.stderr)
-    return 1
-  return 0
+  return code or (1 if failed else 0)
 
 
 def run() -> None:

@@ -5,6 +5,7 @@ to the runs' results.json)."""
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from scipy import stats
 from configs import grid as paper_grid
 from configs import grid_cpu
 from icl_ft import aggregate
-from icl_ft.io import files
+from icl_ft.io import files, records
 from icl_ft.report import aggregation
 from icl_ft.study import ConfigError, grid, sizing
 
@@ -47,11 +48,20 @@ def _results(model="m-small", dtype="float32", params=int(5e8), seed=1, ft_seed=
               model=dict(name=model, dtype=dtype, arch="llama", params=params), schema=2, kind="results")
 
 
+def _record(fingerprint, upstream=None, finished="2026-11-29T10:00:00"):
+  return dict(fingerprint=fingerprint, inputs={"data_version": 3}, upstream=upstream or {}, seconds=1.0,
+              finished=finished, outputs={}, files={f"{fingerprint}.json": {"size": 1}}, warnings=[], schema=2)
+
+
 def _write_run(root: Path, results: dict | None, stages=("data", "icl", "finetune", "ft_eval", "circuits", "report"),
                started=()) -> Path:
+  """A run directory: DONE.json of each stage (the report's upstream naming the others' fingerprints and files, as
+  the pipeline records them), STARTED.json of the interrupted ones, and results.json."""
+  read = [s for s in aggregation.REPORT_READS if s in stages]
   for s in stages:
     (root / s).mkdir(parents=True, exist_ok=True)
-    (root / s / "DONE.json").write_text(json.dumps({"fingerprint": s, "upstream": {}}))
+    upstream = {u: {"fingerprint": u, "files": records.files_digest(_record(u)["files"])} for u in read}
+    (root / s / "DONE.json").write_text(json.dumps(_record(s, upstream if s == "report" else None)))
   for s in started:
     (root / s).mkdir(parents=True, exist_ok=True)
     (root / s / "STARTED.json").write_text("{}")
@@ -67,7 +77,7 @@ def _aggregate(tmp_path, runs, **kw):
 
 
 def test_the_table_orders_models_by_size_and_copies_each_runs_numbers(tmp_path):
-  big = _write_run(tmp_path / "big", _results("m-big", params=int(7e9), accs=(0.55, 0.8, 0.95), contrast=0.3))
+  big = _write_run(tmp_path / "big", _results("m-big", params=int(7e9), accs=(0.55, 0.8, 0.9), contrast=0.3))
   small = _write_run(tmp_path / "small", _results("m-small", params=int(5e8)))
   code, log = _aggregate(tmp_path, [big, small])
   assert code == 0, log
@@ -75,9 +85,9 @@ def test_the_table_orders_models_by_size_and_copies_each_runs_numbers(tmp_path):
   rows = [line for line in md.splitlines() if line.startswith("| m-")]
   assert [r.split(" | ")[0] for r in rows[:2]] == ["| m-small", "| m-big"]  # smallest first, in each table
   assert rows[0].split(" | ")[1] == "500M" and rows[1].split(" | ")[1] == "7.00B"
-  assert "base 0-shot: 0.55 [0.45, 0.65]<br>FT 0-shot: 0.80 [0.70, 0.90]<br>ICL best (k=4): 0.95 [0.85, 1.00]" in rows[1]
-  assert "**ICL best (k=4): +0.15 [+0.00, +0.30]**" not in md  # not detected: |0.15| is not > 0.15
-  assert "ICL best (k=4): -0.30 [-0.45, -0.15]" in md  # the small model's gap, detected
+  assert "base 0-shot: 0.55 [0.45, 0.65]<br>FT 0-shot: 0.80 [0.70, 0.90]<br>ICL best (k=4): 0.90 [0.80, 1.00]" in rows[1]
+  assert "| m-big | ICL best (k=4): +0.10 [-0.05, +0.25] n.d. |" in md  # the interval holds 0: not a difference
+  assert "| m-small | **ICL best (k=4): -0.30 [-0.45, -0.15]** |" in md  # detected
   assert "| m-big | parity | heads | icl4 − ft | +0.30 [+0.25, +0.35] | icl4 moves the circuit more |" in md
   assert "| m-small | parity | heads | icl4 − ft | -0.20 [-0.25, -0.15] | ft moves the circuit more |" in md
   assert "no circuit in icl4-shuffled" in md
@@ -94,7 +104,7 @@ def test_unfinished_and_stale_runs_are_listed_with_what_they_lack(tmp_path):
   done = _write_run(tmp_path / "done", _results())
   partial = _write_run(tmp_path / "partial", None, stages=("data",), started=("icl",))
   stale = _write_run(tmp_path / "stale", _results(seed=2))
-  (stale / "report" / "DONE.json").write_text(json.dumps({"fingerprint": "r", "upstream": {"icl": {"fingerprint": "old"}}}))
+  (stale / "icl" / "DONE.json").write_text(json.dumps(_record("icl-recomputed")))
   code, log = _aggregate(tmp_path, [done, partial, stale, tmp_path / "missing"])
   assert code == 0, log
   md = (tmp_path / "out" / "GRID.md").read_text()
@@ -138,10 +148,73 @@ def test_seeds_aggregate_to_their_mean_with_a_student_t_interval(tmp_path):
   assert (row["across"]["lo"], row["across"]["hi"]) == pytest.approx((0.6 - half, 0.6 + half))
   assert [r["acc"] for r in row["runs"]] == [0.5, 0.6, 0.7] and [r["ft_seed"] for r in row["runs"]] == [41, 42, 43]
   md = (tmp_path / "out" / "GRID.md").read_text()
-  assert f"FT 0-shot: 0.60 [{0.6 - half:.2f}, {0.6 + half:.2f}] (3 seeds; runs ±0.10)" in md
+  assert f"FT 0-shot: 0.60 [{0.6 - half:.2f}, {0.6 + half:.2f}] (3 data seeds; runs ±0.10)" in md
   circuit = next(r for r in group["circuits"] if (r["family"], r["contrast"]) == ("heads", "icl4-ft"))
   assert circuit["across"]["mean"] == pytest.approx(-0.2)
   assert "(1, 41), (2, 42), (3, 43)" in md
+
+
+def _row(group, kind, **match):
+  return next(r for r in group[kind] if all(r[k] == v for k, v in match.items()))
+
+
+def test_crossed_seeds_count_each_data_seed_once_for_base_and_icl(tmp_path):
+  """2 data seeds x 2 FT seeds: base and ICL (the same in runs sharing a data seed) are over the 2 data seeds, not
+  4 runs; FT is averaged over FT seeds within each data seed, then over data seeds."""
+  ft = {(1, 1): 0.5, (1, 2): 0.7, (2, 1): 0.8, (2, 2): 0.6}
+  runs = [_write_run(tmp_path / f"s{s}f{f}", _results(seed=s, ft_seed=f, accs=(0.4 + 0.2 * s, ft[s, f], 0.3 * s)))
+          for s, f in ft]
+  code, log = _aggregate(tmp_path, runs)
+  assert code == 0, log
+  (group,) = files.read_json(tmp_path / "out" / "grid.json")["groups"]
+  t1 = stats.t.ppf(0.975, 1)
+  icl = _row(group, "accuracy", variant="correct", rule="strict", condition="icl_best")["across"]
+  assert (icl["n"], icl["over"], icl["mean"]) == (2, "data seeds", pytest.approx(0.45))
+  assert icl["sd"] == pytest.approx(0.3 / math.sqrt(2)) and icl["lo"] == 0.0  # t(1) interval, clipped at 0
+  tuned = _row(group, "accuracy", variant="correct", rule="strict", condition="ft_0shot")["across"]
+  assert (tuned["n"], tuned["over"], tuned["mean"]) == (2, "data seeds", pytest.approx(0.65))
+  assert tuned["sd"] == pytest.approx(math.sqrt(((0.6 - 0.65) ** 2 + (0.7 - 0.65) ** 2) / 1))
+  assert tuned["lo"] == pytest.approx(0.65 - t1 * tuned["sd"] / math.sqrt(2)) and tuned["hi"] == 1.0  # clipped
+
+
+def test_one_data_seed_with_several_ft_seeds_varies_only_the_fine_tuned_numbers(tmp_path):
+  runs = [_write_run(tmp_path / f"f{f}", _results(seed=1, ft_seed=f, accs=(0.5, 0.5 + 0.1 * f, 0.6))) for f in (1, 2, 3)]
+  code, log = _aggregate(tmp_path, runs)
+  assert code == 0, log
+  (group,) = files.read_json(tmp_path / "out" / "grid.json")["groups"]
+  assert _row(group, "accuracy", variant="correct", rule="strict", condition="base_0shot")["across"] is None
+  tuned = _row(group, "accuracy", variant="correct", rule="strict", condition="ft_0shot")["across"]
+  assert (tuned["n"], tuned["over"], tuned["mean"]) == (3, "FT seeds", pytest.approx(0.7))
+  md = (tmp_path / "out" / "GRID.md").read_text()
+  assert "base 0-shot: 0.50 [0.40, 0.60] (1 data seed, 3 runs)" in md and "(3 FT seeds; runs ±0.10)" in md
+
+
+def test_a_task_fine_tuned_on_different_mixtures_is_refused(tmp_path):
+  both = _results(seed=1)
+  both["config"]["tasks"] = "parity,expression"
+  alone = _write_run(tmp_path / "alone", _results(seed=2))
+  code, log = _aggregate(tmp_path, [_write_run(tmp_path / "both", both), alone])
+  assert code == 2 and "parity's numbers come from models fine-tuned on different mixtures" in log
+  circuits_only = _results(seed=3, task="expression")
+  circuits_only["circuits"] = _results()["circuits"]  # parity circuits of a model tuned on expression alone
+  code, log = _aggregate(tmp_path, [alone, _write_run(tmp_path / "expr", circuits_only)])
+  assert code == 2 and "different mixtures" in log
+
+
+def test_grid_md_says_what_is_not_computed(tmp_path):
+  a = _results(seed=1)
+  b = _results(seed=2)
+  b["circuits"]["parity"]["heads"]["contrasts"]["icl4-ft"]["tv"]["corrected"].update(lo=None, hi=None)
+  c = _results(seed=3)
+  c["circuits"]["parity"]["heads"]["contrasts"]["icl4-ft"]["tv"]["corrected"]["point"] = None
+  del c["gaps"]
+  code, log = _aggregate(tmp_path, [_write_run(tmp_path / n, r) for n, r in (("a", a), ("b", b), ("c", c))])
+  assert code == 0, log
+  md = (tmp_path / "out" / "GRID.md").read_text()
+  assert "| icl4 − ft | — (computed in 2 of 3 runs) | not computed |" in md
+  assert "Runs whose results.json predates the ICL − FT gaps" in md and str(tmp_path / "c") in md
+  code, log = _aggregate(tmp_path, [_write_run(tmp_path / "b2", b)])
+  assert code == 0 and "| icl4 − ft | -0.20 [no interval] |" in (tmp_path / "out" / "GRID.md").read_text()
 
 
 def test_run_patterns_expand_and_a_pattern_matching_nothing_is_an_error(tmp_path):
@@ -149,7 +222,9 @@ def test_run_patterns_expand_and_a_pattern_matching_nothing_is_an_error(tmp_path
     (tmp_path / name).mkdir()
   assert aggregation.expand([str(tmp_path / "paper-*"), str(tmp_path / "other"), str(tmp_path / "paper-a")]) == [
       str(tmp_path / "paper-a"), str(tmp_path / "paper-b"), str(tmp_path / "other")]
-  with pytest.raises(aggregation.GridError, match="matches nothing"):
+  (tmp_path / "GRID.md").write_text("")
+  assert aggregation.expand([str(tmp_path / "*")]) == [str(tmp_path / n) for n in ("other", "paper-a", "paper-b")]
+  with pytest.raises(aggregation.GridError, match="matches no directory"):
     aggregation.expand([str(tmp_path / "nope-*")])
 
 
@@ -199,30 +274,48 @@ def test_launch_scripts_run_a_grid_cell_per_array_task_or_every_cell_on_one_slic
   assert r.returncode == 2 and "pass one of --config and --grid" in r.stderr
 
 
+def _expected(values, lows, highs, signed=False):
+  """A GRID.md cell from the runs' own numbers, computed here independently: one run's value and interval, or the
+  mean over runs of distinct data seeds with its Student-t interval and the runs' mean half-width."""
+  f = "{:+.2f}" if signed else "{:.2f}"
+  bounds = (-1.0, 1.0) if signed else (0.0, 1.0)
+  if len(values) == 1:
+    return f"{f.format(values[0])} [{f.format(lows[0])}, {f.format(highs[0])}]"
+  mean = sum(values) / len(values)
+  half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+  within = sum(h - lo for h, lo in zip(highs, lows)) / (2 * len(values))
+  return (f"{f.format(mean)} [{f.format(max(bounds[0], mean - half))}, {f.format(min(bounds[1], mean + half))}] "
+          f"({len(values)} data seeds; runs ±{within:.2f})")
+
+
 def assert_grid_md_equals_the_runs(grid_dir: Path, run_dirs: list[Path]) -> int:
-  """Every base and FT 0-shot cell of GRID.md is the runs' results.json numbers: one run's value and interval, or
-  the mean over the runs with its Student-t interval and the runs' mean half-width. Returns the cells checked."""
+  """Every accuracy cell (base, FT, ICL best, ICL dev-chosen) and every ICL - FT cell of GRID.md is the runs'
+  results.json numbers (runs of one model, each its own data seed). Returns the cells checked."""
   md = (grid_dir / "GRID.md").read_text()
   runs = [files.read_json(d / "results.json") for d in run_dirs]
-  t = stats.t.ppf(0.975, len(runs) - 1) if len(runs) > 1 else None
   checked = 0
   for rows in zip(*(r["table"] for r in runs)):
     assert len({(row["task"], row["variant"]) for row in rows}) == 1
+    task, variant = rows[0]["task"], rows[0]["variant"]
+    column = sorted({(t["task"], t["variant"]) for t in runs[0]["table"]}).index((task, variant))
     for rule in ("lenient", "strict"):
-      for cond, name in (("base_0shot", "base 0-shot"), ("ft_0shot", "FT 0-shot")):
-        cells = [row[rule][cond] for row in rows]
-        if t is None:
-          text = f"{cells[0]['acc']:.2f} [{cells[0]['lo']:.2f}, {cells[0]['hi']:.2f}]"
-        else:
-          accs = [c["acc"] for c in cells]
-          mean = sum(accs) / len(accs)
-          half = t * math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) / math.sqrt(len(accs))
-          within = sum(c["hi"] - c["lo"] for c in cells) / (2 * len(cells))
-          text = (f"{mean:.2f} [{max(0.0, mean - half):.2f}, {min(1.0, mean + half):.2f}] ({len(cells)} seeds; "
-                  f"runs ±{within:.2f})")
-        table = md.split(f"### Accuracy ({rule})")[1].split("###")[0]
-        assert f"{name}: {text}" in table, (rows[0]["task"], rows[0]["variant"], rule, cond, text)
-        checked += 1
+      for table, kind in ((f"### Accuracy ({rule})", "acc"), (f"### ICL − FT ({rule})", "gap")):
+        line = next(x for x in md.split(table)[1].splitlines() if x.startswith("| ") and not x.startswith("| model"))
+        cell = line.split(" | ")[column + (2 if kind == "acc" else 1)]
+        for cond, name in aggregation.CONDITIONS.items():
+          cells = [row[rule][cond] for row in rows]
+          if any(c is None for c in cells) or (kind == "gap" and cond not in ("icl_best", "icl_dev")):
+            continue
+          ks = sorted({c["shots"] for c in cells if c.get("shots") is not None})
+          label = f"{name} (k={','.join(map(str, ks))})" if ks else name
+          if kind == "acc":
+            text = _expected([c["acc"] for c in cells], [c["lo"] for c in cells], [c["hi"] for c in cells])
+          else:
+            gaps = [next(g for g in r["gaps"] if (g["task"], g["variant"], g["rule"], g["shots"]) == (
+                task, variant, rule, c["shots"])) for r, c in zip(runs, cells)]
+            text = _expected([g["diff"] for g in gaps], [g["lo"] for g in gaps], [g["hi"] for g in gaps], signed=True)
+          assert f"{label}: {text}" in cell, (task, variant, rule, cond, text, cell)
+          checked += 1
   return checked
 
 
@@ -249,6 +342,6 @@ def test_grid_command_resumes_after_a_kill_and_grid_md_equals_the_runs(tiny_lm, 
   assert "cell 0: up to date" in r.stdout and "cell 1: finished" in r.stdout
   assert "[report] running" in r.stdout and "[icl] running" not in r.stdout  # only the killed stage reran
   assert (cells[0] / "results.json").stat().st_mtime_ns == first
-  assert assert_grid_md_equals_the_runs(tmp_path / "grid", cells) == 8  # 2 variants x 2 rules x 2 conditions
+  assert assert_grid_md_equals_the_runs(tmp_path / "grid", cells) == 24  # 2 variants x 2 rules x (4 accuracies + 2 gaps)
   md = (tmp_path / "grid" / "GRID.md").read_text()
   assert "Runs without a circuit stage" in md and "2 finished run(s)" in md

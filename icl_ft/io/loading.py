@@ -151,13 +151,18 @@ def model_config(name_or_path: str) -> ModelConfig:
 
 def sizing_config(name_or_path: str) -> ModelConfig:
   """The model's config for sizing and ordering, never reaching the hub: ``model_config`` of a local checkpoint
-  (the embedded model, a directory or a GGUF file), else the recorded ``SHAPES`` of a registered paper model.
-  Raises ``ModelNotFoundError`` for anything else."""
+  (the embedded model, a directory or a GGUF file), else the recorded ``SHAPES`` of a registered paper model,
+  else the config of a hub model in the local cache. Raises ``ModelNotFoundError`` for anything else."""
   target = check_name(name_or_path)
   if Path(target).expanduser().exists():
     return model_config(name_or_path)
   if name_or_path in SHAPES:
     return ModelConfig.from_hf(SHAPES[name_or_path])
+  try:  # a hub model this machine has downloaded: its config.json from the local cache
+    from huggingface_hub import snapshot_download
+    return model_config(snapshot_download(target, allow_patterns=["config.json"], local_files_only=True))
+  except (OSError, ValueError, convert.CheckpointError):
+    pass
   raise ModelNotFoundError(f"cannot size {name_or_path!r} without the hub: pass a local checkpoint directory, or "
                            f"one of the models whose shapes are recorded: {', '.join(SHAPES)}")
 

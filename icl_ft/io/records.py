@@ -16,6 +16,8 @@ Each file carries ``schema`` (``SCHEMA_VERSION``); reading a file of another ver
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -170,6 +172,11 @@ def read_queries(path: files.PathLike) -> list[QueryRecord]:
 
 def write_stage(path: files.PathLike, record: StageRecord) -> files.epath.Path:
   return files.write_json(path, dict(record, schema=SCHEMA_VERSION))
+
+
+def files_digest(recorded: Mapping[str, Any]) -> str:
+  """A short digest of a stage record's ``files`` (what a downstream stage records it read)."""
+  return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_stage(path: files.PathLike) -> StageRecord:

@@ -4,8 +4,14 @@ with each run's own interval and, where seeds replicate a cell, the across-seed 
 
 Runs may differ in their model, dtype, tasks, data seed and fine-tuning seed, and in how they were executed
 (``EXECUTION_KEYS``: mesh, batch sizes, remat); any other differing config key is refused by name, unless the
-runs are split into groups by it (``group_by``). Runs that have not finished (no results.json, or one older than
-a stage's latest results) are listed with what they lack, never silently dropped.
+runs are split into groups by it (``group_by``). A task's numbers must come from one fine-tuning mixture in a
+group (the study's tasks decide it when ``ft.tasks`` is empty). Runs that have not finished (no results.json, or
+one older than a stage's latest results) are listed with what they lack, never silently dropped.
+
+Replicates: base and ICL numbers depend on the data seed only, so runs that share it count once; numbers that
+involve fine-tuning (FT accuracy, the ICL - FT gap, contrasts with a fine-tuned condition) are averaged over FT
+seeds within each data seed, and the interval is taken over data seeds (over FT seeds when there is one data
+seed). ``across`` says which.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 from etils import epath
 
-from icl_ft.io import files, loading
+from icl_ft.io import files, loading, records
 from icl_ft.report.circuit_report import split_contrast
 from icl_ft.report.tables import RULES
 from icl_ft.stats.replicates import across
@@ -26,7 +32,9 @@ EXECUTION_KEYS = ("name", "workdir", "note", "progress", "overwrite", "stages", 
                   "mesh.tensor", "icl.batch_size", "ft.grad_accum", "ft.remat", "ft.unroll_layers", "circuits.chunk")
 CONDITIONS = {"base_0shot": "base 0-shot", "ft_0shot": "FT 0-shot", "icl_best": "ICL best",
               "icl_dev": "ICL dev-chosen"}
+TUNED = ("ft_0shot",)  # conditions that involve fine-tuning
 STAGES = ("data", "icl", "finetune", "ft_eval", "circuits", "report")
+REPORT_READS = ("icl", "finetune", "ft_eval", "circuits")
 
 
 class GridError(ValueError):
@@ -38,6 +46,7 @@ class Run:
   """A finished run: where it is, its results and the identity keys of its config."""
   path: str
   results: dict
+  data_version: Any = None
 
   @property
   def config(self) -> dict:
@@ -57,6 +66,17 @@ class Run:
   def replicate(self) -> tuple[int, int]:
     return int(self.config["seed"]), int(self.config["ft"]["seed"])
 
+  @property
+  def mixture(self) -> tuple[str, ...]:
+    """The fine-tuning mixture: ``ft.tasks``, or the study's tasks when it is empty."""
+    spec = self.config["ft"].get("tasks") or self.config["tasks"]
+    return tuple(sorted(t.strip() for t in str(spec).split(",") if t.strip()))
+
+  @property
+  def tasks(self) -> list[str]:
+    """Every task the run has numbers for: its table's and its circuits'."""
+    return sorted({row["task"] for row in self.results["table"]} | set(self.results.get("circuits") or {}))
+
 
 def _stage_state(root: epath.Path) -> dict[str, list[str]]:
   done = [s for s in STAGES if (root / s / "DONE.json").exists()]
@@ -64,14 +84,16 @@ def _stage_state(root: epath.Path) -> dict[str, list[str]]:
   return dict(done=done, interrupted=started, not_started=[s for s in STAGES if s not in done + started])
 
 
-def _stale(root: epath.Path) -> list[str]:
-  """Stages whose latest results the report stage did not read (the report predates them)."""
-  report = files.read_json(root / "report" / "DONE.json")
+def _stale(root: epath.Path, done: Sequence[str]) -> list[str]:
+  """Stages whose latest results the report did not read: recomputed since (another fingerprint or other files
+  than it recorded) or finished after it (e.g. circuits enabled later)."""
+  upstream = records.read_stage(root / "report" / "DONE.json")["upstream"]
   out = []
-  for stage, up in report.get("upstream", {}).items():
-    done = root / stage / "DONE.json"
-    if not done.exists() or files.read_json(done).get("fingerprint") != (up.get("fingerprint") if isinstance(
-        up, dict) else up):
+  for stage in (s for s in REPORT_READS if s in done):
+    rec = records.read_stage(root / stage / "DONE.json")
+    up = upstream.get(stage)
+    if not isinstance(up, dict) or up != {"fingerprint": rec["fingerprint"],
+                                          "files": records.files_digest(rec["files"])}:
       out.append(stage)
   return out
 
@@ -82,45 +104,49 @@ def read_run(path: str) -> Run | dict:
   if root.name == "results.json":
     root = root.parent
   if not root.is_dir():
-    return dict(run=str(root), reason="no such directory", **dict(done=[], interrupted=[], not_started=list(STAGES)))
+    return dict(run=str(root), reason="no such directory", done=[], interrupted=[], not_started=list(STAGES))
   state = _stage_state(root)
   if not (root / "results.json").exists() or "report" not in state["done"]:
     return dict(run=str(root), reason="no results.json: the report stage has not finished", **state)
   try:
-    stale = _stale(root)
+    stale = _stale(root, state["done"])
     results = files.read_json(root / "results.json")
-  except (OSError, ValueError) as e:
+    icl = records.read_stage(root / "icl" / "DONE.json") if "icl" in state["done"] else {}
+  except (OSError, ValueError, KeyError, TypeError) as e:
     return dict(run=str(root), reason=f"results.json or a stage record cannot be read ({e})", **state)
   if stale:
     return dict(run=str(root), reason=f"results.json predates the latest results of stage(s) {', '.join(stale)}: "
                 "rerun its study (the report stage reruns)", **state)
-  return Run(str(root), results)
+  return Run(str(root), results, (icl.get("inputs") or {}).get("data_version"))
 
 
 def expand(patterns: Iterable[str]) -> list[str]:
-  """Run directories from paths and globs, in order, each once (a glob matching nothing is an error naming it)."""
+  """Run directories from paths and globs, in order, each once (a glob keeps directories and results.json files;
+  one matching nothing is an error naming it)."""
   out: list[str] = []
   for pattern in patterns:
     if not any(ch in pattern for ch in "*?["):
       out.append(pattern)
       continue
-    parent, _, rest = pattern[:min(pattern.index(ch) for ch in "*?[" if ch in pattern)].rpartition("/")
-    matched = sorted(str(p) for p in files.as_path(parent or ".").glob(pattern[len(parent) + 1:] if parent else pattern))
+    parent, _, _ = pattern[:min(pattern.index(ch) for ch in "*?[" if ch in pattern)].rpartition("/")
+    found = files.as_path(parent or ".").glob(pattern[len(parent) + 1:] if parent else pattern)
+    matched = sorted(str(p) for p in found if p.is_dir() or p.name == "results.json")
     if not matched:
-      raise GridError(f"--runs pattern {pattern!r} matches nothing")
+      raise GridError(f"--runs pattern {pattern!r} matches no directory")
     out += matched
   return list(dict.fromkeys(out))
 
 
 def _settings(run: Run) -> dict[str, Any]:
-  """The run's config keys that must agree within a group (all but identity and execution keys)."""
-  skip = set(IDENTITY_KEYS) | set(EXECUTION_KEYS)
-  return {k: v for k, v in files.flat(run.config).items() if k not in skip}
+  """The run's config keys that must agree within a group (all but identity and execution keys), with the version
+  of the query generators it ran."""
+  skip = set(IDENTITY_KEYS) | set(EXECUTION_KEYS) | {"ft.tasks"}
+  return dict({k: v for k, v in files.flat(run.config).items() if k not in skip}, data_version=run.data_version)
 
 
 def group(runs: Sequence[Run], group_by: Sequence[str] = ()) -> list[tuple[dict, list[Run]]]:
-  """The runs split by the values of ``group_by`` keys, each group checked: no other settings differ and no cell
-  (model, dtype, task, seed, FT seed) is measured twice. Raises ``GridError`` naming what differs."""
+  """The runs split by the values of ``group_by`` keys, each group checked (``_check_group``). Raises
+  ``GridError`` naming what differs."""
   groups: dict[tuple, list[Run]] = collections.defaultdict(list)
   for run in runs:
     settings = files.flat(run.config)
@@ -135,6 +161,8 @@ def group(runs: Sequence[Run], group_by: Sequence[str] = ()) -> list[tuple[dict,
 
 
 def _check_group(runs: Sequence[Run], group_by: Sequence[str]) -> None:
+  """No setting differs, each task's numbers come from one fine-tuning mixture, and no (model, dtype, task, seed,
+  FT seed) is measured twice."""
   values: dict[str, dict[str, Any]] = collections.defaultdict(dict)
   for run in runs:
     for k, v in _settings(run).items():
@@ -142,23 +170,26 @@ def _check_group(runs: Sequence[Run], group_by: Sequence[str]) -> None:
   differing = {k: by_run for k, by_run in values.items() if k not in group_by and (
       len(by_run) < len(runs) or len({repr(v) for v in by_run.values()}) > 1)}
   if differing:
-    lines = [f"  {k}: " + ", ".join(f"{path} = {by_run.get(path, '(absent)')!r}" for path in [r.path for r in runs])
+    lines = [f"  {k}: " + ", ".join(f"{r.path} = {by_run.get(r.path, '(absent)')!r}" for r in runs)
              for k, by_run in sorted(differing.items())]
     raise GridError("the runs differ in config keys other than model, dtype, tasks and seeds:\n" + "\n".join(lines[:20])
                     + f"\nAggregate them separately, or split them into groups with --group_by="
                     f"{','.join(sorted(differing)[:3])}. Nothing was written.")
+  mixtures: dict[str, dict[tuple, str]] = collections.defaultdict(dict)
   seen: dict[tuple, str] = {}
   for run in runs:
-    for task in _tasks(run):
+    for task in run.tasks:
+      mixtures[task].setdefault(run.mixture, run.path)
       key = (*run.model, task, *run.replicate)
       if key in seen:
         raise GridError(f"{seen[key]} and {run.path} both measure {key[0]} ({key[1]}) on {task} with seed "
                         f"{key[3]} and FT seed {key[4]}: leave one out. Nothing was written.")
       seen[key] = run.path
-
-
-def _tasks(run: Run) -> list[str]:
-  return sorted({row["task"] for row in run.results["table"]})
+  for task, by_mixture in mixtures.items():
+    if len(by_mixture) > 1:
+      raise GridError(f"{task}'s numbers come from models fine-tuned on different mixtures: " + "; ".join(
+          f"{'+'.join(m)} ({path})" for m, path in by_mixture.items()) + ". Aggregate them separately (or set "
+          "ft.tasks so every run trains on one mixture). Nothing was written.")
 
 
 # -- numbers ------------------------------------------------------------------------------------------------------
@@ -178,6 +209,26 @@ def _replicate(run: Run, **numbers) -> dict:
   return dict(run=run.path, seed=seed, ft_seed=ft_seed, **numbers)
 
 
+def replicated(reps: Sequence[dict], key: str, tuned: bool, bounds: tuple[float, float]) -> dict | None:
+  """The across-seed statistics of one cell's runs (see the module docstring); None when fewer than two
+  independent replicates have a value (``over`` names the replicates: "data seeds" or "FT seeds")."""
+  by_seed: dict[int, list[float]] = collections.defaultdict(list)
+  for r in reps:
+    if r[key] is None:
+      return None
+    by_seed[r["seed"]].append(r[key])
+  if len(by_seed) == 1 and tuned:
+    a = across(next(iter(by_seed.values())), bounds=bounds)
+    return dict(a, over="FT seeds") if a else None
+  values = [sum(v) / len(v) if tuned else v[0] for v in by_seed.values()]
+  a = across(values, bounds=bounds)
+  return dict(a, over="data seeds") if a else None
+
+
+def _rows(cells: dict[tuple, list[dict]], names: Sequence[str], key: str, tuned, bounds) -> list[dict]:
+  return [dict(zip(names, k), runs=reps, across=replicated(reps, key, tuned(k), bounds)) for k, reps in cells.items()]
+
+
 def _accuracy_rows(runs: Sequence[Run], label: dict) -> list[dict]:
   """Per model, task, variant, rule and condition: each run's accuracy with its Wilson interval (and k for ICL)."""
   cells: dict[tuple, list[dict]] = collections.defaultdict(list)
@@ -189,9 +240,7 @@ def _accuracy_rows(runs: Sequence[Run], label: dict) -> list[dict]:
           if c and c.get("acc") is not None:
             cells[(label[run.model], row["task"], row["variant"], rule, cond)].append(_replicate(
                 run, acc=c["acc"], lo=c["lo"], hi=c["hi"], n=c["n"], shots=c.get("shots")))
-  return [dict(model=m, task=t, variant=v, rule=rule, condition=cond, runs=reps,
-               across=across([r["acc"] for r in reps], bounds=(0.0, 1.0)))
-          for (m, t, v, rule, cond), reps in cells.items()]
+  return _rows(cells, ("model", "task", "variant", "rule", "condition"), "acc", lambda k: k[4] in TUNED, (0.0, 1.0))
 
 
 def _gap_rows(runs: Sequence[Run], label: dict) -> list[dict]:
@@ -199,7 +248,7 @@ def _gap_rows(runs: Sequence[Run], label: dict) -> list[dict]:
   the same items (``cues.icl_minus_ft``), at the run's chosen k."""
   cells: dict[tuple, list[dict]] = collections.defaultdict(list)
   for run in runs:
-    gaps = {(g["task"], g["variant"], g["rule"], g["shots"]): g for g in run.results.get("gaps", [])}
+    gaps = {(g["task"], g["variant"], g["rule"], g["shots"]): g for g in run.results.get("gaps") or []}
     for row in run.results["table"]:
       for rule in RULES:
         for choice in ("icl_best", "icl_dev"):
@@ -208,9 +257,7 @@ def _gap_rows(runs: Sequence[Run], label: dict) -> list[dict]:
           if g:
             cells[(label[run.model], row["task"], row["variant"], rule, choice)].append(_replicate(
                 run, diff=g["diff"], lo=g["lo"], hi=g["hi"], n=g["n"], shots=g["shots"], detected=g["detected"]))
-  return [dict(model=m, task=t, variant=v, rule=rule, condition=choice, runs=reps,
-               across=across([r["diff"] for r in reps], bounds=(-1.0, 1.0)))
-          for (m, t, v, rule, choice), reps in cells.items()]
+  return _rows(cells, ("model", "task", "variant", "rule", "condition"), "diff", lambda k: True, (-1.0, 1.0))
 
 
 def _circuit_rows(runs: Sequence[Run], label: dict) -> list[dict]:
@@ -219,19 +266,18 @@ def _circuit_rows(runs: Sequence[Run], label: dict) -> list[dict]:
   cells: dict[tuple, list[dict]] = collections.defaultdict(list)
   sides: dict[str, tuple[str, str]] = {}
   for run in runs:
-    for task, res in run.results.get("circuits", {}).items():
+    for task, res in (run.results.get("circuits") or {}).items():
       for family in ("heads", "mlps"):
         for key, c in res[family]["contrasts"].items():
+          sides[key] = split_contrast(key, res[family]["conditions"])
           tv = c["tv"]
           cf = tv.get("corrected") or {}
-          sides[key] = split_contrast(key, res[family]["conditions"])
           cells[(label[run.model], task, family, key)].append(_replicate(
               run, point=cf.get("point"), lo=cf.get("lo"), hi=cf.get("hi"), excludes_zero=cf.get("excludes_zero"),
               raw=tv.get("point"), reason=tv.get("reason")))
-  return [dict(model=m, task=t, family=f, contrast=key, a=sides[key][0], b=sides[key][1], runs=reps,
-               across=across([r["point"] for r in reps], bounds=(-1.0, 1.0))
-               if all(r["point"] is not None for r in reps) else None)
-          for (m, t, f, key), reps in cells.items()]
+  rows = _rows(cells, ("model", "task", "family", "contrast"), "point",
+               lambda k: any(s.startswith("ft") for s in sides[k[3]]), (-1.0, 1.0))
+  return [dict(r, a=sides[r["contrast"]][0], b=sides[r["contrast"]][1]) for r in rows]
 
 
 def aggregate(runs: Sequence[Run], unfinished: Sequence[dict] = (), group_by: Sequence[str] = ()) -> dict:
@@ -241,12 +287,13 @@ def aggregate(runs: Sequence[Run], unfinished: Sequence[dict] = (), group_by: Se
   for key, members in group(runs, group_by):
     models = _models(members)
     label = {(m["model"], m["dtype"]): m["label"] for m in models}
-    replicates = sorted({r.replicate for r in members})
     out.append(dict(key=key, models=models, runs=[r.path for r in members],
-                    tasks=sorted({t for r in members for t in _tasks(r)}),
-                    replicates=[dict(seed=s, ft_seed=f) for s, f in replicates],
+                    tasks=sorted({t for r in members for t in r.tasks}),
+                    replicates=[dict(seed=s, ft_seed=f) for s, f in sorted({r.replicate for r in members})],
+                    mixtures={t: "+".join(r.mixture) for r in members for t in r.tasks},
                     settings=_settings(members[0]),
                     accuracy=_accuracy_rows(members, label), gaps=_gap_rows(members, label),
                     circuits=_circuit_rows(members, label),
-                    without_circuits=[r.path for r in members if not r.results.get("circuits")]))
+                    without_circuits=[r.path for r in members if not r.results.get("circuits")],
+                    without_gaps=[r.path for r in members if "gaps" not in r.results]))
   return dict(groups=out, unfinished=list(unfinished))

@@ -12,9 +12,10 @@ from icl_ft.report.tables import RULES
 GAP_CHOICES = {"icl_best": "ICL best", "icl_dev": "ICL dev-chosen"}
 
 
-def _interval(value: float, lo: float, hi: float, signed: bool = False) -> str:
+def _interval(value: float, lo: float | None, hi: float | None, signed: bool = False) -> str:
   f = "{:+.2f}" if signed else "{:.2f}"
-  return f"{f.format(value)} [{f.format(lo)}, {f.format(hi)}]"
+  return f"{f.format(value)} [{f.format(lo)}, {f.format(hi)}]" if lo is not None and hi is not None else \
+      f"{f.format(value)} [no interval]"
 
 
 def _shots(reps: Sequence[dict]) -> str:
@@ -23,24 +24,26 @@ def _shots(reps: Sequence[dict]) -> str:
 
 
 def value_text(row: dict, key: str, signed: bool = False) -> str:
-  """One run: ``0.53 [0.43, 0.62]`` (its own interval). Several seeds: the across-seed mean with its Student-t
-  interval, the number of seeds and the runs' mean half-width: ``0.55 [0.41, 0.69] (2 seeds; runs ±0.10)``."""
-  reps = row["runs"]
-  if len(reps) == 1 or row.get("across") is None:
+  """One run: ``0.53 [0.43, 0.62]`` (its own interval). Replicates: the across-seed mean with its Student-t
+  interval, how many seeds it is over and the runs' mean half-width: ``0.55 [0.41, 0.69] (2 data seeds; runs
+  ±0.10)``. A value some runs lack: ``— (computed in 1 of 2 runs)``."""
+  reps, a = row["runs"], row.get("across")
+  have = [r for r in reps if r[key] is not None]
+  if len(have) < len(reps):
+    return f"— (computed in {len(have)} of {len(reps)} runs)" if have else "not computed"
+  widths = [r["hi"] - r["lo"] for r in reps if r["lo"] is not None and r["hi"] is not None]
+  within = f"runs ±{sum(widths) / (2 * len(widths)):.2f}" if widths else "no run intervals"
+  if a is None:
     r = reps[0]
-    return _interval(r[key], r["lo"], r["hi"], signed) if r[key] is not None else "—"
-  a = row["across"]
-  within = sum(r["hi"] - r["lo"] for r in reps) / (2 * len(reps))
-  return f"{_interval(a['mean'], a['lo'], a['hi'], signed)} ({a['n']} seeds; runs ±{within:.2f})"
+    return _interval(r[key], r["lo"], r["hi"], signed) + (f" (1 data seed, {len(reps)} runs)" if len(reps) > 1 else "")
+  return f"{_interval(a['mean'], a['lo'], a['hi'], signed)} ({a['n']} {a['over']}; {within})"
 
 
 def _detected(row: dict) -> bool:
   """The difference's interval (across seeds when there are several, else the run's) excludes 0."""
   a = row.get("across")
-  if a is not None:
-    return a["lo"] > 0 or a["hi"] < 0
-  r = row["runs"][0]
-  return r["lo"] is not None and (r["lo"] > 0 or r["hi"] < 0)
+  lo, hi = (a["lo"], a["hi"]) if a is not None else (row["runs"][0]["lo"], row["runs"][0]["hi"])
+  return lo is not None and hi is not None and (lo > 0 or hi < 0)
 
 
 def _columns(group: dict) -> list[tuple[str, str]]:
@@ -99,10 +102,11 @@ def _circuit_table(group: dict) -> list[str]:
     if reasons:
       lines.append(f"| {row['model']} | {row['task']} | {row['family']} | {row['a']} − {row['b']} | — | {'; '.join(reasons)} |")
       continue
-    text = value_text(dict(row, runs=[dict(r, acc=r["point"]) for r in row["runs"]]), "acc", signed=True)
+    text = value_text(row, "point", signed=True)
     a, b = row["a"], row["b"]
     point = row["across"]["mean"] if row.get("across") else row["runs"][0]["point"]
-    reading = (f"{a if point > 0 else b} moves the circuit more" if _detected(row) else "no difference detected")
+    reading = ("not computed" if any(r["point"] is None for r in row["runs"]) else
+               f"{a if point > 0 else b} moves the circuit more" if _detected(row) else "no difference detected")
     lines.append(f"| {row['model']} | {row['task']} | {row['family']} | {row['a']} − {row['b']} | {text} | {reading} |")
   return lines + [""]
 
@@ -127,10 +131,13 @@ def render(grid: dict, figures: dict[str, str]) -> str:
   lines += ["## How to read the cells", "",
             "- One run: the value with its 95% interval (accuracy: Wilson; ICL − FT: Newcombe's paired interval on "
             "the same items; circuits: the bootstrap interval of the cross-fitted TV contrast).",
-            "- Several seeds (data seed and FT seed pairs): the mean over seeds with its 95% Student-t interval, the "
-            "number of seeds, and the runs' mean half-width (`runs ±`): the noise one run sees.",
-            "- ICL best k is the best shot count on the test set (the release's, optimistic); ICL dev k is chosen on "
-            "a disjoint dev split (absent when the runs have none).",
+            "- Several seeds: the mean with its 95% Student-t interval over the replicates it names, and the runs' "
+            "mean half-width (`runs ±`: the noise one run sees). Base and ICL depend on the data seed only, so runs "
+            "sharing one count once; numbers involving fine-tuning are averaged over FT seeds within a data seed, "
+            "the interval taken over data seeds (over FT seeds when there is one data seed).",
+            "- ICL best k is the best shot count on the test set (the release's, optimistic; averaged over seeds it "
+            "keeps that selection bias); ICL dev-chosen k is chosen on a disjoint dev split (absent when the runs "
+            "have none).",
             "- A gap or contrast is bold when its interval excludes 0; `n.d.`: no difference detected. Intervals are "
             "per comparison, not adjusted for the number of cells.", ""]
   for g in grid["groups"]:
@@ -138,8 +145,14 @@ def render(grid: dict, figures: dict[str, str]) -> str:
     seeds = ", ".join(f"({r['seed']}, {r['ft_seed']})" for r in g["replicates"])
     lines += [f"## Group: {title}", "", f"Models (smallest first): {', '.join(m['label'] for m in g['models'])}. "
               f"Tasks: {', '.join(g['tasks'])}. (data seed, FT seed) replicates: {seeds}.", ""]
+    mixtures = sorted({(m, t) for t, m in g["mixtures"].items()})
+    lines += ["Fine-tuning mixtures: " + "; ".join(f"{m} (for {', '.join(t for mm, t in mixtures if mm == m)})"
+                                                   for m in dict.fromkeys(m for m, _ in mixtures)) + ".", ""]
     if g["without_circuits"]:
       lines += [f"Runs without a circuit stage: {', '.join(g['without_circuits'])}.", ""]
+    if g["without_gaps"]:
+      lines += [f"Runs whose results.json predates the ICL − FT gaps (rerun their report stage to add them): "
+                f"{', '.join(g['without_gaps'])}.", ""]
     for rule in RULES:
       lines += _accuracy_table(g, rule)
     for rule in RULES:

@@ -16,6 +16,7 @@ an empty axis keeps the study's value:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import re
 import time
@@ -46,9 +47,11 @@ class Cell:
     return f"{self.model} {self.dtype} {'+'.join(self.tasks)} seed {self.seed} ft-seed {self.ft_seed}"
 
 
-def _slug(text: str) -> str:
-  """A path-safe name: the last path component, other characters than [A-Za-z0-9._-] replaced by '_'."""
-  return re.sub(r"[^A-Za-z0-9._-]", "_", str(text).rstrip("/").rsplit("/", 1)[-1]) or "_"
+def _slug(model: str) -> str:
+  """A path-safe name of a model: a registry name as it is; a path or hub id by its last component (characters
+  other than [A-Za-z0-9._-] replaced by '_') and a digest of the whole, so two ``.../final`` never collide."""
+  last = re.sub(r"[^A-Za-z0-9._-]", "_", str(model).rstrip("/").rsplit("/", 1)[-1]) or "_"
+  return last if last == model else f"{last}-{hashlib.sha256(model.encode()).hexdigest()[:6]}"
 
 
 def _axis(grid: Any, key: str, default: Any, ints: bool = False) -> list:
@@ -78,6 +81,9 @@ def cells(grid: ml_collections.ConfigDict) -> list[Cell]:
   for i, (model, dtype, task_set, seed, ft_seed) in enumerate(itertools.product(*axes)):
     c = ml_collections.ConfigDict(study.to_dict())
     c.model, c.dtype, c.tasks, c.seed, c.ft.seed = model, dtype, ",".join(task_set), seed, ft_seed
+    if grid.split_tasks and c.circuits.tasks:  # a cell analyses only its own task (its model is tuned on it)
+      c.circuits.tasks = ",".join(t for t in str(c.circuits.tasks).split(",") if t.strip() in task_set)
+      c.circuits.enabled = c.circuits.enabled and bool(c.circuits.tasks)
     c.name = f"{grid.name}/{_slug(model)}/{dtype}/{'+'.join(task_set)}/seed{seed}/ft{ft_seed}"
     c.workdir = str(root / f"{_slug(model)}.{dtype}" / "+".join(task_set) / f"seed{seed}.ft{ft_seed}")
     try:
@@ -109,8 +115,12 @@ class Outcome:
 def run(grid_cells: list[Cell], log: Callable[[str], None] = print,
         errors: tuple[type[BaseException], ...] = (Exception,)) -> list[Outcome]:
   """Runs each cell's study in turn (finished stages are skipped, killed ones resume). A cell that fails with one
-  of ``errors`` is logged and left for a rerun; the others still run. Returns each cell's outcome."""
+  of ``errors`` is logged and left for a rerun while the others still run (on one process; several processes stop
+  at the first failure). Returns each cell's outcome."""
   from icl_ft.study.pipeline import Study
+  import jax
+  if jax.process_count() > 1:  # a failure seen by one process only must stop them all, not desynchronise them
+    errors = ()
   out = []
   for cell in grid_cells:
     head = f"[cell {cell.index + 1}/{len(grid_cells)}: {cell.label}]"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -100,8 +99,7 @@ class Study:
     out = {}
     for s in self.cfg.needs(stage):
       rec = self.done(s) or {}
-      digest = hashlib.sha256(json.dumps(rec.get("files", {}), sort_keys=True).encode()).hexdigest()[:16]
-      out[s] = {"fingerprint": self.cfg.fingerprint(s), "files": digest}
+      out[s] = {"fingerprint": self.cfg.fingerprint(s), "files": records.files_digest(rec.get("files", {}))}
     return out
 
   def _step(self, stage: str) -> Step:

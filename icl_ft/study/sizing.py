@@ -19,7 +19,7 @@ from typing import Sequence
 from icl_ft import tasks
 from icl_ft.evaluation import engine
 from icl_ft.io import loading
-from icl_ft.model import flops
+from icl_ft.model import flops, lora
 from icl_ft.model.config import ModelConfig
 from icl_ft.study.config import StudyConfig, saved_steps
 from icl_ft.study.grid import Cell, state
@@ -37,10 +37,10 @@ class Slice:
   peak: float | None  # dense bf16 FLOP/s per device
 
 
-# type -> (devices per unit of the type's number, HBM GiB per device, peak bf16 TFLOP/s per device)
-_TPU = {"v4": (0.5, 32, 275), "v5p": (0.5, 95, 459), "v5e": (1, 16, 197), "v5litepod": (1, 16, 197),
-        "v6e": (1, 32, 918)}
-_GPU = {"a100": (80, 312), "h100": (80, 989), "h200": (141, 989)}
+# type -> (devices per unit of the type's number, HBM bytes per device, peak bf16 TFLOP/s per device)
+_TPU = {"v4": (0.5, 32 * GiB, 275), "v5p": (0.5, 95e9, 459), "v5e": (1, 16 * GiB, 197),
+        "v5litepod": (1, 16 * GiB, 197), "v6e": (1, 32 * GiB, 918)}
+_GPU = {"a100": (80e9, 312), "h100": (80e9, 989), "h200": (141e9, 989)}
 
 
 def parse_slice(spec: str) -> Slice:
@@ -52,10 +52,10 @@ def parse_slice(spec: str) -> Slice:
     return Slice(f"this machine ({len(devices)} {devices[0].platform} device(s))", len(devices), limit, None)
   if m := re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", spec):
     per, hbm, peak = _TPU[m[1]]
-    return Slice(spec, max(1, int(int(m[2]) * per)), hbm * GiB, peak * 1e12)
+    return Slice(spec, max(1, int(int(m[2]) * per)), hbm, peak * 1e12)
   if m := re.fullmatch(r"(\d+)x(a100|h100|h200)", spec):
     hbm, peak = _GPU[m[2]]
-    return Slice(spec, int(m[1]), hbm * GiB, peak * 1e12)
+    return Slice(spec, int(m[1]), hbm, peak * 1e12)
   raise ValueError(f"unknown slice {spec!r}: use e.g. v4-32, v5e-16, v5p-8, v6e-8, 8xh100, 4xa100")
 
 
@@ -67,17 +67,23 @@ def _tokenizer():
 
 
 @functools.lru_cache(maxsize=None)
+def _prompt_lengths(task: str, variant: str, fmt: str, shots: int, seed: int) -> tuple[int, ...]:
+  """Prompt lengths in tokens of the first ``SAMPLE`` queries of the set."""
+  return tuple(len(_tokenizer()(q.prompt).input_ids) for q in engine.icl_queries(task, variant, fmt, shots, SAMPLE, seed))
+
+
 def _prompt_tokens(task: str, variant: str, fmt: str, shots: int, seed: int) -> float:
-  """Mean prompt length in tokens of the first ``SAMPLE`` queries of the set."""
-  queries = engine.icl_queries(task, variant, fmt, shots, SAMPLE, seed)
-  return sum(len(_tokenizer()(q.prompt).input_ids) for q in queries) / len(queries)
+  """Mean prompt length in tokens (``_prompt_lengths``)."""
+  lengths = _prompt_lengths(task, variant, fmt, shots, seed)
+  return sum(lengths) / len(lengths)
 
 
-def _ft_tokens(cfg: StudyConfig) -> float:
-  """Mean tokens of a fine-tuning text (question and answer, in the study's format)."""
-  texts = [ex.question + " " + str(ex.answer) for t in cfg.ft_data.tasks
+def _ft_tokens(cfg: StudyConfig) -> tuple[float, int]:
+  """Mean and longest tokens of a sample of the study's fine-tuning texts (``tasks.ft_text``)."""
+  texts = [tasks.ft_text(ex, cfg.format, cfg.ft_data.with_header) for t in cfg.ft_data.tasks
            for ex in tasks.make_ft_examples(t, SAMPLE, cfg.ft_data.seed, cfg.format)]
-  return sum(len(_tokenizer()(s).input_ids) for s in texts) / len(texts)
+  lengths = [len(_tokenizer()(s).input_ids) for s in texts]
+  return sum(lengths) / len(lengths), max(lengths)
 
 
 def _queries(cfg: StudyConfig, task: str, variant: str, k: int, n: int, generate: int, m: ModelConfig) -> float:
@@ -100,9 +106,10 @@ def stage_flops(cfg: StudyConfig, m: ModelConfig) -> dict[str, float]:
         n = cfg.n_by_shots.get(cfg.control_shots, cfg.n_queries)
         out["icl"] += len(cfg.icl_controls) * _queries(cfg, task, variant, cfg.control_shots, n, gen, m)
       out["ft_eval"] += evals * sum(_queries(cfg, task, variant, k, cfg.n_queries, gen, m) for k in cfg.ft_eval_shots)
-  T = _ft_tokens(cfg)
-  per_example = T * flops.train_flops_per_token(m, T)
-  out["finetune"] = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum * per_example
+  T = _ft_tokens(cfg)[0]
+  adapters = lora.num_params(m, cfg.train.lora) if cfg.train.lora else None
+  per_example = flops.train_flops(m, T, T * T, adapters)
+  out["finetune"] = cfg.train.steps * cfg.train.batch_size * per_example  # grad_accum splits the batch
   if cfg.fewshot:
     out["finetune"] += cfg.fewshot.steps * cfg.fewshot.batch_size * per_example
   for cc in cfg.circuits:
@@ -124,18 +131,21 @@ def _circuit_flops(cc, cfg: StudyConfig, m: ModelConfig) -> float:
 
 
 def memory_per_device(cfg: StudyConfig, m: ModelConfig, devices: int) -> dict[str, float]:
-  """Bytes per device: fine-tuning's peak (``flops.train_memory_per_device``; FSDP over the fsdp and tensor axes,
-  the micro-batch over the data-parallel devices) and inference's parameters plus one batch's KV cache."""
+  """Bytes per device: fine-tuning's peak (``flops.train_memory_per_device``: full fine-tuning, an upper bound for
+  LoRA; FSDP over the fsdp and tensor axes, the micro-batch over the data-parallel devices) and inference's
+  parameters plus the KV cache of one batch of the longest sampled prompts."""
   mesh = {a: cfg.mesh.get(a, 1) for a in ("data", "fsdp", "tensor")}
   fixed = math.prod(v for v in mesh.values() if v != -1)
+  if devices % fixed or (-1 not in mesh.values() and fixed != devices):
+    raise ValueError(f"mesh {cfg.mesh} does not fit {devices} devices; set --config.study.mesh.* for this slice")
   mesh = {a: devices // fixed if v == -1 else v for a, v in mesh.items()}
   shards = mesh["fsdp"] * mesh["tensor"]
-  micro = max(1, math.ceil(cfg.train.batch_size / (mesh["data"] * mesh["fsdp"])))
-  T = int(_ft_tokens(cfg)) + 1
+  micro = max(1, math.ceil(cfg.train.batch_size / cfg.train.grad_accum / (mesh["data"] * mesh["fsdp"])))
+  T = _ft_tokens(cfg)[1]  # a batch is as long as its longest text
   train = flops.train_memory_per_device(m, shards, micro, T, cfg.train.remat,
                                         2 if cfg.train.compute_dtype == "bfloat16" else 4)["total"]
   width = 2 if cfg.dtype == "bfloat16" else 4
-  longest = max(_prompt_tokens(t, "correct", cfg.format, max(cfg.shots), cfg.seed) for t in cfg.tasks) + 64
+  longest = max(max(_prompt_lengths(t, "correct", cfg.format, max(cfg.shots), cfg.seed)) for t in cfg.tasks) + 64
   kv = 2 * m.num_layers * cfg.icl_engine.batch_size * longest * m.num_kv_heads * m.head_dim * width
   return dict(finetune=train, inference=(m.num_params() * width + kv) / shards)
 
