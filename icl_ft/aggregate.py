@@ -3,7 +3,8 @@
   python -m icl_ft.aggregate --runs='work/paper/*' --out=work/grid
   python -m icl_ft.aggregate --runs=work/a,work/b,work/c --out=work/grid --group_by=ft.lr
 
-``--runs`` takes run directories and globs (quote them). Runs may differ in model, dtype, tasks and seeds; any
+``--runs`` takes run directories and globs (quote them; a grid's runs are three levels down:
+``'work/paper-grid/*/*/*'``). Runs may differ in model, dtype, tasks and seeds; any
 other differing config key is refused by name (nothing is written) unless ``--group_by`` splits the runs by it.
 Unfinished runs are listed in GRID.md, not silently skipped. See ``icl_ft.report.aggregation``.
 """

@@ -57,7 +57,7 @@ def _write_run(root: Path, results: dict | None, stages=("data", "icl", "finetun
                started=()) -> Path:
   """A run directory: DONE.json of each stage (the report's upstream naming the others' fingerprints and files, as
   the pipeline records them), STARTED.json of the interrupted ones, and results.json."""
-  read = [s for s in aggregation.REPORT_READS if s in stages]
+  read = [s for s in ("icl", "finetune", "ft_eval", "circuits") if s in stages]  # what the report reads
   for s in stages:
     (root / s).mkdir(parents=True, exist_ok=True)
     upstream = {u: {"fingerprint": u, "files": records.files_digest(_record(u)["files"])} for u in read}
@@ -177,16 +177,40 @@ def test_crossed_seeds_count_each_data_seed_once_for_base_and_icl(tmp_path):
   assert tuned["lo"] == pytest.approx(0.65 - t1 * tuned["sd"] / math.sqrt(2)) and tuned["hi"] == 1.0  # clipped
 
 
-def test_one_data_seed_with_several_ft_seeds_varies_only_the_fine_tuned_numbers(tmp_path):
-  runs = [_write_run(tmp_path / f"f{f}", _results(seed=1, ft_seed=f, accs=(0.5, 0.5 + 0.1 * f, 0.6))) for f in (1, 2, 3)]
+def test_runs_of_one_data_seed_are_described_not_given_an_interval(tmp_path):
+  """Three FT seeds on one data seed share their test items: mean and sd only, and a gap is bold only when every
+  run's own interval excludes 0 (here none does, however tight the FT seeds agree)."""
+  runs = [_write_run(tmp_path / f"f{f}", _results(seed=1, ft_seed=f, accs=(0.5 + 0.01 * f, 0.5 + 0.1 * f, 0.6)))
+          for f in (1, 2, 3)]
   code, log = _aggregate(tmp_path, runs)
   assert code == 0, log
   (group,) = files.read_json(tmp_path / "out" / "grid.json")["groups"]
-  assert _row(group, "accuracy", variant="correct", rule="strict", condition="base_0shot")["across"] is None
+  base = _row(group, "accuracy", variant="correct", rule="strict", condition="base_0shot")["across"]
+  assert (base["mean"], base["lo"], base["over"]) == (pytest.approx(0.52), None, "runs")  # averaged, none dropped
   tuned = _row(group, "accuracy", variant="correct", rule="strict", condition="ft_0shot")["across"]
-  assert (tuned["n"], tuned["over"], tuned["mean"]) == (3, "FT seeds", pytest.approx(0.7))
+  assert (tuned["n"], tuned["over"], tuned["mean"], tuned["lo"]) == (3, "FT seeds", pytest.approx(0.7), None)
   md = (tmp_path / "out" / "GRID.md").read_text()
-  assert "base 0-shot: 0.50 [0.40, 0.60] (1 data seed, 3 runs)" in md and "(3 FT seeds; runs ±0.10)" in md
+  assert "base 0-shot: 0.52 (mean of 3 runs, sd 0.01; runs ±0.10)" in md
+  assert "FT 0-shot: 0.70 (mean of 3 FT seeds, sd 0.10; runs ±0.10)" in md
+  assert "ICL best (k=4): -0.10 (mean of 3 FT seeds, sd 0.10; runs ±0.15) n.d." in md  # run 3's gap is -0.2 alone
+
+
+def test_the_cells_of_a_split_grid_aggregate_as_one_group(tmp_path):
+  g = grid_cpu.get_config()
+  g.split_tasks = True
+  runs = []
+  for cell in grid.cells(g):
+    (task,) = cell.tasks
+    r = _results(cell.model, cell.dtype, seed=cell.seed, ft_seed=cell.ft_seed, task=task)
+    r["config"] = cell.cfg.raw
+    if not cell.cfg.circuits:
+      del r["circuits"]
+    runs.append(_write_run(tmp_path / f"c{cell.index}", r))
+  assert [c.cfg.circuits[0].task if c.cfg.circuits else None for c in grid.cells(g)] == ["parity", "parity", None, None] * 2
+  code, log = _aggregate(tmp_path, runs)
+  assert code == 0, log
+  (group,) = files.read_json(tmp_path / "out" / "grid.json")["groups"]
+  assert group["mixtures"] == {"parity": "parity", "expression": "expression"} and len(group["runs"]) == 8
 
 
 def test_a_task_fine_tuned_on_different_mixtures_is_refused(tmp_path):

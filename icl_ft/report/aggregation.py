@@ -8,10 +8,9 @@ runs are split into groups by it (``group_by``). A task's numbers must come from
 group (the study's tasks decide it when ``ft.tasks`` is empty). Runs that have not finished (no results.json, or
 one older than a stage's latest results) are listed with what they lack, never silently dropped.
 
-Replicates: base and ICL numbers depend on the data seed only, so runs that share it count once; numbers that
-involve fine-tuning (FT accuracy, the ICL - FT gap, contrasts with a fine-tuned condition) are averaged over FT
-seeds within each data seed, and the interval is taken over data seeds (over FT seeds when there is one data
-seed). ``across`` says which.
+Replicates (``replicated``): runs are averaged within each data seed and the interval is taken over data seeds;
+runs that share one data seed (different FT seeds) share their test items, so their spread is reported but never
+taken for an interval.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ CONDITIONS = {"base_0shot": "base 0-shot", "ft_0shot": "FT 0-shot", "icl_best": 
               "icl_dev": "ICL dev-chosen"}
 TUNED = ("ft_0shot",)  # conditions that involve fine-tuning
 STAGES = ("data", "icl", "finetune", "ft_eval", "circuits", "report")
-REPORT_READS = ("icl", "finetune", "ft_eval", "circuits")
 
 
 class GridError(ValueError):
@@ -84,16 +82,15 @@ def _stage_state(root: epath.Path) -> dict[str, list[str]]:
   return dict(done=done, interrupted=started, not_started=[s for s in STAGES if s not in done + started])
 
 
-def _stale(root: epath.Path, done: Sequence[str]) -> list[str]:
-  """Stages whose latest results the report did not read: recomputed since (another fingerprint or other files
-  than it recorded) or finished after it (e.g. circuits enabled later)."""
+def _stale(root: epath.Path) -> list[str]:
+  """The stages the report read whose results have been recomputed since (another fingerprint, or other files
+  than it recorded), or are gone."""
   upstream = records.read_stage(root / "report" / "DONE.json")["upstream"]
   out = []
-  for stage in (s for s in REPORT_READS if s in done):
-    rec = records.read_stage(root / stage / "DONE.json")
-    up = upstream.get(stage)
-    if not isinstance(up, dict) or up != {"fingerprint": rec["fingerprint"],
-                                          "files": records.files_digest(rec["files"])}:
+  for stage, up in upstream.items():
+    path = root / stage / "DONE.json"
+    rec = records.read_stage(path) if path.exists() else None
+    if rec is None or up != {"fingerprint": rec["fingerprint"], "files": records.files_digest(rec["files"])}:
       out.append(stage)
   return out
 
@@ -109,11 +106,14 @@ def read_run(path: str) -> Run | dict:
   if not (root / "results.json").exists() or "report" not in state["done"]:
     return dict(run=str(root), reason="no results.json: the report stage has not finished", **state)
   try:
-    stale = _stale(root, state["done"])
+    stale = _stale(root)
     results = files.read_json(root / "results.json")
     icl = records.read_stage(root / "icl" / "DONE.json") if "icl" in state["done"] else {}
   except (OSError, ValueError, KeyError, TypeError) as e:
     return dict(run=str(root), reason=f"results.json or a stage record cannot be read ({e})", **state)
+  missing = [k for k in ("config", "table") if not isinstance(results, dict) or k not in results]
+  if missing:
+    return dict(run=str(root), reason=f"results.json lacks {', '.join(missing)}: not a study's results", **state)
   if stale:
     return dict(run=str(root), reason=f"results.json predates the latest results of stage(s) {', '.join(stale)}: "
                 "rerun its study (the report stage reruns)", **state)
@@ -140,7 +140,7 @@ def expand(patterns: Iterable[str]) -> list[str]:
 def _settings(run: Run) -> dict[str, Any]:
   """The run's config keys that must agree within a group (all but identity and execution keys), with the version
   of the query generators it ran."""
-  skip = set(IDENTITY_KEYS) | set(EXECUTION_KEYS) | {"ft.tasks"}
+  skip = set(IDENTITY_KEYS) | set(EXECUTION_KEYS) | {"ft.tasks", "circuits.tasks", "circuits.enabled"}
   return dict({k: v for k, v in files.flat(run.config).items() if k not in skip}, data_version=run.data_version)
 
 
@@ -210,19 +210,24 @@ def _replicate(run: Run, **numbers) -> dict:
 
 
 def replicated(reps: Sequence[dict], key: str, tuned: bool, bounds: tuple[float, float]) -> dict | None:
-  """The across-seed statistics of one cell's runs (see the module docstring); None when fewer than two
-  independent replicates have a value (``over`` names the replicates: "data seeds" or "FT seeds")."""
+  """The across-seed statistics of one cell's runs; None for one run or when a run lacks the value.
+
+  Runs are averaged within each data seed (``spread``: the largest range within one; 0 for base and ICL, which
+  do not depend on the FT seed). Two or more data seeds: the mean over them with its Student-t interval
+  (``over`` "data seeds"). One data seed: the mean and sd over its runs, descriptive only (``lo``/``hi`` None):
+  the runs share their test items, so their spread says nothing about item sampling (``over`` "FT seeds", or
+  "runs" for a number that does not involve fine-tuning)."""
   by_seed: dict[int, list[float]] = collections.defaultdict(list)
   for r in reps:
     if r[key] is None:
       return None
     by_seed[r["seed"]].append(r[key])
-  if len(by_seed) == 1 and tuned:
-    a = across(next(iter(by_seed.values())), bounds=bounds)
-    return dict(a, over="FT seeds") if a else None
-  values = [sum(v) / len(v) if tuned else v[0] for v in by_seed.values()]
-  a = across(values, bounds=bounds)
-  return dict(a, over="data seeds") if a else None
+  spread = max(max(v) - min(v) for v in by_seed.values())
+  if len(by_seed) > 1:
+    return dict(across([sum(v) / len(v) for v in by_seed.values()], bounds=bounds), over="data seeds", spread=spread)
+  (values,) = by_seed.values()
+  a = across(values)
+  return dict(a, lo=None, hi=None, over="FT seeds" if tuned else "runs", spread=spread) if a else None
 
 
 def _rows(cells: dict[tuple, list[dict]], names: Sequence[str], key: str, tuned, bounds) -> list[dict]:

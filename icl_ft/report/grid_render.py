@@ -24,9 +24,10 @@ def _shots(reps: Sequence[dict]) -> str:
 
 
 def value_text(row: dict, key: str, signed: bool = False) -> str:
-  """One run: ``0.53 [0.43, 0.62]`` (its own interval). Replicates: the across-seed mean with its Student-t
-  interval, how many seeds it is over and the runs' mean half-width: ``0.55 [0.41, 0.69] (2 data seeds; runs
-  ±0.10)``. A value some runs lack: ``— (computed in 1 of 2 runs)``."""
+  """One run: ``0.53 [0.43, 0.62]`` (its own interval). Several data seeds: the mean with its Student-t interval,
+  how many, and the runs' mean half-width: ``0.55 [0.41, 0.69] (2 data seeds; runs ±0.10)``. Runs of one data
+  seed: their mean and sd, no interval: ``0.55 (mean of 3 FT seeds, sd 0.02; runs ±0.10)``. A value some runs
+  lack: ``— (computed in 1 of 2 runs)``."""
   reps, a = row["runs"], row.get("across")
   have = [r for r in reps if r[key] is not None]
   if len(have) < len(reps):
@@ -34,16 +35,24 @@ def value_text(row: dict, key: str, signed: bool = False) -> str:
   widths = [r["hi"] - r["lo"] for r in reps if r["lo"] is not None and r["hi"] is not None]
   within = f"runs ±{sum(widths) / (2 * len(widths)):.2f}" if widths else "no run intervals"
   if a is None:
-    r = reps[0]
-    return _interval(r[key], r["lo"], r["hi"], signed) + (f" (1 data seed, {len(reps)} runs)" if len(reps) > 1 else "")
-  return f"{_interval(a['mean'], a['lo'], a['hi'], signed)} ({a['n']} {a['over']}; {within})"
+    return _interval(reps[0][key], reps[0]["lo"], reps[0]["hi"], signed)
+  f = "{:+.2f}" if signed else "{:.2f}"
+  if a["lo"] is None:
+    return f"{f.format(a['mean'])} (mean of {a['n']} {a['over']}, sd {a['sd']:.2f}; {within})"
+  spread = f"; FT seeds differ by up to {a['spread']:.2f}" if a["spread"] else ""
+  return f"{_interval(a['mean'], a['lo'], a['hi'], signed)} ({a['n']} {a['over']}; {within}{spread})"
 
 
 def _detected(row: dict) -> bool:
-  """The difference's interval (across seeds when there are several, else the run's) excludes 0."""
+  """The difference's interval excludes 0: the across-seed interval where there is one, else every run's own
+  interval, on the same side."""
   a = row.get("across")
-  lo, hi = (a["lo"], a["hi"]) if a is not None else (row["runs"][0]["lo"], row["runs"][0]["hi"])
-  return lo is not None and hi is not None and (lo > 0 or hi < 0)
+  if a is not None and a["lo"] is not None:
+    return a["lo"] > 0 or a["hi"] < 0
+  runs = row["runs"]
+  if any(r["lo"] is None or r["hi"] is None for r in runs):
+    return False
+  return all(r["lo"] > 0 for r in runs) or all(r["hi"] < 0 for r in runs)
 
 
 def _columns(group: dict) -> list[tuple[str, str]]:
@@ -99,13 +108,10 @@ def _circuit_table(group: dict) -> list[str]:
   lines = ["| model | task | family | A − B | cross-fitted TV contrast | reading |", "|---|---|---|---|---|---|"]
   for row in sorted(group["circuits"], key=lambda r: (r["task"], r["family"], order[r["model"]], r["contrast"])):
     reasons = sorted({r["reason"] for r in row["runs"] if r["reason"]})
-    if reasons:
-      lines.append(f"| {row['model']} | {row['task']} | {row['family']} | {row['a']} − {row['b']} | — | {'; '.join(reasons)} |")
-      continue
     text = value_text(row, "point", signed=True)
     a, b = row["a"], row["b"]
     point = row["across"]["mean"] if row.get("across") else row["runs"][0]["point"]
-    reading = ("not computed" if any(r["point"] is None for r in row["runs"]) else
+    reading = ("; ".join(reasons) if reasons else "not computed" if any(r["point"] is None for r in row["runs"]) else
                f"{a if point > 0 else b} moves the circuit more" if _detected(row) else "no difference detected")
     lines.append(f"| {row['model']} | {row['task']} | {row['family']} | {row['a']} − {row['b']} | {text} | {reading} |")
   return lines + [""]
@@ -131,10 +137,10 @@ def render(grid: dict, figures: dict[str, str]) -> str:
   lines += ["## How to read the cells", "",
             "- One run: the value with its 95% interval (accuracy: Wilson; ICL − FT: Newcombe's paired interval on "
             "the same items; circuits: the bootstrap interval of the cross-fitted TV contrast).",
-            "- Several seeds: the mean with its 95% Student-t interval over the replicates it names, and the runs' "
-            "mean half-width (`runs ±`: the noise one run sees). Base and ICL depend on the data seed only, so runs "
-            "sharing one count once; numbers involving fine-tuning are averaged over FT seeds within a data seed, "
-            "the interval taken over data seeds (over FT seeds when there is one data seed).",
+            "- Several data seeds: runs are averaged within each data seed, then the mean over data seeds with its "
+            "95% Student-t interval, and the runs' mean half-width (`runs ±`: the noise one run sees). Runs of one "
+            "data seed (several FT seeds) share their test items: their mean and sd are shown without an interval, "
+            "and a difference counts as detected only when every run's own interval excludes 0 on the same side.",
             "- ICL best k is the best shot count on the test set (the release's, optimistic; averaged over seeds it "
             "keeps that selection bias); ICL dev-chosen k is chosen on a disjoint dev split (absent when the runs "
             "have none).",

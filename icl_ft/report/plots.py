@@ -163,10 +163,11 @@ CIRCUIT_FIGURES = {"heatmaps": plot_heatmaps, "mlps": plot_mlps, "shifts": plot_
 # -- the grid (``icl_ft.aggregate``) -------------------------------------------------------------------------------
 
 def _grid_point(row: dict, key: str) -> tuple[float, float, float]:
-  """(value, lo, hi) of an aggregated row: across seeds when there are several, else the one run's."""
+  """(value, lo, hi) of an aggregated row: across data seeds when there are several (no bar for runs of one data
+  seed), else the one run's."""
   a = row.get("across")
   if a is not None:
-    return a["mean"], a["lo"], a["hi"]
+    return a["mean"], (a["mean"] if a["lo"] is None else a["lo"]), (a["mean"] if a["hi"] is None else a["hi"])
   r = row["runs"][0]
   return (np.nan, np.nan, np.nan) if r[key] is None else (r[key], r["lo"], r["hi"])
 

@@ -81,7 +81,7 @@ def cells(grid: ml_collections.ConfigDict) -> list[Cell]:
   for i, (model, dtype, task_set, seed, ft_seed) in enumerate(itertools.product(*axes)):
     c = ml_collections.ConfigDict(study.to_dict())
     c.model, c.dtype, c.tasks, c.seed, c.ft.seed = model, dtype, ",".join(task_set), seed, ft_seed
-    if grid.split_tasks and c.circuits.tasks:  # a cell analyses only its own task (its model is tuned on it)
+    if c.circuits.tasks:  # a cell analyses only its own tasks
       c.circuits.tasks = ",".join(t for t in str(c.circuits.tasks).split(",") if t.strip() in task_set)
       c.circuits.enabled = c.circuits.enabled and bool(c.circuits.tasks)
     c.name = f"{grid.name}/{_slug(model)}/{dtype}/{'+'.join(task_set)}/seed{seed}/ft{ft_seed}"

@@ -173,11 +173,11 @@ def dry_run(cells: Sequence[Cell], slice_spec: str, mfu: float) -> str:
   for c in cells:
     try:
       m = loading.sizing_config(c.model)
-    except loading.ModelNotFoundError as e:
+      f = stage_flops(c.cfg, m)
+      mem = memory_per_device(c.cfg, m, sl.devices)
+    except (loading.ModelNotFoundError, ValueError) as e:
       lines.append(f"{c.index:>4}  cannot size: {e}")
       continue
-    f = stage_flops(c.cfg, m)
-    mem = memory_per_device(c.cfg, m, sl.devices)
     over = " (exceeds)" if sl.hbm and max(mem.values()) > sl.hbm else ""
     hours = sum(f.values()) / (sl.devices * sl.peak * mfu) / 3600 if sl.peak else float("nan")
     total += hours if sl.peak else 0.0
