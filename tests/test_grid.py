@@ -300,21 +300,25 @@ def test_launch_scripts_run_a_grid_cell_per_array_task_or_every_cell_on_one_slic
 
 def _expected(values, lows, highs, signed=False):
   """A GRID.md cell from the runs' own numbers, computed here independently: one run's value and interval, or the
-  mean over runs of distinct data seeds with its Student-t interval and the runs' mean half-width."""
+  mean over runs of distinct data seeds with the wider of its Student-t interval and the runs' intervals combined
+  (symmetric run intervals assumed for the floor), and the runs' mean half-width."""
   f = "{:+.2f}" if signed else "{:.2f}"
   bounds = (-1.0, 1.0) if signed else (0.0, 1.0)
   if len(values) == 1:
     return f"{f.format(values[0])} [{f.format(lows[0])}, {f.format(highs[0])}]"
   mean = sum(values) / len(values)
   half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+  floor = math.sqrt(sum(((h - lo) / 2) ** 2 for h, lo in zip(highs, lows))) / len(values)
+  half = max(half, floor)
   within = sum(h - lo for h, lo in zip(highs, lows)) / (2 * len(values))
   return (f"{f.format(mean)} [{f.format(max(bounds[0], mean - half))}, {f.format(min(bounds[1], mean + half))}] "
           f"({len(values)} data seeds; runs ±{within:.2f})")
 
 
-def assert_grid_md_equals_the_runs(grid_dir: Path, run_dirs: list[Path]) -> int:
-  """Every accuracy cell (base, FT, ICL best, ICL dev-chosen) and every ICL - FT cell of GRID.md is the runs'
-  results.json numbers (runs of one model, each its own data seed). Returns the cells checked."""
+def assert_grid_md_equals_the_runs(grid_dir: Path, run_dirs: list[Path], label: str = "") -> int:
+  """Every accuracy cell (base, FT, ICL best, ICL dev-chosen) and every ICL - FT cell of GRID.md's row ``label``
+  (default: the first) is the runs' results.json numbers (runs of that model, each its own data seed). Returns
+  the cells checked."""
   md = (grid_dir / "GRID.md").read_text()
   runs = [files.read_json(d / "results.json") for d in run_dirs]
   checked = 0
@@ -324,21 +328,22 @@ def assert_grid_md_equals_the_runs(grid_dir: Path, run_dirs: list[Path]) -> int:
     column = sorted({(t["task"], t["variant"]) for t in runs[0]["table"]}).index((task, variant))
     for rule in ("lenient", "strict"):
       for table, kind in ((f"### Accuracy ({rule})", "acc"), (f"### ICL − FT ({rule})", "gap")):
-        line = next(x for x in md.split(table)[1].splitlines() if x.startswith("| ") and not x.startswith("| model"))
+        line = next(x for x in md.split(table)[1].splitlines() if x.startswith(f"| {label}") and
+                    not x.startswith("| model"))
         cell = line.split(" | ")[column + (2 if kind == "acc" else 1)]
         for cond, name in aggregation.CONDITIONS.items():
           cells = [row[rule][cond] for row in rows]
           if any(c is None for c in cells) or (kind == "gap" and cond not in ("icl_best", "icl_dev")):
             continue
           ks = sorted({c["shots"] for c in cells if c.get("shots") is not None})
-          label = f"{name} (k={','.join(map(str, ks))})" if ks else name
+          head = f"{name} (k={','.join(map(str, ks))})" if ks else name
           if kind == "acc":
             text = _expected([c["acc"] for c in cells], [c["lo"] for c in cells], [c["hi"] for c in cells])
           else:
             gaps = [next(g for g in r["gaps"] if (g["task"], g["variant"], g["rule"], g["shots"]) == (
                 task, variant, rule, c["shots"])) for r, c in zip(runs, cells)]
             text = _expected([g["diff"] for g in gaps], [g["lo"] for g in gaps], [g["hi"] for g in gaps], signed=True)
-          assert f"{label}: {text}" in cell, (task, variant, rule, cond, text, cell)
+          assert f"{head}: {text}" in cell, (task, variant, rule, cond, text, cell)
           checked += 1
   return checked
 
@@ -369,3 +374,15 @@ def test_grid_command_resumes_after_a_kill_and_grid_md_equals_the_runs(tiny_lm, 
   assert assert_grid_md_equals_the_runs(tmp_path / "grid", cells) == 24  # 2 variants x 2 rules x (4 accuracies + 2 gaps)
   md = (tmp_path / "grid" / "GRID.md").read_text()
   assert "Runs without a circuit stage" in md and "2 finished run(s)" in md
+
+
+def test_two_data_seeds_that_agree_keep_the_runs_own_noise(tmp_path):
+  """Two seeds with the same accuracy: the t interval has width 0, the reported one the runs' intervals combined."""
+  runs = [_write_run(tmp_path / f"s{s}", _results(seed=s, ft_seed=42)) for s in (1, 2)]
+  code, log = _aggregate(tmp_path, runs)
+  assert code == 0, log
+  (group,) = files.read_json(tmp_path / "out" / "grid.json")["groups"]
+  a = _row(group, "accuracy", variant="correct", rule="strict", condition="base_0shot")["across"]
+  assert a["t_lo"] == a["t_hi"] == 0.5 and a["floor"] == pytest.approx(math.sqrt(2 * 0.1 ** 2) / 2)
+  assert (a["lo"], a["hi"]) == (pytest.approx(0.5 - a["floor"]), pytest.approx(0.5 + a["floor"]))
+  assert "base 0-shot: 0.50 [0.43, 0.57] (2 data seeds; runs ±0.10)" in (tmp_path / "out" / "GRID.md").read_text()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from typing import Any, Iterable, Sequence
 
 from etils import epath
@@ -213,19 +214,27 @@ def replicated(reps: Sequence[dict], key: str, tuned: bool, bounds: tuple[float,
   """The across-seed statistics of one cell's runs; None for one run or when a run lacks the value.
 
   Runs are averaged within each data seed (``spread``: the largest range within one; 0 for base and ICL, which
-  do not depend on the FT seed). Two or more data seeds: the mean over them with its Student-t interval
-  (``over`` "data seeds"). One data seed: the mean and sd over its runs, descriptive only (``lo``/``hi`` None):
+  do not depend on the FT seed). Two or more data seeds: the mean over them and, as ``lo``/``hi``, the wider of
+  its Student-t interval (``t_lo``/``t_hi``) and the runs' own intervals combined (mean ± ``floor``: the root sum
+  of squared half-widths over the number of seeds), so seeds that happen to agree never give a zero-width
+  interval (``over`` "data seeds"). One data seed: the mean and sd over its runs, descriptive only (None bounds):
   the runs share their test items, so their spread says nothing about item sampling (``over`` "FT seeds", or
   "runs" for a number that does not involve fine-tuning)."""
-  by_seed: dict[int, list[float]] = collections.defaultdict(list)
+  by_seed: dict[int, list[dict]] = collections.defaultdict(list)
   for r in reps:
     if r[key] is None:
       return None
-    by_seed[r["seed"]].append(r[key])
-  spread = max(max(v) - min(v) for v in by_seed.values())
+    by_seed[r["seed"]].append(r)
+  mean = lambda xs: sum(xs) / len(xs)
+  spread = max(max(r[key] for r in rs) - min(r[key] for r in rs) for rs in by_seed.values())
   if len(by_seed) > 1:
-    return dict(across([sum(v) / len(v) for v in by_seed.values()], bounds=bounds), over="data seeds", spread=spread)
-  (values,) = by_seed.values()
+    a = across([mean([r[key] for r in rs]) for rs in by_seed.values()])
+    halves = [mean([(r["hi"] - r["lo"]) / 2 for r in rs]) if all(r["lo"] is not None for r in rs) else 0.0
+              for rs in by_seed.values()]
+    floor = math.sqrt(sum(h * h for h in halves)) / len(halves)  # the runs' own intervals, combined
+    lo, hi = max(bounds[0], min(a["lo"], a["mean"] - floor)), min(bounds[1], max(a["hi"], a["mean"] + floor))
+    return dict(a, lo=lo, hi=hi, t_lo=a["lo"], t_hi=a["hi"], floor=floor, over="data seeds", spread=spread)
+  values = [r[key] for r in next(iter(by_seed.values()))]
   a = across(values)
   return dict(a, lo=None, hi=None, over="FT seeds" if tuned else "runs", spread=spread) if a else None
 

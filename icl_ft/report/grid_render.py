@@ -137,8 +137,10 @@ def render(grid: dict, figures: dict[str, str]) -> str:
   lines += ["## How to read the cells", "",
             "- One run: the value with its 95% interval (accuracy: Wilson; ICL − FT: Newcombe's paired interval on "
             "the same items; circuits: the bootstrap interval of the cross-fitted TV contrast).",
-            "- Several data seeds: runs are averaged within each data seed, then the mean over data seeds with its "
-            "95% Student-t interval, and the runs' mean half-width (`runs ±`: the noise one run sees). Runs of one "
+            "- Several data seeds: runs are averaged within each data seed, then the mean over data seeds with a "
+            "95% interval: the wider of the Student-t interval over the seeds and the runs' own intervals combined "
+            "(so two seeds that happen to agree do not give a zero-width interval); `runs ±` is the runs' mean "
+            "half-width (the noise one run sees). Runs of one "
             "data seed (several FT seeds) share their test items: their mean and sd are shown without an interval, "
             "and a difference counts as detected only when every run's own interval excludes 0 on the same side.",
             "- ICL best k is the best shot count on the test set (the release's, optimistic; averaged over seeds it "
