@@ -172,6 +172,31 @@ def _grid_point(row: dict, key: str) -> tuple[float, float, float]:
   return (np.nan, np.nan, np.nan) if r[key] is None else (r[key], r["lo"], r["hi"])
 
 
+def _size_axis(group: dict):
+  """(x position by model label, a function that labels an axis): log parameters when every model has a distinct
+  known size; otherwise the models in size order, by name (e.g. one model at two dtypes)."""
+  sizes = [m["params"] for m in group["models"]]
+  if len(sizes) > 1 and all(sizes) and len(set(sizes)) == len(sizes):
+    from matplotlib.ticker import NullLocator
+    def label(ax):
+      ax.set_xscale("log")
+      ax.xaxis.set_minor_locator(NullLocator())
+      ax.set_xticks(sizes, [f"{m['label']}\n{m['params'] / 1e9:.2g}B" for m in group["models"]], fontsize=7)
+      ax.set_xlabel("parameters (log)")
+    return {m["label"]: m["params"] for m in group["models"]}, label, 1.04
+  labels = [m["label"] for m in group["models"]]
+  def label(ax):
+    ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=7)
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+    ax.set_xlabel("model (by size)")
+  return {name: i for i, name in enumerate(labels)}, label, None
+
+
+def _offset(x: float, i: int, scale: float | None) -> float:
+  """Condition ``i``'s point beside the others at ``x``: a factor on a log axis, a shift on a categorical one."""
+  return x * scale ** i if scale else x + 0.08 * i
+
+
 def _panels(plt, keys: Sequence, width: float = 4.0):
   cols = min(len(keys), 3)
   rows = -(-len(keys) // cols)
@@ -188,24 +213,23 @@ def _errorbar(ax, xs, points, **kw):
 
 
 def plot_grid_accuracy(group: dict, path, rule: str = "strict"):
-  """Accuracy vs parameter count (log), one panel per task and variant, one line per condition (95% intervals:
-  across seeds when replicated, else the run's Wilson interval). Models of unknown size are left out."""
+  """Accuracy vs parameter count (log; by model in size order when sizes repeat or are unknown), one panel per
+  task and variant, one line per condition (95% intervals: across data seeds when replicated, else the run's)."""
   from icl_ft.report.aggregation import CONDITIONS
   plt = _plt()
-  size = {m["label"]: m["params"] for m in group["models"] if m["params"]}
+  xpos, axis, scale = _size_axis(group)
   panels = sorted({(r["task"], r["variant"]) for r in group["accuracy"]})
   fig, axes = _panels(plt, panels)
   for ax, (task, variant) in zip(axes, panels):
     for offset, (cond, name) in enumerate(CONDITIONS.items()):
       rows = sorted((r for r in group["accuracy"] if (r["task"], r["variant"], r["rule"], r["condition"]) == (
-          task, variant, rule, cond) and r["model"] in size), key=lambda r: size[r["model"]])
+          task, variant, rule, cond)), key=lambda r: xpos[r["model"]])
       if rows:
-        _errorbar(ax, [size[r["model"]] * 1.04 ** offset for r in rows], [_grid_point(r, "acc") for r in rows],
+        _errorbar(ax, [_offset(xpos[r["model"]], offset, scale) for r in rows], [_grid_point(r, "acc") for r in rows],
                   label=name)
-    ax.set_xscale("log")
+    axis(ax)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{task} / {variant}", fontsize=9)
-    ax.set_xlabel("parameters")
     ax.set_ylabel(f"accuracy ({rule})")
     ax.grid(alpha=0.3)
   if axes[0].get_legend_handles_labels()[0]:
@@ -214,25 +238,24 @@ def plot_grid_accuracy(group: dict, path, rule: str = "strict"):
 
 
 def plot_grid_gap(group: dict, path, rule: str = "strict"):
-  """ICL - FT (paired, 95% interval) vs parameter count, one panel per task, one line per variant and ICL choice
-  (dev-chosen k where the runs have a dev split, else the best k on test)."""
+  """ICL - FT (paired, 95% interval) vs parameter count (as ``plot_grid_accuracy``), one panel per task, one line
+  per variant and ICL choice (dev-chosen k where the runs have a dev split, else the best k on test)."""
   plt = _plt()
-  size = {m["label"]: m["params"] for m in group["models"] if m["params"]}
+  xpos, axis, scale = _size_axis(group)
   tasks_ = sorted({r["task"] for r in group["gaps"]})
   fig, axes = _panels(plt, tasks_ or ["(no gaps)"])
   for ax, task in zip(axes, tasks_):
-    rows = [r for r in group["gaps"] if r["task"] == task and r["rule"] == rule and r["model"] in size]
+    rows = [r for r in group["gaps"] if r["task"] == task and r["rule"] == rule]
     choice = "icl_dev" if any(r["condition"] == "icl_dev" for r in rows) else "icl_best"
     for offset, variant in enumerate(sorted({r["variant"] for r in rows})):
       line = sorted((r for r in rows if r["variant"] == variant and r["condition"] == choice),
-                    key=lambda r: size[r["model"]])
-      _errorbar(ax, [size[r["model"]] * 1.04 ** offset for r in line], [_grid_point(r, "diff") for r in line],
+                    key=lambda r: xpos[r["model"]])
+      _errorbar(ax, [_offset(xpos[r["model"]], offset, scale) for r in line], [_grid_point(r, "diff") for r in line],
                 label=f"{variant} ({choice.replace('icl_', '')} k)")
     ax.axhline(0, color="k", lw=1)
-    ax.set_xscale("log")
+    axis(ax)
     ax.set_ylim(-1.02, 1.02)
     ax.set_title(task, fontsize=9)
-    ax.set_xlabel("parameters")
     ax.set_ylabel(f"ICL − FT accuracy ({rule})")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -251,11 +274,14 @@ def plot_grid_circuits(group: dict, path, family: str = "heads"):
   for ax, task in zip(axes, tasks_):
     keys = sorted({(r["a"], r["b"]) for r in rows if r["task"] == task})
     for offset, (a, b) in enumerate(keys):
-      line = [r for r in rows if (r["task"], r["a"], r["b"]) == (task, a, b) and r["runs"][0]["point"] is not None]
-      xs = [labels.index(r["model"]) + 0.1 * (offset - len(keys) / 2) for r in line]
-      _errorbar(ax, xs, [_grid_point(r, "point") for r in line], ls="none", label=f"{a} − {b}")
+      line = [r for r in rows if (r["task"], r["a"], r["b"]) == (task, a, b)
+              and all(x["point"] is not None for x in r["runs"])]
+      if line:
+        xs = [labels.index(r["model"]) + 0.1 * (offset - len(keys) / 2) for r in line]
+        _errorbar(ax, xs, [_grid_point(r, "point") for r in line], ls="none", label=f"{a} − {b}")
     ax.axhline(0, color="k", lw=1)
     ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
+    ax.set_xlim(-0.5, len(labels) - 0.5)
     ax.set_title(f"{task}: {family}", fontsize=9)
     ax.set_ylabel("cross-fitted TV contrast (95% CI)")
     ax.grid(alpha=0.3)
