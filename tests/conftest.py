@@ -20,6 +20,11 @@ FAMILY = {
     "llama": {}, "qwen2": {},
     "mistral": dict(sliding_window=8),
     "gemma": dict(head_dim=16, hidden_act="gelu_pytorch_tanh"),  # 4 heads x 16 != hidden 32, as Gemma-7B
+    # Gemma 3: a sliding layer (window 8, its own RoPE base) then a global one, attention scaled by a
+    # query_pre_attn_scalar other than head_dim
+    "gemma3_text": dict(head_dim=16, hidden_activation="gelu_pytorch_tanh", sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+                        rope_local_base_freq=1000.0),
     "gpt_neox": dict(rotary_pct=0.5, hidden_act="gelu"),
     "gpt_neo": dict(window_size=8, attention_types=[[["global", "local"], 1]], activation_function="gelu_new",
                     bos_token_id=0, eos_token_id=0),

@@ -28,8 +28,9 @@ CASES = {  # id -> (arch, kv_heads, tied, overrides); windows are 8 tokens (conf
     "gemma": ("gemma", 4, True, {}),
     "gemma-mqa": ("gemma", 1, True, {}),
     "mistral-window": ("mistral", 2, False, {}),
+    "gemma3": ("gemma3_text", 1, True, {}),
 }
-FAMILIES = ["gpt_neox", "gpt_neo", "gemma", "mistral-window"]
+FAMILIES = ["gpt_neox", "gpt_neo", "gemma", "mistral-window", "gemma3"]
 
 
 def _load(hf_dir_factory, case):
@@ -44,7 +45,7 @@ def test_logits_match_transformers(hf_dir_factory, case):
   c = m.config
   assert c.arch == CASES[case][0]
   assert c.rotary_dim == {"gpt_neox": 4, "gpt_neo": 0}.get(c.arch, c.head_dim)  # Pythia: rotary_pct 0.5 of 8
-  assert c.window_layers == {"gpt_neo": (1,), "mistral": (0, 1)}.get(c.arch, ())
+  assert c.window_layers == {"gpt_neo": (1,), "mistral": (0, 1), "gemma3_text": (0,)}.get(c.arch, ())
   ids = np.random.default_rng(0).integers(0, 96, (3, 40))  # 40 tokens: five windows
   theirs = torch_logits(ref, ids)
   diff = np.abs(_logits(m, ids) - theirs).max()
@@ -53,6 +54,10 @@ def test_logits_match_transformers(hf_dir_factory, case):
   if c.sliding_window:  # the window is live at this length: without it the logits differ, by > 10x the tolerance
     unwindowed = dataclasses.replace(m, config=dataclasses.replace(c, sliding_window=0))
     assert np.abs(_logits(unwindowed, ids) - theirs).max() > 1e-4
+  for field in ("local_rope_theta", "qk_norm", "sandwich_norm"):  # and each Gemma 3 difference is live
+    if getattr(c, field):
+      off = dataclasses.replace(m, config=dataclasses.replace(c, **{field: type(getattr(c, field))()}))
+      assert np.abs(_logits(off, ids) - theirs).max() > 1e-4, field
 
 
 @pytest.mark.parametrize("case", FAMILIES)
@@ -73,7 +78,7 @@ def test_left_padding_and_cached_decoding(hf_dir_factory, case):
     np.testing.assert_allclose(np.asarray(step_logits[i]), alone[len(s) - 1:len(full) - 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["gpt_neox", "gpt_neo", "gemma"])
+@pytest.mark.parametrize("case", ["gpt_neox", "gpt_neo", "gemma", "gemma3"])
 def test_greedy_generation_matches_transformers_generate(hf_dir_factory, case):
   import torch
   m, ref = _load(hf_dir_factory, case)
@@ -113,6 +118,12 @@ REAL = {  # the study's checkpoints' config.json (the fields that matter)
                             max_position_embeddings=32768, num_attention_heads=32, num_hidden_layers=32,
                             num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
                             tie_word_embeddings=False, vocab_size=32000),
+    "gemma-3-270m": dict(model_type="gemma3_text", hidden_activation="gelu_pytorch_tanh", hidden_size=640,
+                         intermediate_size=2048, head_dim=256, num_attention_heads=4, num_key_value_heads=1,
+                         num_hidden_layers=18, query_pre_attn_scalar=256, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                         rope_local_base_freq=10_000.0, sliding_window=512, sliding_window_pattern=6,
+                         max_position_embeddings=32768, vocab_size=262144, final_logit_softcapping=None,
+                         attn_logit_softcapping=None),
 }
 
 
@@ -126,7 +137,10 @@ def test_real_configs(name):
               "gpt-neo-1.3b": dict(intermediate_size=8192, attn_scale=1.0, act="gelu_tanh", sliding_window=256,
                                    window_layers=tuple(range(1, 24, 2)), tie_embeddings=True, learned_positions=True),
               "gemma-7b": dict(head_dim=256, act="gelu_tanh", norm="rms_1p", embed_scale=True, tie_embeddings=True),
-              "mistral-7b-v0.1": dict(sliding_window=4096, window_layers=tuple(range(32)))}[name]
+              "mistral-7b-v0.1": dict(sliding_window=4096, window_layers=tuple(range(32))),
+              "gemma-3-270m": dict(attn_scale=1 / 16, rope_theta=1e6, local_rope_theta=1e4, qk_norm=True,
+                                   sandwich_norm=True, tie_embeddings=True, sliding_window=512,
+                                   window_layers=tuple(i for i in range(18) if (i + 1) % 6))}[name]
   assert {k: getattr(cfg, k) for k in expected} == expected
   assert ModelConfig.from_hf(cfg.to_hf_dict()) == cfg
   hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})

@@ -107,7 +107,7 @@ def test_unknown_architecture_lists_supported(hf_dir_factory, tmp_path):
   cfg = json.loads((d / "config.json").read_text())
   cfg["model_type"] = "mamba"
   (d / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(UnsupportedModelError, match="supported architectures: gemma, gpt_neo, gpt_neox, llama, mistral, qwen2"):
+  with pytest.raises(UnsupportedModelError, match="supported architectures: gemma, gemma3_text, gpt_neo, gpt_neox, llama, mistral, qwen2"):
     loading.load(str(d), use_cache=False)
 
 

@@ -177,6 +177,14 @@ _HF_NAMES = {
         "lm_head": "lm_head.weight",
     },
 }
+_HF_NAMES["gemma3_text"] = dict(
+    _LLAMA_NAMES, **{
+        "layers/mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+        "layers/post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+        "layers/post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
+        "layers/q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+        "layers/k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+    })
 # Names that transformers may also save a tensor under (>= 5 renames GPT-NeoX's embed_out to lm_head).
 _ALIASES = {"embed_out.weight": "lm_head.weight"}
 

@@ -7,8 +7,8 @@ import json
 import os
 from typing import Any, Mapping
 
-SUPPORTED_ARCHITECTURES = ("gemma", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2")
-_LLAMA_LIKE = ("gemma", "llama", "mistral", "qwen2")  # Llama's tensor names and hyper-parameter keys
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma3_text", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2")
+_LLAMA_LIKE = ("gemma", "gemma3_text", "llama", "mistral", "qwen2")  # Llama's tensor names and hyper-parameter keys
 
 # Hugging Face activation name -> ours ("gelu": erf GELU; "gelu_tanh": its tanh approximation)
 _ACTS = {"silu": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -26,8 +26,10 @@ class ModelConfig:
   ``layer``: LayerNorm with bias), the MLP (``gated``: ``act(gate) * up``, else ``act(up)``), biases,
   positions (RoPE on the first ``rotary_dim`` dims of each head, and/or ``learned_positions``),
   ``parallel_residual`` (GPT-NeoX: attention and MLP both read the layer input), ``attn_scale``,
-  ``embed_scale`` (Gemma: embeddings times sqrt(hidden)) and windowed attention (``window_layers`` see
-  keys at most ``sliding_window - 1`` positions back).
+  ``embed_scale`` (Gemma: embeddings times sqrt(hidden)), windowed attention (``window_layers`` see
+  keys at most ``sliding_window - 1`` positions back, with RoPE base ``local_rope_theta`` where set), and
+  Gemma 3's per-head query/key norms (``qk_norm``) and norms on the attention and MLP outputs
+  (``sandwich_norm``).
   """
 
   arch: str
@@ -55,6 +57,9 @@ class ModelConfig:
   embed_scale: bool = False
   sliding_window: int = 0  # 0: none
   window_layers: tuple[int, ...] = ()
+  local_rope_theta: float = 0.0  # RoPE base of the windowed layers; 0: rope_theta
+  qk_norm: bool = False  # queries and keys normalised per head (weights [head_dim]) before RoPE
+  sandwich_norm: bool = False  # attention and MLP outputs normalised before they join the residual
   # The original Hugging Face config, kept for export; excluded from hashing and equality.
   hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -73,7 +78,7 @@ class ModelConfig:
     attn = d * dh * (2 * self.num_heads + 2 * self.num_kv_heads)
     bias = (dh * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0) + (d if self.o_bias else 0)
     mlp = self.mlp_kernels * d * f + (f + d if self.mlp_bias else 0)  # biases: non-gated MLPs only
-    layer = attn + bias + mlp + 2 * norm
+    layer = attn + bias + mlp + 2 * norm + (2 * dh if self.qk_norm else 0) + (2 * norm if self.sandwich_norm else 0)
     head = 0 if self.tie_embeddings else self.vocab_size * d
     pos = self.max_position_embeddings * d if self.learned_positions else 0
     return self.num_layers * layer + self.vocab_size * d + head + pos + norm
@@ -106,6 +111,14 @@ class ModelConfig:
       out["sliding_window"] = self.sliding_window or None
     if self.arch == "gemma":
       out.pop("hidden_activation", None)
+    if self.arch == "gemma3_text":
+      out.pop("hidden_act", None)
+      out["hidden_activation"] = act
+      out["rope_parameters"] = {"sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
+                                "full_attention": {"rope_type": "default", "rope_theta": self.rope_theta}}
+      out["layer_types"] = ["sliding_attention" if i in self.window_layers else "full_attention"
+                            for i in range(self.num_layers)]
+      out["sliding_window"] = self.sliding_window
     if self.arch == "llama":
       out.update(attention_bias=False, mlp_bias=False)
     out.setdefault("architectures", [_HF_CLASS[self.arch]])
@@ -136,7 +149,7 @@ class ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma", "gpt_neo"))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma", "gemma3_text", "gpt_neo"))),
         attn_scale=kw.pop("attn_scale", head_dim ** -0.5),
         hf_config=hf,
         **kw,
@@ -160,6 +173,8 @@ def family(arch: str, hf: dict, head_dim: int, num_layers: int) -> dict[str, Any
                 act=_act(hf, arch, "activation_function", ("gelu", "gelu_new", "gelu_pytorch_tanh")),
                 sliding_window=int(hf.get("window_size", 256)),
                 window_layers=tuple(i for i, t in enumerate(types) if t == "local"))
+  if arch == "gemma3_text":
+    return _gemma3(hf, head_dim, num_layers)
   rope = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling") or {}
   rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
@@ -196,6 +211,37 @@ def family(arch: str, hf: dict, head_dim: int, num_layers: int) -> dict[str, Any
   return dict(kw, act=_act(hf, arch, "hidden_act", ("silu",)))
 
 
+def _gemma3(hf: dict, head_dim: int, num_layers: int) -> dict[str, Any]:
+  """Gemma 3's fields: Gemma's norm, activation and embedding scale, plus per-head q/k norms, norms on the block
+  outputs, attention scaled by ``query_pre_attn_scalar``, and sliding-window layers (``layer_types``, or every
+  layer but each ``sliding_window_pattern``-th) with their own RoPE base."""
+  for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+    if hf.get(key):
+      raise UnsupportedModelError(f"gemma3_text: {key}={hf[key]} is not implemented; use a checkpoint without it")
+  if hf.get("use_bidirectional_attention") or hf.get("attention_bias"):
+    raise UnsupportedModelError("gemma3_text: bidirectional attention and attention biases are not implemented")
+  rope = hf.get("rope_parameters") or {}
+  per_type = {t: dict(rope.get(t) or {}) for t in ("sliding_attention", "full_attention")}
+  if any(p.get("rope_type", "default") != "default" for p in per_type.values()) or hf.get("rope_scaling"):
+    raise UnsupportedModelError("gemma3_text: rope scaling is not implemented (only plain RoPE is); use a "
+                                "checkpoint without it (e.g. the 270M and 1B models)")
+  theta = per_type["full_attention"].get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+  local = per_type["sliding_attention"].get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+  pattern = int(hf.get("sliding_window_pattern") or 6)
+  types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                    for i in range(num_layers)]
+  if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+    raise UnsupportedModelError(f"gemma3_text: layer_types {types} must be sliding/full_attention, one per layer")
+  act = _act({**hf, "hidden_act": hf.get("hidden_activation") or hf.get("hidden_act")}, "gemma3_text", "hidden_act",
+             ("gelu_pytorch_tanh", "gelu"))
+  window = int(hf.get("sliding_window") or 0)
+  return dict(norm="rms_1p", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+              local_rope_theta=float(local), rotary_dim=head_dim, qkv_bias=False, embed_scale=True,
+              act=act, qk_norm=True, sandwich_norm=True,
+              attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5, sliding_window=window,
+              window_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window else ())
+
+
 def _act(hf, arch, key, allowed):
   value = hf.get(key, allowed[0])
   if value not in allowed:
@@ -212,4 +258,4 @@ def _first(hf, *keys):
 
 
 _HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "gemma": "GemmaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "gpt_neo": "GPTNeoForCausalLM"}
+             "gemma": "GemmaForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "gpt_neo": "GPTNeoForCausalLM"}

@@ -12,8 +12,8 @@ optax and Orbax:
   layers/{attn_norm,mlp_norm} [L, D]   layers/{q,k,v}_bias [L, H, dh]   layers/down [L, F, D]
   pos_embed   [P, D] (gpt_neo)  layers/{o,up,down}_bias [L, D or F]   {final,attn,mlp}_norm_bias (LayerNorm)
 
-One decoder covers every family (Llama, Mistral, Qwen2, Gemma, GPT-NeoX, GPT-Neo): their differences
-are ``ModelConfig`` fields. ``forward`` is the math; parameters are the plain tree, never module state.
+One decoder covers every family (Llama, Mistral, Qwen2, Gemma, Gemma 3, GPT-NeoX, GPT-Neo): their differences
+are ``ModelConfig`` fields (Gemma 3 adds ``layers/{q,k}_norm`` [L, dh] and ``layers/post_{attn,mlp}_norm``). ``forward`` is the math; parameters are the plain tree, never module state.
 Norms, softmax and logits are computed in float32 whatever the parameter dtype.
 """
 
@@ -56,6 +56,12 @@ def param_axes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, 
   }
   if not cfg.gated_mlp:
     del table["layers/gate"]
+  if cfg.qk_norm:
+    table["layers/q_norm"] = ((L, dh), ("layers", "norm"))
+    table["layers/k_norm"] = ((L, dh), ("layers", "norm"))
+  if cfg.sandwich_norm:
+    table["layers/post_attn_norm"] = ((L, D), ("layers", "norm"))
+    table["layers/post_mlp_norm"] = ((L, D), ("layers", "norm"))
   if cfg.learned_positions:
     table["pos_embed"] = ((cfg.max_position_embeddings, D), ("length", "embed"))
   if cfg.norm == "layer":
@@ -177,6 +183,7 @@ SITES = ("resid_pre", "q", "k", "v", "pattern", "attn_z", "attn_out", "resid_mid
 resid_pre/resid_mid/resid_post/attn_out/mlp_out [B, T, D]; q and attn_z (the o_proj input) [B, T, Hq, dh];
 k, v [B, T, Hkv, dh] (projections, before RoPE); pattern [B, Hq, T, S] (post-softmax, opt-in: it is large);
 mlp_post [B, T, F] (the down_proj input).
+With Gemma 3's sandwich norms attn_out and mlp_out are the normalised outputs, as added to the residual.
 With GPT-NeoX's parallel residual the MLP reads ``norm(resid_pre)``, not ``resid_mid``: there
 resid_mid = resid_pre + attn_out is only the partial sum before mlp_out is added (patching it changes
 resid_post, never this layer's MLP)."""
@@ -299,8 +306,11 @@ def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks
   k = _proj("btd,dhk->bthk", h, w, "k")
   v = _proj("btd,dhk->bthk", h, w, "v")
   q, k, v = site("q", q), site("k", k), site("v", v)
+  if cfg.qk_norm:
+    q, k = norm(cfg, q, w, "q_norm"), norm(cfg, k, w, "k_norm")
   if cfg.rotary_dim:
-    q, k = rope(q, positions, cfg.rope_theta, cfg.rotary_dim), rope(k, positions, cfg.rope_theta, cfg.rotary_dim)
+    theta = jnp.where(windowed, cfg.local_rope_theta, cfg.rope_theta) if cfg.local_rope_theta else cfg.rope_theta
+    q, k = rope(q, positions, theta, cfg.rotary_dim), rope(k, positions, theta, cfg.rotary_dim)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   keys, values = k, v
   if kv is not None:
@@ -311,14 +321,16 @@ def block(cfg: ModelConfig, w: Params, x, positions, mask, kv=None, hooks: Hooks
   if cfg.sliding_window:
     allowed &= (mask.distance < cfg.sliding_window) | ~windowed
   z = site("attn_z", attention(q, keys, values, allowed, site, cfg.attn_scale))
-  mid = site("resid_mid", x + site("attn_out", _proj("bthk,hkd->btd", z, w, "o")))
+  out = _proj("bthk,hkd->btd", z, w, "o")
+  mid = site("resid_mid", x + site("attn_out", norm(cfg, out, w, "post_attn_norm") if cfg.sandwich_norm else out))
   h = norm(cfg, x if cfg.parallel_residual else mid, w, "mlp_norm")
   fn = _ACT[cfg.act]
   if cfg.gated_mlp:
     act = site("mlp_post", fn(_proj("btd,df->btf", h, w, "gate")) * _proj("btd,df->btf", h, w, "up"))
   else:
     act = site("mlp_post", fn(_proj("btd,df->btf", h, w, "up")))
-  x = site("resid_post", mid + site("mlp_out", _proj("btf,fd->btd", act, w, "down")))
+  out = _proj("btf,fd->btd", act, w, "down")
+  x = site("resid_post", mid + site("mlp_out", norm(cfg, out, w, "post_mlp_norm") if cfg.sandwich_norm else out))
   return x, (k, v), site.captured
 
 
