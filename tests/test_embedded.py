@@ -79,3 +79,43 @@ def test_patching_on_real_pairs_matches_torch_hooks(models):
     expected = reference.logit_diff(ref, p.corrupt_ids, p.clean_answer, p.corrupt_answer, [(o_proj, patch, True)],
                                     attention_mask=p.valid)
     np.testing.assert_allclose(swept[layer, head], expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+  """Ours and transformers' loads of the base Gemma 3 270M GGUF (assembled from its PyPI parts into a fresh cache)."""
+  import os
+  import torch
+  from transformers import AutoModelForCausalLM
+  os.environ["ICL_FT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+  ours = loading.load("gemma3-270m", use_cache=False)
+  path = loading.gemma3_gguf_path()
+  ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+  return ours, ref
+
+
+def test_gemma3_config_from_its_gguf(gemma3):
+  c = gemma3[0].config
+  assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == (
+      "gemma3_text", 18, 640, 4, 1, 256, 262144)
+  assert (c.sliding_window, c.rope_theta, c.local_rope_theta, c.attn_scale) == (512, 1e6, 1e4, 1 / 16)
+  assert c.window_layers == tuple(i for i in range(18) if (i + 1) % 6) and c.qk_norm and c.sandwich_norm
+  assert c.num_params() == sum(p.numel() for p in gemma3[1].parameters())
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_gemma3_last_logits_and_16_greedy_tokens_match(gemma3, prompt):
+  import torch
+  ours, ref = gemma3
+  ids = ours.tokenizer(prompt).input_ids
+  x = jnp.asarray([ids])
+  valid = jnp.ones(x.shape, bool)
+  logits, _ = forward(ours.config, ours.params, x, positions_from_valid(valid), valid,
+                      logits_at=jnp.asarray([[len(ids) - 1]]))
+  with torch.no_grad():
+    expected = ref(torch.tensor([ids])).logits[:, -1:].numpy()
+  assert np.abs(np.asarray(logits) - expected).max() <= 1e-3
+  new, _ = inference.greedy_generate(ours.config, ours.params, x, valid, 16)
+  theirs = ref.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(ids):]
+  assert list(np.asarray(new[0])) == theirs.tolist()

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -139,3 +140,39 @@ def test_rope_theta_accepted_at_top_level_and_in_rope_parameters():
               num_attention_heads=2)
   assert ModelConfig.from_hf({**base, "rope_theta": 1e6}).rope_theta == 1e6
   assert ModelConfig.from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 2e6}}).rope_theta == 2e6
+
+
+def test_gemma3_is_assembled_once_with_its_checksum_and_a_bad_part_is_refused(tmp_path, monkeypatch):
+  import importlib
+  pkg = importlib.import_module(loading.GEMMA3_PACKAGE)
+  parts = pkg.chunk_paths()
+  monkeypatch.setenv("ICL_FT_CACHE", str(tmp_path / "cache"))
+  bad = tmp_path / "part00"
+  bad.write_bytes(parts[0].read_bytes()[:1000])  # a truncated part
+  monkeypatch.setattr(pkg, "chunk_paths", lambda: [bad, *parts[1:]])
+  with pytest.raises(convert.CheckpointError, match="a part file is truncated or altered"):
+    loading.check_name("gemma3-270m")
+  assert not list((tmp_path / "cache" / "gguf").iterdir())  # no file left that a later load would use
+  monkeypatch.setattr(pkg, "chunk_paths", lambda: [tmp_path / "missing", *parts[1:]])
+  with pytest.raises(loading.ModelNotFoundError, match="gemma3-270m needs the PyPI packages"):
+    loading.check_name("gemma3-270m")
+  monkeypatch.setattr(pkg, "chunk_paths", lambda: parts)
+  path = loading.check_name("gemma3-270m")
+  assert Path(path).stat().st_size == sum(p.stat().st_size for p in parts)
+  monkeypatch.setattr(pkg, "chunk_paths", lambda: [bad, *parts[1:]])
+  assert loading.check_name("gemma3-270m") == path  # assembled once: later calls reuse it
+
+
+def test_a_gguf_of_another_architecture_is_refused_by_name(tmp_path):
+  import gguf
+  path = tmp_path / "mamba.gguf"
+  w = gguf.GGUFWriter(str(path), "mamba")
+  w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=8, hidden_size=4, intermediate_size=8,
+                                 num_hidden_layers=1, num_attention_heads=1, rope_theta=1e4))
+  with pytest.raises(convert.CheckpointError, match="holds a 'mamba' model; GGUF loading supports llama, qwen2"):
+    convert.GGUFSource(path, cfg)

@@ -82,7 +82,7 @@ _GGUF_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_GGUF_LAYER_NAMES = {
+_GGUF_LAYER_NAMES: dict[str, str] = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -98,11 +98,24 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-class GGUFSource(TensorSource):
-  """A llama.cpp GGUF file, dequantized tensor by tensor with the ``gguf`` package.
+# Per GGUF architecture: its layer tensor names where they differ from Llama's (Gemma 3: the norm before the MLP
+# is ffn_norm, plus q/k norms and the norms on the block outputs).
+_GGUF_ARCH_LAYER_NAMES = {
+    "llama": {}, "qwen2": {}, "gemma": {},
+    "gemma3": {"ffn_norm.weight": "pre_feedforward_layernorm.weight",
+               "post_attention_norm.weight": "post_attention_layernorm.weight",
+               "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+               "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"},
+}
+_GGUF_NORM_SHIFT = {"gemma": 1.0, "gemma3": 1.0}  # llama.cpp stores Gemma's (1 + w) norm weights as 1 + w
 
-  llama.cpp permutes the q/k rows of Llama checkpoints for its interleaved rotary layout; we undo
-  that permutation here so the tensors are in the HF rotate-half layout.
+
+class GGUFSource(TensorSource):
+  """A llama.cpp GGUF file of one of ``_GGUF_ARCH_LAYER_NAMES``' architectures, dequantized tensor by tensor
+  with the ``gguf`` package's own dequantizer (every quantization type it knows: K-quants, Q5_0, Q8_0, ...).
+
+  llama.cpp permutes the q/k rows of Llama checkpoints for its interleaved rotary layout, and stores Gemma's
+  norm weights with 1 added; both are undone here so the tensors are the HF ones.
   """
 
   def __init__(self, path: str | os.PathLike, cfg: ModelConfig):
@@ -113,14 +126,21 @@ class GGUFSource(TensorSource):
       reader = gguf.GGUFReader(str(path))
     except Exception as e:
       raise CheckpointError(f"cannot read GGUF file {str(path)!r} (truncated or corrupt?): {e}") from e
+    field = reader.fields.get("general.architecture")
+    self._arch = bytes(field.parts[-1]).decode() if field else "?"
+    if self._arch not in _GGUF_ARCH_LAYER_NAMES:
+      raise CheckpointError(f"GGUF file {str(path)!r} holds a {self._arch!r} model; GGUF loading supports "
+                            f"{', '.join(_GGUF_ARCH_LAYER_NAMES)} (convert other models from their Hugging Face "
+                            "directory instead)")
+    layer_names = dict(_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES[self._arch])
     self._cfg = cfg
     self._tensors = {}
     for t in reader.tensors:
       name = _GGUF_NAMES.get(t.name)
       if name is None and t.name.startswith("blk."):
         _, layer, rest = t.name.split(".", 2)
-        if rest in _GGUF_LAYER_NAMES:
-          name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+        if rest in layer_names:
+          name = f"model.layers.{layer}.{layer_names[rest]}"
       if name is not None:
         self._tensors[name] = t
     self._dequantize = gguf.quants.dequantize
@@ -135,6 +155,8 @@ class GGUFSource(TensorSource):
     if self._cfg.arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
       heads = self._cfg.num_heads if "q_proj" in name else self._cfg.num_kv_heads
       w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+    if name.endswith("norm.weight"):
+      w = w - _GGUF_NORM_SHIFT.get(self._arch, 0.0)
     return w
 
 

