@@ -176,3 +176,65 @@ def test_a_gguf_of_another_architecture_is_refused_by_name(tmp_path):
                                  num_hidden_layers=1, num_attention_heads=1, rope_theta=1e4))
   with pytest.raises(convert.CheckpointError, match="holds a 'mamba' model; GGUF loading supports llama, qwen2"):
     convert.GGUFSource(path, cfg)
+
+
+def _write_qwen2_gguf(model, path, quant):
+  """A Qwen2-layout GGUF of a transformers model (the gguf package's writer; matrices in ``quant``, norms and
+  biases in F32), and the weights it holds, dequantized, as an HF state dict."""
+  import gguf
+  import torch
+  c = model.config
+  names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+  layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+           **{f"self_attn.{n}_proj.{p}": f"attn_{n}.{p}" for n in "qkv" for p in ("weight", "bias")},
+           "self_attn.o_proj.weight": "attn_output.weight",
+           **{f"mlp.{n}_proj.weight": f"ffn_{n}.weight" for n in ("gate", "up", "down")}}
+  w = gguf.GGUFWriter(str(path), "qwen2")
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_vocab_size(c.vocab_size)
+  twin = {}
+  for name, t in model.state_dict().items():
+    if name.startswith("model.layers."):
+      i, rest = name[len("model.layers."):].split(".", 1)
+      gname = f"blk.{i}.{layer[rest]}"
+    else:
+      gname = names[name]
+    x = t.float().numpy()
+    if x.ndim == 2:
+      q = gguf.quants.quantize(x, quant)
+      w.add_tensor(gname, q, raw_dtype=quant)
+      x = gguf.quants.dequantize(q, quant).reshape(x.shape)
+    else:
+      w.add_tensor(gname, x)
+    twin[name] = torch.from_numpy(np.ascontiguousarray(x))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return twin
+
+
+def test_a_qwen2_gguf_loads_to_the_logits_of_its_safetensors_twin(hf_dir_factory, tmp_path):
+  """The gguf writer cannot produce K-quants; Q8_0 and Q5_0 here (the real Gemma 3 file covers Q4_K and Q6_K)."""
+  import gguf
+  d, model = hf_dir_factory("qwen2", 2, False)
+  ids = np.random.default_rng(2).integers(0, 96, (2, 24))
+  for quant in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_0):
+    twin = _write_qwen2_gguf(model, tmp_path / f"tiny-{quant.name}.gguf", quant)
+    twin_dir = _copy(d, tmp_path / quant.name)
+    reference = type(model)(model.config)
+    reference.load_state_dict(twin)
+    reference.save_pretrained(twin_dir)
+    ours = loading.load(str(tmp_path / f"tiny-{quant.name}.gguf"), use_cache=False)
+    assert ours.config.arch == "qwen2" and ours.config.qkv_bias
+    from_twin = loading.load(str(twin_dir), use_cache=False)
+    assert np.abs(_logits(ours, ids) - _logits(from_twin, ids)).max() <= 1e-5
+    assert np.abs(_logits(ours, ids) - torch_logits(reference.eval(), ids)).max() <= 1e-5

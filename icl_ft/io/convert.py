@@ -132,6 +132,7 @@ class GGUFSource(TensorSource):
       raise CheckpointError(f"GGUF file {str(path)!r} holds a {self._arch!r} model; GGUF loading supports "
                             f"{', '.join(_GGUF_ARCH_LAYER_NAMES)} (convert other models from their Hugging Face "
                             "directory instead)")
+    self.has_tokenizer = "tokenizer.ggml.model" in reader.fields
     layer_names = dict(_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES[self._arch])
     self._cfg = cfg
     self._tensors = {}

@@ -236,8 +236,9 @@ def _read_source(path: Path) -> tuple[ModelConfig, Any, Any]:
   from transformers import AutoTokenizer
   cfg = model_config(str(path))
   if path.is_file() and path.suffix == ".gguf":
-    return cfg, convert.GGUFSource(path, cfg), lambda: AutoTokenizer.from_pretrained(
-        str(path.parent), gguf_file=path.name)
+    source = convert.GGUFSource(path, cfg)
+    return cfg, source, (lambda: AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)) \
+        if source.has_tokenizer else (lambda: None)
   has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
   return cfg, convert.SafetensorsSource(path), (lambda: AutoTokenizer.from_pretrained(str(path))) if has_tok \
       else (lambda: None)
