@@ -1,4 +1,4 @@
-"""Real-checkpoint parity: the embedded SmolLM2-135M GGUF vs transformers' own GGUF load (slow)."""
+"""Real-checkpoint parity: the embedded SmolLM2-135M and Gemma 3 270M GGUFs vs transformers' own GGUF load (slow)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -84,14 +84,14 @@ def test_patching_on_real_pairs_matches_torch_hooks(models):
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
   """Ours and transformers' loads of the base Gemma 3 270M GGUF (assembled from its PyPI parts into a fresh cache)."""
-  import os
   import torch
   from transformers import AutoModelForCausalLM
-  os.environ["ICL_FT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-  ours = loading.load("gemma3-270m", use_cache=False)
-  path = loading.gemma3_gguf_path()
-  ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                             attn_implementation="eager").eval()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("ICL_FT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ours = loading.load("gemma3-270m", use_cache=False)
+    path = loading.gemma3_gguf_path()
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                               attn_implementation="eager").eval()
   return ours, ref
 
 
