@@ -18,7 +18,7 @@ from icl_ft.io import loading
 from icl_ft.model import lora
 from icl_ft.interp import patching
 from icl_ft.training import trainer as training
-from icl_ft.model.config import ModelConfig
+from icl_ft.model.config import ModelConfig, UnsupportedModelError
 from icl_ft.model.decoder import positions_from_valid
 
 CASES = {  # id -> (arch, kv_heads, tied, overrides); windows are 8 tokens (conftest.FAMILY)
@@ -249,3 +249,15 @@ def test_lora_targets_of_a_non_gated_mlp(family_lm, tmp_path):
   res = training.train(m.config, m.params, ds, dataclasses.replace(TRAIN, lora=lcfg), tmp_path / "lora",
                        progress=False)
   assert all(np.isfinite(r["loss"]) for r in res.metrics)
+
+
+def test_gemma3_config_defaults_follow_transformers_and_export_keeps_the_attention_scale():
+  hf = dict(REAL["gemma-3-270m"])
+  del hf["sliding_window"], hf["hidden_activation"], hf["head_dim"]
+  cfg = ModelConfig.from_hf(hf)  # transformers' defaults: window 4096, tanh GELU, head_dim 256
+  assert (cfg.sliding_window, cfg.act, cfg.head_dim) == (4096, "gelu_tanh", 256)
+  with pytest.raises(UnsupportedModelError, match="sliding layers need a sliding_window"):
+    ModelConfig.from_hf(dict(hf, sliding_window=None))
+  odd = ModelConfig.from_hf(dict(REAL["gemma-3-270m"], query_pre_attn_scalar=24))
+  bare = dataclasses.replace(odd, hf_config={})
+  assert ModelConfig.from_hf(bare.to_hf_dict()).attn_scale == pytest.approx(24 ** -0.5)

