@@ -24,15 +24,38 @@ PROMPTS = [  # prompts in the study's formats (expression, relation, boolean, al
 ]
 
 
-@pytest.fixture(scope="module")
-def models():
+def _ours_and_reference(name):
+  """Our load of an embedded GGUF and transformers' own load of the same file (float32, eager attention)."""
   import torch
   from transformers import AutoModelForCausalLM
-  ours = loading.load("smollm2-135m", use_cache=False)
-  path = loading.embedded_gguf_path()
+  ours = loading.load(name, use_cache=False)
+  path = loading.EMBEDDED[name]()
   ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                              attn_implementation="eager").eval()
   return ours, ref
+
+
+def _assert_same_logits_and_continuation(ours, ref, prompt, new_tokens, last_only=False):
+  """Logits within 1e-3 (every position, or the last: a 262k vocabulary's full logits are large) and the same
+  greedy continuation of ``new_tokens``."""
+  import torch
+  ids = ours.tokenizer(prompt).input_ids
+  x = jnp.asarray([ids])
+  valid = jnp.ones(x.shape, bool)
+  logits, _ = forward(ours.config, ours.params, x, positions_from_valid(valid), valid,
+                      logits_at=jnp.asarray([[len(ids) - 1]]) if last_only else None)
+  with torch.no_grad():
+    expected = ref(torch.tensor([ids])).logits[:, -1:] if last_only else ref(torch.tensor([ids])).logits
+  assert np.abs(np.asarray(logits) - expected.numpy()).max() <= 1e-3
+  new, _ = inference.greedy_generate(ours.config, ours.params, x, valid, new_tokens)
+  theirs = ref.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                        pad_token_id=loading.pad_id(ours.tokenizer))[0, len(ids):]  # 2 and 0
+  assert list(np.asarray(new[0])) == theirs.tolist()
+
+
+@pytest.fixture(scope="module")
+def models():
+  return _ours_and_reference("smollm2-135m")
 
 
 def test_config_and_tokenizer_from_gguf(models):
@@ -46,18 +69,7 @@ def test_config_and_tokenizer_from_gguf(models):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_logits_and_greedy_continuation_match(models, prompt):
-  import torch
-  ours, ref = models
-  ids = ours.tokenizer(prompt).input_ids
-  x = jnp.asarray([ids])
-  valid = jnp.ones(x.shape, bool)
-  logits, _ = forward(ours.config, ours.params, x, positions_from_valid(valid), valid)
-  with torch.no_grad():
-    expected = ref(torch.tensor([ids])).logits.numpy()
-  assert np.abs(np.asarray(logits) - expected).max() <= 1e-3
-  new, _ = inference.greedy_generate(ours.config, ours.params, x, valid, 6)
-  theirs = ref.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=2)[0, len(ids):]
-  assert list(np.asarray(new[0])) == theirs.tolist()
+  _assert_same_logits_and_continuation(*models, prompt, 6)
 
 
 def test_patching_on_real_pairs_matches_torch_hooks(models):
@@ -84,15 +96,9 @@ def test_patching_on_real_pairs_matches_torch_hooks(models):
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
   """Ours and transformers' loads of the base Gemma 3 270M GGUF (assembled from its PyPI parts into a fresh cache)."""
-  import torch
-  from transformers import AutoModelForCausalLM
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("ICL_FT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    ours = loading.load("gemma3-270m", use_cache=False)
-    path = loading.gemma3_gguf_path()
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                               attn_implementation="eager").eval()
-  return ours, ref
+    return _ours_and_reference("gemma3-270m")
 
 
 def test_gemma3_config_from_its_gguf(gemma3):
@@ -106,16 +112,4 @@ def test_gemma3_config_from_its_gguf(gemma3):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_gemma3_last_logits_and_16_greedy_tokens_match(gemma3, prompt):
-  import torch
-  ours, ref = gemma3
-  ids = ours.tokenizer(prompt).input_ids
-  x = jnp.asarray([ids])
-  valid = jnp.ones(x.shape, bool)
-  logits, _ = forward(ours.config, ours.params, x, positions_from_valid(valid), valid,
-                      logits_at=jnp.asarray([[len(ids) - 1]]))
-  with torch.no_grad():
-    expected = ref(torch.tensor([ids])).logits[:, -1:].numpy()
-  assert np.abs(np.asarray(logits) - expected).max() <= 1e-3
-  new, _ = inference.greedy_generate(ours.config, ours.params, x, valid, 16)
-  theirs = ref.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(ids):]
-  assert list(np.asarray(new[0])) == theirs.tolist()
+  _assert_same_logits_and_continuation(*gemma3, prompt, 16, last_only=True)
