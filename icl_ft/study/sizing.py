@@ -78,12 +78,18 @@ def _prompt_tokens(task: str, variant: str, fmt: str, shots: int, seed: int) -> 
   return sum(lengths) / len(lengths)
 
 
-def _ft_tokens(cfg: StudyConfig) -> tuple[float, int]:
-  """Mean and longest tokens of a sample of the study's fine-tuning texts (``tasks.ft_text``)."""
-  texts = [tasks.ft_text(ex, cfg.format, cfg.ft_data.with_header) for t in cfg.ft_data.tasks
-           for ex in tasks.make_ft_examples(t, SAMPLE, cfg.ft_data.seed, cfg.format)]
+@functools.lru_cache(maxsize=None)
+def _ft_lengths(ft_tasks: tuple[str, ...], seed: int, fmt: str, with_header: bool) -> tuple[float, int]:
+  """Mean and longest tokens of a sample of fine-tuning texts (``tasks.ft_text``)."""
+  texts = [tasks.ft_text(ex, fmt, with_header) for t in ft_tasks for ex in tasks.make_ft_examples(t, SAMPLE, seed, fmt)]
   lengths = [len(_tokenizer()(s).input_ids) for s in texts]
   return sum(lengths) / len(lengths), max(lengths)
+
+
+def _ft_tokens(cfg: StudyConfig) -> tuple[float, int]:
+  """``_ft_lengths`` of the study's fine-tuning data (computed once per data setting: FLOPs and memory use it)."""
+  d = cfg.ft_data
+  return _ft_lengths(tuple(d.tasks), d.seed, cfg.format, d.with_header)
 
 
 def _queries(cfg: StudyConfig, task: str, variant: str, k: int, n: int, generate: int, m: ModelConfig) -> float:
