@@ -143,3 +143,26 @@ def test_headline_table_is_well_formed_when_a_condition_has_no_answer(with_diffe
   table = [l for l in lines if l.startswith("|")]
   assert len(table) == 4 and len({l.count("|") for l in table}) == 1
   assert "no parsable answer on any of 120 items" in table[-1] and "agree: constant" in table[0]
+
+
+def test_icl_minus_ft_pairs_each_k_with_the_chosen_checkpoint_on_the_same_items():
+  """ICL (right everywhere) minus FT: at step 40 FT says 'True' everywhere, at step 20 it is right everywhere; the
+  gap must use step 40 only, for each k and rule, on the items both have (a smaller k=2 cell pairs with its own)."""
+  def scored(recs, **meta):
+    for i, r in enumerate(recs):
+      r.update(meta, index=i % N, correct_strict=r["completion"].strip() == r["gold"])
+      r["correct_lenient"] = r["correct_strict"]
+    return recs
+  icl4 = scored(_records(lambda ex, r: ex.answer))
+  icl2 = [r for r in scored(_records(lambda ex, r: ex.answer, shots=2)) if r["index"] < N // 2]
+  shuffled = scored(_records(lambda ex, r: ex.answer, method="icl-shuffled"))
+  ft40 = scored(_records(lambda ex, r: "True", method="ft", shots=0), step=40)
+  ft20 = scored(_records(lambda ex, r: ex.answer, method="ft", shots=0), step=20)
+  rows = {(r["shots"], r["variant"], r["rule"]): r for r in cues.icl_minus_ft(icl4 + icl2 + shuffled + ft40 + ft20, 40)}
+  assert {r["method"] for r in rows.values()} == {"icl"}  # no control, no FT row
+  assert len(rows) == 2 * 3 * 2  # k x variant x rule
+  truths = sum(r["gold"] == "True" for r in ft40[:N])
+  assert rows[(4, "correct", "strict")]["n"] == N
+  assert rows[(4, "correct", "strict")]["diff"] == pytest.approx(1 - truths / N)
+  assert rows[(2, "correct", "lenient")]["n"] == N // 2
+  assert rows[(4, "misleading", "strict")]["diff"] == 1.0 and rows[(4, "misleading", "strict")]["detected"]

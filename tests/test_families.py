@@ -28,6 +28,7 @@ CASES = {  # id -> (arch, kv_heads, tied, overrides); windows are 8 tokens (conf
     "gemma": ("gemma", 4, True, {}),
     "gemma-mqa": ("gemma", 1, True, {}),
     "mistral-window": ("mistral", 2, False, {}),
+    "mistral-full": ("mistral", 2, False, dict(sliding_window=None)),  # the registry's full-attention Mistral
     "gemma3": ("gemma3_text", 1, True, {}),
 }
 FAMILIES = ["gpt_neox", "gpt_neo", "gemma", "mistral-window", "gemma3"]
@@ -45,7 +46,8 @@ def test_logits_match_transformers(hf_dir_factory, case):
   c = m.config
   assert c.arch == CASES[case][0]
   assert c.rotary_dim == {"gpt_neox": 4, "gpt_neo": 0}.get(c.arch, c.head_dim)  # Pythia: rotary_pct 0.5 of 8
-  assert c.window_layers == {"gpt_neo": (1,), "mistral": (0, 1), "gemma3_text": (0,)}.get(c.arch, ())
+  assert c.window_layers == {"gpt_neo": (1,), "mistral": (0, 1) if c.sliding_window else (),
+                             "gemma3_text": (0,)}.get(c.arch, ())
   ids = np.random.default_rng(0).integers(0, 96, (3, 40))  # 40 tokens: five windows
   theirs = torch_logits(ref, ids)
   diff = np.abs(_logits(m, ids) - theirs).max()
@@ -88,7 +90,7 @@ def test_greedy_generation_matches_transformers_generate(hf_dir_factory, case):
   assert list(np.asarray(ours[0])) == theirs.tolist()
 
 
-@pytest.mark.parametrize("case", FAMILIES)
+@pytest.mark.parametrize("case", [*FAMILIES, "mistral-full"])
 def test_export_round_trip(hf_dir_factory, tmp_path, case):
   from transformers import AutoModelForCausalLM
   m, _ = _load(hf_dir_factory, case)

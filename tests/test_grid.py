@@ -29,14 +29,16 @@ def _cell(acc, n=100, shots=None):
 
 
 def _results(model="m-small", dtype="float32", params=int(5e8), seed=1, ft_seed=42, accs=(0.5, 0.9, 0.6),
-             icl_n=50, task="parity", contrast=-0.2):
+             icl_n=50, task="parity", contrast=-0.2, dev=None):
+  """A results.json: ICL's best k is 4; ``dev`` = (accuracy, k) adds the dev-chosen cell and its gaps."""
   base, ft, icl = accs
+  dev_cell = lambda: _cell(dev[0], 32, shots=dev[1]) if dev else None
   table = [dict(task=task, variant=v, **{rule: dict(base_0shot=_cell(base), ft_0shot=_cell(ft),
-                                                     icl_best=_cell(icl, 32, shots=4), icl_dev=None, controls={})
+                                                     icl_best=_cell(icl, 32, shots=4), icl_dev=dev_cell(), controls={})
                                          for rule in ("lenient", "strict")}) for v in ("correct", "misleading")]
-  gaps = [dict(task=task, format="paper", method="icl", step=None, shots=4, variant=v, rule=rule, n=32,
-               diff=icl - ft, lo=icl - ft - 0.15, hi=icl - ft + 0.15, detected=abs(icl - ft) > 0.15)
-          for v in ("correct", "misleading") for rule in ("lenient", "strict")]
+  gaps = [dict(task=task, format="paper", method="icl", step=None, shots=k, variant=v, rule=rule, n=32,
+               diff=a - ft, lo=a - ft - 0.15, hi=a - ft + 0.15, detected=abs(a - ft) > 0.15)
+          for a, k in ((icl, 4), *([dev] if dev else [])) for v in ("correct", "misleading") for rule in ("lenient", "strict")]
   tv = dict(point=contrast / 2, corrected=dict(point=contrast, lo=contrast - 0.05, hi=contrast + 0.05,
                                                  excludes_zero=abs(contrast) > 0.05))
   family = dict(conditions={"base": {}, "icl4": {}, "icl4-shuffled": {}, "ft": {}},
@@ -98,6 +100,16 @@ def test_the_table_orders_models_by_size_and_copies_each_runs_numbers(tmp_path):
   assert row["runs"][0]["acc"] == 0.8 and row["across"] is None
   for name in ("accuracy_vs_size.png", "gap_vs_size.png", "circuit_contrasts.png"):
     assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_dev_chosen_column_and_its_gap_are_at_the_dev_chosen_k(tmp_path):
+  """Best k 4 (0.90) and dev-chosen k 2 (0.30): each column reports its own k's accuracy and paired gap."""
+  run = _write_run(tmp_path / "r", _results(accs=(0.5, 0.8, 0.9), dev=(0.3, 2)))
+  code, log = _aggregate(tmp_path, [run])
+  assert code == 0, log
+  md = (tmp_path / "out" / "GRID.md").read_text()
+  assert "ICL best (k=4): 0.90 [0.80, 1.00]<br>ICL dev-chosen (k=2): 0.30 [0.20, 0.40]" in md
+  assert "ICL best (k=4): +0.10 [-0.05, +0.25] n.d.<br>**ICL dev-chosen (k=2): -0.50 [-0.65, -0.35]**" in md
 
 
 def test_unfinished_and_stale_runs_are_listed_with_what_they_lack(tmp_path):
@@ -300,19 +312,19 @@ def test_launch_scripts_run_a_grid_cell_per_array_task_or_every_cell_on_one_slic
 
 def _expected(values, lows, highs, signed=False):
   """A GRID.md cell from the runs' own numbers, computed here independently: one run's value and interval, or the
-  mean over runs of distinct data seeds with the wider of its Student-t interval and the runs' intervals combined
-  (symmetric run intervals assumed for the floor), and the runs' mean half-width."""
+  mean over runs of distinct data seeds with, on each side, the wider of its Student-t interval and the runs'
+  intervals combined on that side, and the runs' mean half-width."""
   f = "{:+.2f}" if signed else "{:.2f}"
   bounds = (-1.0, 1.0) if signed else (0.0, 1.0)
   if len(values) == 1:
     return f"{f.format(values[0])} [{f.format(lows[0])}, {f.format(highs[0])}]"
   mean = sum(values) / len(values)
   half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-  floor = math.sqrt(sum(((h - lo) / 2) ** 2 for h, lo in zip(highs, lows))) / len(values)
-  half = max(half, floor)
+  below = math.sqrt(sum((v - lo) ** 2 for v, lo in zip(values, lows))) / len(values)
+  above = math.sqrt(sum((h - v) ** 2 for v, h in zip(values, highs))) / len(values)
   within = sum(h - lo for h, lo in zip(highs, lows)) / (2 * len(values))
-  return (f"{f.format(mean)} [{f.format(max(bounds[0], mean - half))}, {f.format(min(bounds[1], mean + half))}] "
-          f"({len(values)} data seeds; runs ±{within:.2f})")
+  return (f"{f.format(mean)} [{f.format(max(bounds[0], mean - max(half, below)))}, "
+          f"{f.format(min(bounds[1], mean + max(half, above)))}] ({len(values)} data seeds; runs ±{within:.2f})")
 
 
 def assert_grid_md_equals_the_runs(grid_dir: Path, run_dirs: list[Path], label: str = "") -> int:
@@ -383,6 +395,22 @@ def test_two_data_seeds_that_agree_keep_the_runs_own_noise(tmp_path):
   assert code == 0, log
   (group,) = files.read_json(tmp_path / "out" / "grid.json")["groups"]
   a = _row(group, "accuracy", variant="correct", rule="strict", condition="base_0shot")["across"]
-  assert a["t_lo"] == a["t_hi"] == 0.5 and a["floor"] == pytest.approx(math.sqrt(2 * 0.1 ** 2) / 2)
-  assert (a["lo"], a["hi"]) == (pytest.approx(0.5 - a["floor"]), pytest.approx(0.5 + a["floor"]))
+  assert a["t_lo"] == a["t_hi"] == 0.5 and a["floor_lo"] == a["floor_hi"] == pytest.approx(math.sqrt(2 * 0.1 ** 2) / 2)
+  assert (a["lo"], a["hi"]) == (pytest.approx(0.5 - a["floor_lo"]), pytest.approx(0.5 + a["floor_hi"]))
   assert "base 0-shot: 0.50 [0.43, 0.57] (2 data seeds; runs ±0.10)" in (tmp_path / "out" / "GRID.md").read_text()
+
+
+def test_two_data_seeds_at_zero_keep_the_upper_side_of_their_wilson_intervals(tmp_path):
+  """0/24 twice: each run's Wilson interval is [0, 0.138]; the combined interval keeps that upper side (0.098),
+  where symmetric half-widths would give 0.049."""
+  runs = []
+  for s in (1, 2):
+    r = _results(seed=s, ft_seed=42)
+    for row in r["table"]:
+      row["strict"]["base_0shot"].update(acc=0.0, lo=0.0, hi=0.138, n=24)
+    runs.append(_write_run(tmp_path / f"s{s}", r))
+  code, log = _aggregate(tmp_path, runs)
+  assert code == 0, log
+  (group,) = files.read_json(tmp_path / "out" / "grid.json")["groups"]
+  a = _row(group, "accuracy", variant="correct", rule="strict", condition="base_0shot")["across"]
+  assert (a["lo"], a["hi"]) == (0.0, pytest.approx(math.sqrt(2 * 0.138 ** 2) / 2))

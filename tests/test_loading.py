@@ -246,7 +246,7 @@ def _gemma3_gguf(path, **extra):
   w = gguf.GGUFWriter(str(path), "gemma3")
   w.add_context_length(128)
   w.add_embedding_length(32)
-  w.add_block_count(2)
+  w.add_block_count(4)
   w.add_feed_forward_length(64)
   w.add_head_count(2)
   w.add_head_count_kv(1)
@@ -257,7 +257,8 @@ def _gemma3_gguf(path, **extra):
   w.add_sliding_window(8)
   w.add_vocab_size(96)
   for key, value in extra.items():
-    (w.add_string if isinstance(value, str) else w.add_float32)(f"gemma3.{key}", value)
+    add = w.add_string if isinstance(value, str) else w.add_uint32 if isinstance(value, int) else w.add_float32
+    add(f"gemma3.{key}", value)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -273,7 +274,7 @@ def test_gguf_settings_transformers_drops_are_refused_not_ignored(tmp_path, extr
   """transformers' GGUF config mapping drops RoPE scaling and softcapping (the 4B+ Gemma 3 files have scaling):
   loaded, such a model would compute other numerics; it is refused."""
   plain = loading.model_config(str(_gemma3_gguf(tmp_path / "plain.gguf")))
-  assert (plain.arch, plain.sliding_window, plain.window_layers) == ("gemma3_text", 8, (0, 1))
+  assert (plain.arch, plain.sliding_window, plain.window_layers) == ("gemma3_text", 8, (0, 1, 2, 3))
   with pytest.raises(UnsupportedModelError, match=error):
     loading.model_config(str(_gemma3_gguf(tmp_path / "x.gguf", **extra)))
 
@@ -288,3 +289,10 @@ def test_a_gguf_of_another_architecture_is_refused_by_name_through_load(tmp_path
   w.close()
   with pytest.raises(convert.CheckpointError, match="holds a 'mamba' model; GGUF loading supports llama, qwen2, gemma3"):
     loading.load(str(path), use_cache=False)
+
+
+def test_gguf_sliding_pattern_and_local_rope_base_come_from_the_file(tmp_path):
+  """transformers fills layer_types and the sliding layers' RoPE base from its defaults; the file's win."""
+  cfg = loading.model_config(str(_gemma3_gguf(tmp_path / "g.gguf", **{"attention.sliding_window_pattern": 2,
+                                                                       "rope.freq_base_swa": 5000.0})))
+  assert (cfg.window_layers, cfg.local_rope_theta, cfg.rope_theta) == ((0, 2), 5000.0, 1e6)

@@ -193,6 +193,10 @@ def model_config(name_or_path: str) -> ModelConfig:
     from transformers import AutoConfig
     overrides = convert.gguf_config_overrides(path)  # (refuses an unsupported architecture first, by name)
     hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    if "sliding_window_pattern" in overrides:  # transformers filled these from its defaults, not from the file
+      hf.pop("layer_types", None)
+    if "rope_local_base_freq" in overrides:
+      hf.get("rope_parameters", {}).pop("sliding_attention", None)
     return ModelConfig.from_hf({**hf, **overrides})
   if not (path / "config.json").is_file():
     raise convert.CheckpointError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")

@@ -108,8 +108,7 @@ class ModelConfig:
     if self.arch in _LLAMA_LIKE:
       out.update(num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.norm_eps)
     if self.arch == "mistral":
-      out["sliding_window"] = self.sliding_window
-      out["query_pre_attn_scalar"] = round(self.attn_scale ** -2)  # an int in transformers or None
+      out["sliding_window"] = self.sliding_window or None
     if self.arch == "gemma":
       out.pop("hidden_activation", None)
     if self.arch == "gemma3_text":

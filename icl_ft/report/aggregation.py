@@ -1,6 +1,6 @@
 """Aggregation of finished study runs into the paper's grid (``python -m icl_ft.aggregate``): every number comes
 from a run's ``results.json``, per model (ordered by parameter count), task, variant, scoring rule and condition,
-with each run's own interval and, where seeds replicate a cell, the across-seed mean and Student-t interval.
+with each run's own interval and, where data seeds replicate a cell, their mean with an interval (``replicated``).
 
 Runs may differ in their model, dtype, tasks, data seed and fine-tuning seed, and in how they were executed
 (``EXECUTION_KEYS``: mesh, batch sizes, remat); any other differing config key is refused by name, unless the
@@ -215,8 +215,9 @@ def replicated(reps: Sequence[dict], key: str, tuned: bool, bounds: tuple[float,
 
   Runs are averaged within each data seed (``spread``: the largest range within one; 0 for base and ICL, which
   do not depend on the FT seed). Two or more data seeds: the mean over them and, as ``lo``/``hi``, the wider of
-  its Student-t interval (``t_lo``/``t_hi``) and the runs' own intervals combined (mean ± ``floor``: the root sum
-  of squared half-widths over the number of seeds), so seeds that happen to agree never give a zero-width
+  its Student-t interval (``t_lo``/``t_hi``) and the runs' own intervals combined side by side (``floor_lo`` /
+  ``floor_hi``: the root sum of squared distances from each run's value to its bound, over the number of seeds;
+  a Wilson interval at 0/n keeps its upper side), so seeds that happen to agree never give a zero-width
   interval (``over`` "data seeds"). One data seed: the mean and sd over its runs, descriptive only (None bounds):
   the runs share their test items, so their spread says nothing about item sampling (``over`` "FT seeds", or
   "runs" for a number that does not involve fine-tuning)."""
@@ -229,11 +230,12 @@ def replicated(reps: Sequence[dict], key: str, tuned: bool, bounds: tuple[float,
   spread = max(max(r[key] for r in rs) - min(r[key] for r in rs) for rs in by_seed.values())
   if len(by_seed) > 1:
     a = across([mean([r[key] for r in rs]) for rs in by_seed.values()])
-    halves = [mean([(r["hi"] - r["lo"]) / 2 for r in rs]) if all(r["lo"] is not None for r in rs) else 0.0
-              for rs in by_seed.values()]
-    floor = math.sqrt(sum(h * h for h in halves)) / len(halves)  # the runs' own intervals, combined
-    lo, hi = max(bounds[0], min(a["lo"], a["mean"] - floor)), min(bounds[1], max(a["hi"], a["mean"] + floor))
-    return dict(a, lo=lo, hi=hi, t_lo=a["lo"], t_hi=a["hi"], floor=floor, over="data seeds", spread=spread)
+    known = [rs for rs in by_seed.values() if all(r["lo"] is not None and r["hi"] is not None for r in rs)]
+    combine = lambda side: math.sqrt(sum(mean([side(r) for r in rs]) ** 2 for rs in known)) / len(by_seed)
+    below, above = combine(lambda r: r[key] - r["lo"]), combine(lambda r: r["hi"] - r[key])  # each side's own
+    lo, hi = max(bounds[0], min(a["lo"], a["mean"] - below)), min(bounds[1], max(a["hi"], a["mean"] + above))
+    return dict(a, lo=lo, hi=hi, t_lo=a["lo"], t_hi=a["hi"], floor_lo=below, floor_hi=above, over="data seeds",
+                spread=spread)
   values = [r[key] for r in next(iter(by_seed.values()))]
   a = across(values)
   return dict(a, lo=None, hi=None, over="FT seeds" if tuned else "runs", spread=spread) if a else None

@@ -24,7 +24,7 @@ def _shots(reps: Sequence[dict]) -> str:
 
 
 def value_text(row: dict, key: str, signed: bool = False) -> str:
-  """One run: ``0.53 [0.43, 0.62]`` (its own interval). Several data seeds: the mean with its Student-t interval,
+  """One run: ``0.53 [0.43, 0.62]`` (its own interval). Several data seeds: the mean with its interval (``aggregation.replicated``),
   how many, and the runs' mean half-width: ``0.55 [0.41, 0.69] (2 data seeds; runs ±0.10)``. Runs of one data
   seed: their mean and sd, no interval: ``0.55 (mean of 3 FT seeds, sd 0.02; runs ±0.10)``. A value some runs
   lack: ``— (computed in 1 of 2 runs)``."""

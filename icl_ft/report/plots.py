@@ -264,7 +264,7 @@ def plot_grid_gap(group: dict, path, rule: str = "strict"):
 
 
 def plot_grid_circuits(group: dict, path, family: str = "heads"):
-  """The cross-fitted TV contrasts (ICL - FT and the controls) per model, one panel per task, with 95% intervals;
+  """The cross-fitted TV contrasts (ICL - FT, ICL - few-shot FT and the ICL controls) per model, one panel per task, with 95% intervals;
   contrasts without a number (a condition has no circuit) are left out."""
   plt = _plt()
   labels = [m["label"] for m in group["models"]]
