@@ -207,7 +207,8 @@ def _train(argv):
   if stream.size < B * T:
     stream = np.resize(stream, B * T)
   ids = stream[:B * T].reshape(B, T)
-  batch = {"ids": ids[None], "valid": np.ones((1, B, T), bool), "loss_mask": np.ones((1, B, T), bool)}
+  batch = {"ids": ids[None], "valid": np.ones((1, B, T), bool), "loss_mask": np.ones((1, B, T - 1), bool),
+           "loss_at": np.broadcast_to(np.arange(T - 1, dtype=np.int32), (1, B, T - 1))}
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   total = B * T * flops.train_flops_per_token(cfg, T)
 

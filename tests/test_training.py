@@ -32,6 +32,35 @@ def _logits(cfg, params, ids):
   return np.asarray(forward(cfg, params, ids, positions_from_valid(valid), valid)[0])
 
 
+def _scored_tokens(batch):
+  """[B, T] True at each token the batch's loss scores (the token after each masked ``loss_at`` position)."""
+  out = np.zeros(batch["ids"].shape, bool)
+  for r, (at, keep) in enumerate(zip(batch["loss_at"], batch["loss_mask"])):
+    out[r, at[keep] + 1] = True
+  return out
+
+
+def test_answer_loss_runs_the_lm_head_at_the_answer_only_and_equals_the_full_logits_loss(setup, tiny_lm):
+  m, ds, _ = setup
+  every = ft_data.batch_at(ds, 0, 4, seed=42, length_multiple=32)
+  T = every["ids"].shape[1]
+  assert every["loss_at"].shape == (4, T - 1) and (every["loss_at"] == np.arange(T - 1)).all()
+  answer = ft_data.build(dataclasses.replace(DATA, loss_on="answer"), tiny_lm[2])
+  for step in range(3):
+    batch = ft_data.batch_at(answer, step, 4, seed=42, length_multiple=32)
+    n_scored = [sum(mask[1:]) for mask in (answer.loss_mask[i] for i in ft_data.epoch_order(len(answer), 0, 42)[
+        step * 4:(step + 1) * 4])]
+    assert batch["loss_at"].shape == (4, 8 * -(-max(n_scored) // 8)) and batch["loss_at"].shape[1] < T // 2
+    assert (batch["loss_mask"].sum(1) == n_scored).all()
+    # The same loss as full logits scored at the answer tokens.
+    full = _logits(m.config, m.params, jnp.asarray(batch["ids"]))
+    logp = jax.nn.log_softmax(full[:, :-1], -1)
+    target = _scored_tokens(batch)[:, 1:]
+    nll = -np.take_along_axis(np.asarray(logp), batch["ids"][:, 1:, None], -1)[..., 0]
+    s, n = training.token_loss(m.config, m.params, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert int(n) == target.sum() and float(s) == pytest.approx(float((nll * target).sum()), rel=1e-5)
+
+
 def test_data_is_deterministic_and_masks_the_answer(setup, tiny_lm):
   m, ds, _ = setup
   a = ft_data.batch_at(ds, 3, 4, seed=42, length_multiple=64)
@@ -78,7 +107,7 @@ def test_one_step_equals_plain_optax_and_torch_adamw(setup, tmp_path):
   model = type(ref)(ref.config).float()
   model.load_state_dict(ref.state_dict())
   opt_t = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-  labels = torch.tensor(np.where(batch["loss_mask"], batch["ids"], -100), dtype=torch.long)
+  labels = torch.tensor(np.where(_scored_tokens(batch), batch["ids"], -100), dtype=torch.long)
   out = model(torch.tensor(batch["ids"], dtype=torch.long), attention_mask=torch.tensor(batch["valid"].astype(np.int64)),
               labels=labels)
   out.loss.backward()
@@ -226,7 +255,7 @@ def test_mfu_counts_real_tokens_and_charges_lora_for_the_gradients_it_needs(setu
   n = batch["valid"].sum(-1)
   assert batch["valid"].size > n.sum()  # the bucket pads
   met = res.metrics[0]
-  assert met["tokens"] == n.sum() and met["loss_tokens"] == batch["loss_mask"][:, 1:].sum()
+  assert met["tokens"] == n.sum() and met["loss_tokens"] == batch["loss_mask"].sum()
   expected = flops.train_flops(cfg, n.sum(), (n ** 2).sum()) / met["step_time_s"] / FAST.peak_flops
   assert met["mfu"] == pytest.approx(expected, rel=1e-6)
 

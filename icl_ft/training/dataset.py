@@ -118,8 +118,7 @@ def batch_at(ds: FTDataset, step: int, batch_size: int, seed: int, length_multip
              rows: slice = slice(None)) -> dict[str, np.ndarray]:
   """The global batch of training step ``step`` (deterministic), right-padded to a length bucket.
 
-  ``rows`` selects this host's share of the batch on multi-host runs. Returns ``ids`` [B, T],
-  ``valid`` [B, T] and ``loss_mask`` [B, T] (True where token t is predicted from tokens < t).
+  ``rows`` selects this host's share of the batch on multi-host runs. Returns ``_padded``'s arrays.
   """
   per_epoch = len(ds) // batch_size
   if per_epoch == 0:
@@ -131,17 +130,32 @@ def batch_at(ds: FTDataset, step: int, batch_size: int, seed: int, length_multip
 
 def _padded(ds: FTDataset, index: Sequence[int], length_multiple: int, rows: slice = slice(None),
             scored: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
-  """Rows ``index`` right-padded to the length bucket of the longest; rows with ``scored`` False keep no loss."""
+  """Rows ``index`` right-padded to the length bucket of the longest; rows with ``scored`` False keep no loss.
+
+  Returns ``ids`` and ``valid`` [B, T], and the scored predictions: ``loss_at`` [B, N] (position p predicts
+  token p + 1) with ``loss_mask`` [B, N]. N is the most scored tokens of a row rounded up to 8, so the LM head
+  runs only there (the answer, for ``loss_on="answer"``); when that is over half the sequence, N = T - 1 and
+  ``loss_at`` is every position. Shapes depend on all rows of the global batch, never on ``rows``.
+  """
   length = length_multiple * math.ceil(max(len(ds.ids[i]) for i in index) / length_multiple)
   scored = [True] * len(index) if scored is None else scored
-  index, scored = list(index)[rows], list(scored)[rows]
+  targets = [np.flatnonzero(np.asarray(ds.loss_mask[i][1:]) & keep) for i, keep in zip(index, scored)]
+  n = 8 * math.ceil(max(len(t) for t in targets) / 8)
+  every = 2 * n > length - 1
+  n = length - 1 if every else n
+  index, targets = list(index)[rows], targets[rows]
   ids = np.full((len(index), length), ds.pad_id, np.int32)
   valid = np.zeros((len(index), length), bool)
-  loss = np.zeros((len(index), length), bool)
-  for r, i in enumerate(index):
-    n = len(ds.ids[i])
-    ids[r, :n], valid[r, :n], loss[r, :n] = ds.ids[i], True, np.asarray(ds.loss_mask[i]) & scored[r]
-  return {"ids": ids, "valid": valid, "loss_mask": loss}
+  loss_at = np.broadcast_to(np.arange(n, dtype=np.int32), (len(index), n)).copy() if every else (
+      np.zeros((len(index), n), np.int32))
+  loss = np.zeros((len(index), n), bool)
+  for r, (i, t) in enumerate(zip(index, targets)):
+    ids[r, :len(ds.ids[i])], valid[r, :len(ds.ids[i])] = ds.ids[i], True
+    if every:
+      loss[r, t] = True
+    else:
+      loss_at[r, :len(t)], loss[r, :len(t)] = t, True
+  return {"ids": ids, "valid": valid, "loss_at": loss_at, "loss_mask": loss}
 
 
 def eval_batches(ds: FTDataset, batch_size: int, length_multiple: int,

@@ -89,16 +89,14 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def token_loss(cfg: ModelConfig, params: Params, batch: dict, remat: bool = False,
                unroll: bool = True) -> tuple[jax.Array, jax.Array]:
-  """(sum of next-token cross-entropies over ``loss_mask``, number of such tokens) for one batch."""
-  ids, valid = batch["ids"], batch["valid"]
-  B, T = ids.shape
-  positions = jnp.broadcast_to(jnp.arange(T), ids.shape)
-  # Logits only where a next token is predicted (no [B, T, V] slice copy, nor its zero-padded gradient; not
-  # measurably faster, but less memory); ``unroll``: see ``TrainConfig.unroll_layers`` (compiles ~2.5x longer).
-  logits, _, _ = run(cfg, params, ids, positions, valid, logits_at=jnp.broadcast_to(jnp.arange(T - 1), (B, T - 1)),
-                     remat=remat, unroll=unroll)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
-  mask = batch["loss_mask"][:, 1:].astype(F32)
+  """(sum of next-token cross-entropies at ``loss_at`` where ``loss_mask``, number of such tokens) for one
+  batch (``dataset._padded``'s arrays); the LM head runs only at ``loss_at``."""
+  ids, valid, at = batch["ids"], batch["valid"], batch["loss_at"]
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  # ``unroll``: see ``TrainConfig.unroll_layers`` (compiles ~2.5x longer).
+  logits, _, _ = run(cfg, params, ids, positions, valid, logits_at=at, remat=remat, unroll=unroll)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.take_along_axis(ids, at + 1, axis=1))
+  mask = batch["loss_mask"].astype(F32)
   return jnp.sum(ce * mask), jnp.sum(mask)
 
 
@@ -361,9 +359,11 @@ def compiled_memory(model_cfg: ModelConfig, cfg: TrainConfig, mesh: jax.sharding
   state = {"params": params, "opt": opt_state, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
   batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None))
   shape = (cfg.grad_accum, cfg.batch_size // cfg.grad_accum, seq)
+  scored = shape[:2] + (seq - 1,)  # every position scored: the most the LM head can cost
   batch = {"ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh),
            "valid": jax.ShapeDtypeStruct(shape, bool, sharding=batch_sh),
-           "loss_mask": jax.ShapeDtypeStruct(shape, bool, sharding=batch_sh)}
+           "loss_at": jax.ShapeDtypeStruct(scored, jnp.int32, sharding=batch_sh),
+           "loss_mask": jax.ShapeDtypeStruct(scored, bool, sharding=batch_sh)}
   state_sh = jax.tree.map(lambda a: a.sharding, state)
   step = jax.jit(make_train_step(model_cfg, cfg, opt), in_shardings=(state_sh, batch_sh, None),
                  out_shardings=(state_sh, None), donate_argnums=0)
