@@ -108,6 +108,7 @@ def test_gemma3_config_from_its_gguf(gemma3):
   assert (c.sliding_window, c.rope_theta, c.local_rope_theta, c.attn_scale) == (512, 1e6, 1e4, 1 / 16)
   assert c.window_layers == tuple(i for i in range(18) if (i + 1) % 6) and c.qk_norm and c.sandwich_norm
   assert c.num_params() == sum(p.numel() for p in gemma3[1].parameters())
+  assert loading.sizing_config("gemma3-270m") == c  # the recorded shapes are the file's
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

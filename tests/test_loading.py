@@ -151,16 +151,20 @@ def test_gemma3_is_assembled_once_with_its_checksum_and_a_bad_part_is_refused(tm
   bad.write_bytes(parts[0].read_bytes()[:1000])  # a truncated part
   monkeypatch.setattr(pkg, "chunk_paths", lambda: [bad, *parts[1:]])
   with pytest.raises(convert.CheckpointError, match="a part file is truncated or altered"):
-    loading.check_name("gemma3-270m")
+    loading.resolve("gemma3-270m")
   assert not list((tmp_path / "cache" / "gguf").iterdir())  # no file left that a later load would use
   monkeypatch.setattr(pkg, "chunk_paths", lambda: [tmp_path / "missing", *parts[1:]])
   with pytest.raises(loading.ModelNotFoundError, match="gemma3-270m needs the PyPI packages"):
-    loading.check_name("gemma3-270m")
+    loading.resolve("gemma3-270m")
   monkeypatch.setattr(pkg, "chunk_paths", lambda: parts)
-  path = loading.check_name("gemma3-270m")
+  # Naming, checking or sizing the model assembles nothing; loading it does.
+  assert loading.sizing_config("gemma3-270m").num_params() == 268_098_176
+  assert loading.model_facts("gemma3-270m", "float32")["params"] == 268_098_176
+  assert not Path(loading.check_name("gemma3-270m")).exists()
+  path = loading.resolve("gemma3-270m")
   assert Path(path).stat().st_size == sum(p.stat().st_size for p in parts)
   monkeypatch.setattr(pkg, "chunk_paths", lambda: [bad, *parts[1:]])
-  assert loading.check_name("gemma3-270m") == path  # assembled once: later calls reuse it
+  assert loading.resolve("gemma3-270m") == path  # assembled once: later calls reuse it
 
 
 def test_a_gguf_of_another_architecture_is_refused_by_name(tmp_path):

