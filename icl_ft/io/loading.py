@@ -256,6 +256,18 @@ def check(name_or_path: str) -> ModelConfig:
   return cfg
 
 
+def local_tokenizer(name_or_path: str):
+  """The tokenizer of a checkpoint that is on this machine (an HF directory, a GGUF file, an assembled embedded
+  GGUF); None where it is not here or has none. Never reaches the hub nor assembles a GGUF."""
+  path = Path(check_name(name_or_path)).expanduser()
+  if not path.exists():
+    return None
+  try:
+    return _read_source(path)[2]()
+  except (OSError, ValueError, convert.CheckpointError):
+    return None
+
+
 def _read_source(path: Path) -> tuple[ModelConfig, Any, Any]:
   """(config, tensor source, tokenizer factory) for an HF directory or a GGUF file."""
   from transformers import AutoTokenizer

@@ -122,8 +122,8 @@ def run(grid_cells: list[Cell], log: Callable[[str], None] = print,
   if jax.process_count() > 1:  # a failure seen by one process only must stop them all, not desynchronise them
     errors = ()
   out = []
-  for cell in grid_cells:
-    head = f"[cell {cell.index + 1}/{len(grid_cells)}: {cell.label}]"
+  for i, cell in enumerate(grid_cells):
+    head = f"[cell {cell.index} ({i + 1}/{len(grid_cells)}): {cell.label}]"  # the index --dry_run and --cell use
     log(f"{head} {cell.cfg.workdir}")
     t0 = time.time()
     try:

@@ -3,8 +3,9 @@ stage (``model.flops`` conventions) and the memory per device, on a named accele
 at an assumed MFU.
 
 Token counts come from sample prompts of the cell's own query sets (8 per task, variant and k), tokenized with the
-embedded SmolLM2 tokenizer: it splits digits one per token as Qwen's does; GPT-NeoX's and GPT-Neo's BPE merge
-digits, so their counts (and FLOPs) are overestimated. Circuit FLOPs are a rough count of the tokens each prompt pair
+model's own tokenizer where its checkpoint is on this machine, else with the embedded SmolLM2's: it splits digits
+one per token as Qwen's and Gemma's do; GPT-NeoX's and GPT-Neo's BPE merge digits, so their counts (and FLOPs)
+are then overestimated. Circuit FLOPs are a rough count of the tokens each prompt pair
 runs (``_circuit_flops``); everything here is an estimate, labelled as such.
 """
 
@@ -60,41 +61,41 @@ def parse_slice(spec: str) -> Slice:
 
 
 @functools.lru_cache(maxsize=None)
-def _tokenizer():
-  from transformers import AutoTokenizer
-  path = loading.embedded_gguf_path()
-  return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def _tokenizer(model: str):
+  """The model's own tokenizer if it is on this machine, else the embedded model's (see the module docstring)."""
+  return loading.local_tokenizer(model) or loading.local_tokenizer(loading.DEFAULT_MODEL)
 
 
 @functools.lru_cache(maxsize=None)
-def _prompt_lengths(task: str, variant: str, fmt: str, shots: int, seed: int) -> tuple[int, ...]:
-  """Prompt lengths in tokens of the first ``SAMPLE`` queries of the set."""
-  return tuple(len(_tokenizer()(q.prompt).input_ids) for q in engine.icl_queries(task, variant, fmt, shots, SAMPLE, seed))
+def _prompt_lengths(model: str, task: str, variant: str, fmt: str, shots: int, seed: int) -> tuple[int, ...]:
+  """Prompt lengths in ``model``'s tokens (``_tokenizer``) of the first ``SAMPLE`` queries of the set."""
+  return tuple(len(_tokenizer(model)(q.prompt).input_ids)
+               for q in engine.icl_queries(task, variant, fmt, shots, SAMPLE, seed))
 
 
-def _prompt_tokens(task: str, variant: str, fmt: str, shots: int, seed: int) -> float:
+def _prompt_tokens(model: str, task: str, variant: str, fmt: str, shots: int, seed: int) -> float:
   """Mean prompt length in tokens (``_prompt_lengths``)."""
-  lengths = _prompt_lengths(task, variant, fmt, shots, seed)
+  lengths = _prompt_lengths(model, task, variant, fmt, shots, seed)
   return sum(lengths) / len(lengths)
 
 
 @functools.lru_cache(maxsize=None)
-def _ft_lengths(ft_tasks: tuple[str, ...], seed: int, fmt: str, with_header: bool) -> tuple[float, int]:
+def _ft_lengths(model: str, ft_tasks: tuple[str, ...], seed: int, fmt: str, with_header: bool) -> tuple[float, int]:
   """Mean and longest tokens of a sample of fine-tuning texts (``tasks.ft_text``)."""
   texts = [tasks.ft_text(ex, fmt, with_header) for t in ft_tasks for ex in tasks.make_ft_examples(t, SAMPLE, seed, fmt)]
-  lengths = [len(_tokenizer()(s).input_ids) for s in texts]
+  lengths = [len(_tokenizer(model)(s).input_ids) for s in texts]
   return sum(lengths) / len(lengths), max(lengths)
 
 
 def _ft_tokens(cfg: StudyConfig) -> tuple[float, int]:
   """``_ft_lengths`` of the study's fine-tuning data (computed once per data setting: FLOPs and memory use it)."""
   d = cfg.ft_data
-  return _ft_lengths(tuple(d.tasks), d.seed, cfg.format, d.with_header)
+  return _ft_lengths(cfg.model, tuple(d.tasks), d.seed, cfg.format, d.with_header)
 
 
 def _queries(cfg: StudyConfig, task: str, variant: str, k: int, n: int, generate: int, m: ModelConfig) -> float:
   """FLOPs of ``n`` queries at k demos: the prompt's forward and the generated tokens."""
-  T = _prompt_tokens(task, variant, cfg.format, k, cfg.seed)
+  T = _prompt_tokens(cfg.model, task, variant, cfg.format, k, cfg.seed)
   return n * (T * flops.forward_flops_per_token(m, T, causal=True) + generate * flops.forward_flops_per_token(m, T))
 
 
@@ -128,8 +129,8 @@ def _circuit_flops(cc, cfg: StudyConfig, m: ModelConfig) -> float:
   (verified components of both families, faithfulness, vectors) rerun the query's tokens from the first corrupted
   one (at most the 0-shot query's length), the residual sweep half the layers on average per (layer, position)."""
   conditions = len(cc.prompt_conditions()) + 1 + (1 if cfg.fewshot else 0)
-  T = _prompt_tokens(cc.task, "correct", cc.fmt, max(cc.icl_shots), cfg.seed)
-  Tq = _prompt_tokens(cc.task, "correct", cc.fmt, 0, cfg.seed)
+  T = _prompt_tokens(cfg.model, cc.task, "correct", cc.fmt, max(cc.icl_shots), cfg.seed)
+  Tq = _prompt_tokens(cfg.model, cc.task, "correct", cc.fmt, 0, cfg.seed)
   per_token = flops.forward_flops_per_token(m, T, causal=True)
   positions = cc.resid_last or Tq
   passes = 3 * T + (2 * cc.verify + FAITHFULNESS_KS + 2) * Tq + m.num_layers * positions * Tq / 2
@@ -151,7 +152,7 @@ def memory_per_device(cfg: StudyConfig, m: ModelConfig, devices: int) -> dict[st
   train = flops.train_memory_per_device(m, shards, micro, T, cfg.train.remat,
                                         2 if cfg.train.compute_dtype == "bfloat16" else 4)["total"]
   width = 2 if cfg.dtype == "bfloat16" else 4
-  longest = max(max(_prompt_lengths(t, "correct", cfg.format, max(cfg.shots), cfg.seed)) for t in cfg.tasks) + 64
+  longest = max(max(_prompt_lengths(cfg.model, t, "correct", cfg.format, max(cfg.shots), cfg.seed)) for t in cfg.tasks) + 64
   kv = 2 * m.num_layers * cfg.icl_engine.batch_size * longest * m.num_kv_heads * m.head_dim * width
   return dict(finetune=train, inference=(m.num_params() * width + kv) / shards)
 
