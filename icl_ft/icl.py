@@ -3,8 +3,8 @@
   python -m icl_ft.icl --model=smollm2-135m --task=expression --shots=0,1,4 --n=20 --out=work/icl
 
 Evaluates every (task, variant, format, shots) cell with the batched engine, writes the records, the
-summaries and the accuracy-vs-shots plot into ``--out``, and prints per cell its accuracy and per (task, format,
-shots) the rule its answers follow (``report.cues``).
+summaries and the accuracy-vs-shots plot into ``--out``, and prints per cell its accuracy, its paired difference
+from 0 shots on the same items, and per (task, format, shots) the rule its answers follow (``report.cues``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ def main(argv) -> None:
         f"lenient={row['acc_lenient']:.3f} strict={row['acc_strict']:.3f} "
         f"[{row['ci_strict_lo']:.2f}, {row['ci_strict_hi']:.2f}]")
     print(f"{row['task']:>10} {row['variant']:>12} {row['format']:>5} k={row['shots']:<2} n={row['n']:<4} {acc}")
+  for row in cues.differences_from_base([dict(r) for r in records]):
+    print(f"{row['task']:>10} {row['variant']:>12} {row['format']:>5} k={row['shots']:<2} minus k=0 on the same "
+          f"{row['n']} items (strict, paired): {cues.difference_text(row)}")
   for row in cues.analyse([dict(r) for r in records]):
     print(f"{row['task']:>10} {row['format']:>5} k={row['shots']:<2} answers follow: {cues.verdict_text(row)}")
   print("skipped (too long):", len(skipped))

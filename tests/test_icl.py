@@ -284,4 +284,5 @@ def test_icl_command_prints_accuracy_and_the_rule_followed(tiny_lm, tmp_path):
                         "--variant=correct,misleading-z", "--shots=0,1", "--n=2", f"--out={tmp_path}"],
                        capture_output=True, text=True, check=True).stdout
   assert "misleading-z paper k=1  n=2" in out and out.count("answers follow:") == 2
+  assert out.count("minus k=0 on the same 2 items (strict, paired)") == 2  # one per variant at k=1
   assert (tmp_path / "records.jsonl").exists()
