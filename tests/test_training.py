@@ -61,6 +61,16 @@ def test_answer_loss_runs_the_lm_head_at_the_answer_only_and_equals_the_full_log
     assert int(n) == target.sum() and float(s) == pytest.approx(float((nll * target).sum()), rel=1e-5)
 
 
+def test_each_hosts_rows_have_the_global_batchs_shapes_and_join_back_into_it(tiny_lm):
+  answer = ft_data.build(dataclasses.replace(DATA, loss_on="answer"), tiny_lm[2])
+  full = ft_data.batch_at(answer, 1, 8, seed=42, length_multiple=32)
+  parts = [ft_data.batch_at(answer, 1, 8, seed=42, length_multiple=32, rows=ft_data.split_rows(8, i, 4))
+           for i in range(4)]
+  for k in full:
+    assert {p[k].shape[1:] for p in parts} == {full[k].shape[1:]}
+    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k])
+
+
 def test_data_is_deterministic_and_masks_the_answer(setup, tiny_lm):
   m, ds, _ = setup
   a = ft_data.batch_at(ds, 3, 4, seed=42, length_multiple=64)
@@ -244,6 +254,9 @@ def test_mfu_counts_real_tokens_and_charges_lora_for_the_gradients_it_needs(setu
   lengths = np.array([10, 30])
   fwd = sum(n * flops.forward_flops_per_token(cfg, n, causal=True) for n in lengths)
   assert flops.train_flops(cfg, lengths.sum(), (lengths ** 2).sum()) == pytest.approx(3 * fwd)
+  head = 2 * cfg.hidden_size * cfg.vocab_size  # forward FLOPs of the LM head per position
+  assert flops.train_flops(cfg, lengths.sum(), (lengths ** 2).sum(), head_tokens=4) == pytest.approx(
+      3 * (fwd - head * (lengths.sum() - 4)))  # the head only at the 4 scored tokens
   adapters = lora.num_params(cfg, lora.LoRAConfig(rank=4))
   lora_flops = flops.train_flops(cfg, lengths.sum(), (lengths ** 2).sum(), adapters)
   attention = sum(2 * n * n * cfg.num_heads * cfg.head_dim * cfg.num_layers for n in lengths)
@@ -256,7 +269,7 @@ def test_mfu_counts_real_tokens_and_charges_lora_for_the_gradients_it_needs(setu
   assert batch["valid"].size > n.sum()  # the bucket pads
   met = res.metrics[0]
   assert met["tokens"] == n.sum() and met["loss_tokens"] == batch["loss_mask"].sum()
-  expected = flops.train_flops(cfg, n.sum(), (n ** 2).sum()) / met["step_time_s"] / FAST.peak_flops
+  expected = flops.train_flops(cfg, n.sum(), (n ** 2).sum(), head_tokens=met["loss_tokens"]) / met["step_time_s"] / FAST.peak_flops
   assert met["mfu"] == pytest.approx(expected, rel=1e-6)
 
 

@@ -148,6 +148,12 @@ def gguf_config_overrides(path: str | os.PathLike) -> dict[str, Any]:
   return out
 
 
+def gguf_has_tokenizer(path: str | os.PathLike) -> bool:
+  """Whether a GGUF file carries its tokenizer (llama.cpp's ``tokenizer.ggml.*`` metadata)."""
+  import gguf
+  return "tokenizer.ggml.model" in gguf.GGUFReader(path).fields
+
+
 class GGUFSource(TensorSource):
   """A llama.cpp GGUF file of one of ``_GGUF_ARCH_LAYER_NAMES``' architectures, dequantized tensor by tensor
   with the ``gguf`` package's own dequantizer (every quantization type it knows: K-quants, Q5_0, Q8_0, ...).
@@ -159,7 +165,6 @@ class GGUFSource(TensorSource):
   def __init__(self, path: str | os.PathLike, cfg: ModelConfig):
     import gguf
     reader, self._arch = _gguf_reader(path)
-    self.has_tokenizer = "tokenizer.ggml.model" in reader.fields
     layer_names = dict(_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES[self._arch])
     self._cfg = cfg
     self._tensors = {}

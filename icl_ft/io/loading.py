@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -260,25 +260,25 @@ def local_tokenizer(name_or_path: str):
   """The tokenizer of a checkpoint that is on this machine (an HF directory, a GGUF file, an assembled embedded
   GGUF); None where it is not here or has none. Never reaches the hub nor assembles a GGUF."""
   path = Path(check_name(name_or_path)).expanduser()
-  if not path.exists():
-    return None
-  try:
-    return _read_source(path)[2]()
-  except (OSError, ValueError, convert.CheckpointError):
-    return None
+  return _tokenizer_factory(path)() if path.exists() else None
+
+
+def _tokenizer_factory(path: Path) -> Callable[[], Any]:
+  """A function building the tokenizer of an HF directory or GGUF file (returning None where it has none)."""
+  from transformers import AutoTokenizer
+  if path.is_file():
+    return (lambda: AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)) \
+        if convert.gguf_has_tokenizer(path) else (lambda: None)
+  has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+  return (lambda: AutoTokenizer.from_pretrained(str(path))) if has_tok else (lambda: None)
 
 
 def _read_source(path: Path) -> tuple[ModelConfig, Any, Any]:
   """(config, tensor source, tokenizer factory) for an HF directory or a GGUF file."""
-  from transformers import AutoTokenizer
   cfg = model_config(str(path))
-  if path.is_file() and path.suffix == ".gguf":
-    source = convert.GGUFSource(path, cfg)
-    return cfg, source, (lambda: AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)) \
-        if source.has_tokenizer else (lambda: None)
-  has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-  return cfg, convert.SafetensorsSource(path), (lambda: AutoTokenizer.from_pretrained(str(path))) if has_tok \
-      else (lambda: None)
+  source = convert.GGUFSource(path, cfg) if path.is_file() and path.suffix == ".gguf" else \
+      convert.SafetensorsSource(path)
+  return cfg, source, _tokenizer_factory(path)
 
 
 def _fingerprint(path: Path, dtype: str) -> str:

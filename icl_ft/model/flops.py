@@ -61,14 +61,17 @@ def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
   return 3 * forward_flops_per_token(cfg, seq, head=True, causal=True)
 
 
-def train_flops(cfg: ModelConfig, tokens: float, tokens_sq: float, adapter_params: int | None = None) -> float:
+def train_flops(cfg: ModelConfig, tokens: float, tokens_sq: float, adapter_params: int | None = None,
+                head_tokens: float | None = None) -> float:
   """Useful FLOPs of one training step over sequences of real (unpadded) lengths n_i, given Σn_i (``tokens``)
-  and Σn_i² (``tokens_sq``; causal attention costs 2·n²·H·dh per layer forward).
+  and Σn_i² (``tokens_sq``; causal attention costs 2·n²·H·dh per layer forward); the LM head at ``head_tokens``
+  positions (the scored ones; default: every token).
 
   Full fine-tuning: 3 x forward (activation and weight gradients). LoRA (``adapter_params`` given): frozen
   matmuls need only activation gradients (2 x their forward), attention 3 x, adapters 6 x their parameters.
   """
-  matmul = 2 * matmul_params(cfg, head=True) * tokens
+  head = cfg.hidden_size * cfg.vocab_size * (tokens if head_tokens is None else head_tokens)
+  matmul = 2 * (matmul_params(cfg, head=False) * tokens + head)
   attention = 2 * cfg.num_heads * cfg.head_dim * cfg.num_layers * tokens_sq
   if adapter_params is None:
     return 3 * (matmul + attention)

@@ -115,7 +115,7 @@ def stage_flops(cfg: StudyConfig, m: ModelConfig) -> dict[str, float]:
       out["ft_eval"] += evals * sum(_queries(cfg, task, variant, k, cfg.n_queries, gen, m) for k in cfg.ft_eval_shots)
   T = _ft_tokens(cfg)[0]
   adapters = lora.num_params(m, cfg.train.lora) if cfg.train.lora else None
-  per_example = flops.train_flops(m, T, T * T, adapters)
+  per_example = flops.train_flops(m, T, T * T, adapters)  # the LM head at every token: an upper bound for loss_on=answer
   out["finetune"] = cfg.train.steps * cfg.train.batch_size * per_example  # grad_accum splits the batch
   if cfg.fewshot:
     out["finetune"] += cfg.fewshot.steps * cfg.fewshot.batch_size * per_example

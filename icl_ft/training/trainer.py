@@ -113,7 +113,8 @@ def _loss_fn(model_cfg: ModelConfig, cfg: TrainConfig) -> Callable:
 
 
 def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, opt: optax.GradientTransformation) -> Callable:
-  """step(state, batch, frozen) -> (state, metrics); ``batch`` arrays are [grad_accum, micro_batch, T].
+  """step(state, batch, frozen) -> (state, metrics); ``batch`` arrays are [grad_accum, micro_batch, T] (``loss_at``
+  and ``loss_mask``: [..., N], see ``dataset._padded``).
 
   ``state`` = {"params": float32 trainable tree (full params, or LoRA factors), "opt": optax state,
   "step": int32}. The forward runs in ``cfg.compute_dtype``. ``frozen`` is the base model when
@@ -309,7 +310,8 @@ class _HeldoutLog:
 
 class _Meter:
   """Per-step metrics: the step's own (loss, grad norm, tokens, lr) plus step, samples, time, real tokens/s and
-  MFU on useful work only (real tokens, no bucket padding; LoRA charged for the gradients it needs) against
+  MFU on useful work only (real tokens, no bucket padding, the LM head at the scored tokens; LoRA charged for the
+  gradients it needs) against
   the matmul ceiling measured in the compute dtype."""
 
   def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig):
@@ -319,7 +321,7 @@ class _Meter:
     self.adapters = lora.num_params(model_cfg, cfg.lora) if cfg.lora else None
 
   def __call__(self, step: int, m: dict, dt: float) -> dict:
-    work = flops.train_flops(self.model_cfg, m["tokens"], m.pop("tokens_sq"), self.adapters)
+    work = flops.train_flops(self.model_cfg, m["tokens"], m.pop("tokens_sq"), self.adapters, m["loss_tokens"])
     return dict(m, step=step + 1, samples=(step + 1) * self.cfg.batch_size, step_time_s=dt,
                 tokens_per_s=m["tokens"] / dt, mfu=work / dt / self.peak)
 
