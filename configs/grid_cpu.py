@@ -18,6 +18,8 @@ def get_config():
   g.name = "cpu-grid"
   g.workdir = "work/cpu-grid"
   s = base.get_config()
+  s.note = ("A cell of the CPU grid (configs/grid_cpu.py): a small study meant to show the grid and its "
+            "across-seed statistics, not to settle a claim; intervals are wide.")
   s.tasks = "parity,expression"
   s.progress = False
   s.icl.shots = "0,2,4"
