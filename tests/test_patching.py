@@ -204,3 +204,36 @@ def test_function_vector_injection_equals_patching_the_same_delta_by_hand(setup)
     np.testing.assert_allclose(injected[layer], np.asarray(by_hand), atol=1e-5)
   resid = vectors.answer_residuals(m.config, m.params, corrupt)
   np.testing.assert_allclose(np.asarray(resid), np.asarray(tgt["resid_pre"][:, :, T - 1]), atol=1e-6)
+
+
+def test_bench_torch_references_equal_our_head_sweep_with_left_padding(setup):
+  """``bench patching``'s two PyTorch references (the plain hook loop and the FLOP-matched batched hooks from
+  layer l) give our sweep's effects, a left-padded row included."""
+  import dataclasses
+  from icl_ft import bench
+  m, ref, _, _, (c_ids, x_ids, gold, foil) = setup
+  valid = np.ones((B, T), bool)
+  valid[0, :2] = False  # row 0 is left-padded by two tokens
+
+  @dataclasses.dataclass
+  class Pairs:
+    clean_ids: np.ndarray
+    corrupt_ids: np.ndarray
+    valid: np.ndarray
+    clean_answer: np.ndarray
+    corrupt_answer: np.ndarray
+    length: int = T
+
+    def __len__(self):
+      return B
+
+  p = Pairs(c_ids, x_ids, valid, gold, foil)
+  mk = lambda ids: patching.Batch(jnp.asarray(ids), jnp.asarray(valid), jnp.full((B,), T - 1), jnp.asarray(gold),
+                                  jnp.asarray(foil))
+  _, cache = patching.capture(m.config, m.params, mk(c_ids), taps=("attn_z",))
+  ours = np.asarray(patching.patch_sweep(m.config, m.params, mk(x_ids), cache, "attn_z", ("layer", "head"), chunk=3))
+  grid = [(l, h) for l in range(m.config.num_layers) for h in range(m.config.num_heads)]
+  for method in (bench._hooks_plain, bench._hooks_batched):
+    theirs = method(ref, p, m.config.head_dim, grid)
+    for l, h in grid:
+      np.testing.assert_allclose(theirs[l, h], ours[l, h], atol=1e-4, err_msg=f"{method.__name__} L{l}H{h}")
