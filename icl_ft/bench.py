@@ -13,7 +13,11 @@
 
 FLOPs convention: 2 x matmul params (incl. the LM head) per token, plus 4*T*D per layer per token for
 attention (QK^T and PV, causal masking NOT halved); see ``icl_ft.flops``.
-Add a subcommand by writing ``def _name(argv)`` and registering it in ``SUBCOMMANDS``.
+  all       every one of them in turn; ``--json=bench.json`` writes their figures with the machine's name, cores,
+            measured ceiling and package versions.
+
+Both sides use the same threads (``--threads``, pinned and printed) and are warmed up before timing.
+Add a subcommand by writing ``def _name(argv) -> dict`` (its figures) and registering it in ``SUBCOMMANDS``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ flags.DEFINE_integer("shots", 8, "icl: demonstrations per prompt.")
 flags.DEFINE_integer("queries", 199, "icl: number of queries (the release's 199).")
 flags.DEFINE_integer("pairs", 4, "patching: clean/corrupted prompt pairs per batch.")
 flags.DEFINE_integer("chunk", 16, "patching: patched runs evaluated together.")
+flags.DEFINE_integer("threads", 0, "CPU threads for both sides (0: every core this process may use).")
+flags.DEFINE_string("json", "", "Write every figure, with the machine, its ceiling and package versions, here.")
 FLAGS = flags.FLAGS
+_FLAG_NAMES = ("model", "batch", "seq", "repeats", "torch", "task", "shots", "queries", "pairs", "chunk", "threads")
 
 
 def _rates(results: dict[str, list[float]], tokens: int, total: float, ceiling: flops.Ceiling):
@@ -114,6 +121,10 @@ def _forward(argv):
     ours, theirs = (statistics.median(t) for t in results.values())
     print(f"ratio ours/torch tokens/s: {theirs / ours:.2f}; max |logits ours - torch| = {diff:.2e} "
           f"(max |logit| {np.abs(ref_logits).max():.1f})")
+  med = {k: statistics.median(t) for k, t in results.items()}
+  return dict(batch=B, seq=T, ours_s=med["ours (JAX)"], torch_s=med.get("torch (sdpa)"),
+              ratio=med["torch (sdpa)"] / med["ours (JAX)"] if diff is not None else None,
+              mfu=total / med["ours (JAX)"] / 1e9 / ceiling.median, max_logit_diff=None if diff is None else float(diff))
 
 
 def _icl(argv):
@@ -145,42 +156,57 @@ def _icl(argv):
   ref = _torch_reference(FLAGS.model)
   pad = loading.pad_id(tok)
   decode = lambda ids, out: tok.decode(list(ids) + out.tolist(), skip_special_tokens=True)
-  with torch.inference_mode():
-    t0 = time.perf_counter()
-    single = []
-    for ids in prompt_ids:  # the release's method: one query at a time
-      out = ref.generate(torch.tensor([ids]), max_new_tokens=n_new, pad_token_id=pad, do_sample=False)[0, len(ids):]
-      single.append(decode(ids, out))
-    t_single = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    batched = []
-    order = sorted(range(len(prompt_ids)), key=lambda i: lengths[i])
-    for s in range(0, len(order), FLAGS.batch):
-      rows = order[s:s + FLAGS.batch]
+  order = sorted(range(len(prompt_ids)), key=lambda i: lengths[i])
+
+  def one_at_a_time(index):
+    return [decode(prompt_ids[i], ref.generate(torch.tensor([prompt_ids[i]]), max_new_tokens=n_new, pad_token_id=pad,
+                                               do_sample=False)[0, lengths[i]:]) for i in index]
+
+  def batched(index, size):
+    out = {}
+    for s in range(0, len(index), size):
+      rows = index[s:s + size]
       T = max(lengths[i] for i in rows)
       ids = torch.tensor([[pad] * (T - lengths[i]) + prompt_ids[i] for i in rows])
       mask = torch.tensor([[0] * (T - lengths[i]) + [1] * lengths[i] for i in rows])
-      out = ref.generate(ids, attention_mask=mask, max_new_tokens=n_new, pad_token_id=pad, do_sample=False)
-      for r, i in enumerate(rows):
-        batched.append((i, decode(prompt_ids[i], out[r, T:])))
-    t_batched = time.perf_counter() - t0
-  batched = [text for _, text in sorted(batched)]
+      gen = ref.generate(ids, attention_mask=mask, max_new_tokens=n_new, pad_token_id=pad, do_sample=False)
+      out.update({i: decode(prompt_ids[i], gen[r, T:]) for r, i in enumerate(rows)})
+    return [out[i] for i in sorted(out)]
+
+  with torch.inference_mode():
+    one_at_a_time(order[:1])  # warm-up, as ours had
+    t0 = time.perf_counter()
+    single = one_at_a_time(range(len(queries)))
+    t_single = time.perf_counter() - t0
+    tried = {}
+    for size in (8, 16, 32):  # transformers' batched generate at its best batch size
+      batched(order[-size:], size)  # warm-up at this size
+      t0 = time.perf_counter()
+      tried[size] = (batched(order, size), time.perf_counter() - t0)
+  best = min(tried, key=lambda b: tried[b][1])
+  batched_out, t_batched = tried[best]
   single = [t[len(q.prompt):] for t, q in zip(single, queries)]
-  batched = [t[len(q.prompt):] for t, q in zip(batched, queries)]
+  batched_out = [t[len(q.prompt):] for t, q in zip(batched_out, queries)]
 
   n = len(queries)
   print(f"\n== icl: {FLAGS.model}, {FLAGS.task} {FLAGS.shots}-shot, {n} queries, {n_new} new tokens, "
         f"prompt tokens mean {np.mean(lengths):.0f} (min {min(lengths)}, max {max(lengths)}), batch {FLAGS.batch} ==")
   print(f"matmul ceiling: median {ceiling.median:.1f} GFLOP/s; engine MFU = useful prefill FLOPs "
         f"({useful / 1e12:.2f} TFLOP, no padding, no LM head) / engine time / ceiling")
-  print(f"{'':34} {'time s':>7} {'queries/s':>9} {'vs ours':>7}  agreement with one-at-a-time")
-  for name, t, preds in (("ours (JAX engine, compiled)", t_ours, ours),
-                         ("transformers, one at a time", t_single, single),
-                         ("transformers, batched left-pad", t_batched, batched)):
+  print(f"torch: {torch.get_num_threads()} threads, inference_mode, attention {ref.config._attn_implementation}, "
+        f"each method warmed up first; batched generate tried at batch " +
+        ", ".join(f"{b}: {t:.1f} s" for b, (_, t) in tried.items()) + f" (best {best} kept)")
+  print(f"{'':34} {'time s':>7} {'queries/s':>9} {'ours vs it':>10}  agreement with one-at-a-time")
+  rows = (("ours (JAX engine, compiled)", t_ours, ours), ("transformers, one at a time", t_single, single),
+          (f"transformers, batched left-pad {best}", t_batched, batched_out))
+  for name, t, preds in rows:
     agree = sum(a == b for a, b in zip(preds, single)) / n
-    print(f"{name:34} {t:7.1f} {n / t:9.2f} {t / t_ours:7.2f}  {agree:.3f}")
+    print(f"{name:34} {t:7.1f} {n / t:9.2f} {t / t_ours:10.2f}  {agree:.3f}")
   print(f"engine: {useful / t_ours / 1e9:.1f} GFLOP/s useful, MFU {useful / t_ours / 1e9 / ceiling.median:.2f}; "
         f"accuracy (lenient) {np.mean([r['correct_lenient'] for r in records]):.3f}")
+  return dict(queries=n, shots=FLAGS.shots, ours_s=t_ours, one_at_a_time_s=t_single, batched_s=t_batched,
+              batched_size=best, vs_one_at_a_time=t_single / t_ours, vs_batched=t_batched / t_ours,
+              agreement=sum(a == b for a, b in zip(ours, single)) / n, mfu=useful / t_ours / 1e9 / ceiling.median)
 
 
 def _train(argv):
@@ -266,6 +292,10 @@ def _train(argv):
   if len(results) == 2:
     ours_t, theirs_t = (statistics.median(t) for t in results.values())
     print(f"ratio ours/torch tokens/s: {theirs_t / ours_t:.2f}")
+  med = {k: statistics.median(t) for k, t in results.items()}
+  return dict(batch=B, seq=T, ours_s=med["ours (JAX)"], torch_s=med.get("torch (eager)"),
+              ratio=med["torch (eager)"] / med["ours (JAX)"] if len(med) == 2 else None,
+              mfu=total / med["ours (JAX)"] / 1e9 / ceiling.median, losses=losses)
 
 
 def _clean_o_proj_inputs(ref, ids, mask):
@@ -423,17 +453,53 @@ def _patching(argv):
   print("AtP top-k verified exactly (layer, head, AtP estimate, exact effect):")
   for i in top:
     print(f"  L{i // H:02d}H{i % H}  {est_mean.ravel()[i]:+.4f}  {true_mean.ravel()[i]:+.4f}")
+  return dict(pairs=N, seq=T, runs=runs, ours_s=t_ours, hook_loop_s=t_plain, batched_hooks_s=t_batched,
+              attribution_s=t_atp, vs_hook_loop=t_plain / t_ours, vs_batched_hooks=t_batched / t_ours,
+              attribution_vs_hook_loop=t_plain / t_atp, max_effect_diff=float(diff), spearman=float(rho),
+              mfu=done / t_ours / 1e9 / ceiling.median)
 
 
 SUBCOMMANDS: dict[str, Callable] = {"forward": _forward, "icl": _icl, "train": _train, "patching": _patching}
 
 
+def _pin_threads() -> int:
+  """The same CPU threads on both sides: this process pinned to ``--threads`` cores (XLA sizes its thread pool from
+  the affinity mask) and ``torch.set_num_threads`` to as many. Before anything initialises JAX's backend."""
+  import torch
+  cores = sorted(os.sched_getaffinity(0))
+  n = FLAGS.threads or len(cores)
+  if n > len(cores):
+    raise app.UsageError(f"--threads={n}: this process may use {len(cores)} cores")
+  os.sched_setaffinity(0, cores[:n])
+  torch.set_num_threads(n)
+  return n
+
+
+def _machine(threads: int) -> dict:
+  """What a figure was measured on, so figures from two machines can be compared."""
+  import platform
+  from icl_ft.report import tables
+  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+  ceiling = flops.matmul_ceiling()
+  return dict(host=platform.node(), cpu=cpu, cores=os.cpu_count(), threads=threads, device=str(jax.devices()[0]),
+              ceiling_gflops=dict(best=ceiling.best, median=ceiling.median),
+              packages=dict(tables.package_versions(), torch=__import__("torch").__version__))
+
+
 def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # quiet Orbax's INFO lines
-  if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
-    raise app.UsageError(f"usage: python -m icl_ft.bench {{{','.join(SUBCOMMANDS)}}} [--flags]")
-  SUBCOMMANDS[argv[1]](argv[2:])
+  if len(argv) != 2 or argv[1] not in (*SUBCOMMANDS, "all"):
+    raise app.UsageError(f"usage: python -m icl_ft.bench {{{','.join(SUBCOMMANDS)},all}} [--flags]")
+  threads = _pin_threads()
+  print(f"{threads} CPU threads on both sides (affinity mask for XLA, torch.set_num_threads({threads}))")
+  names = list(SUBCOMMANDS) if argv[1] == "all" else [argv[1]]
+  figures = {name: SUBCOMMANDS[name](argv[2:]) for name in names}
+  if FLAGS.json:
+    from icl_ft.io import files
+    files.write_json(FLAGS.json, dict(machine=_machine(threads), flags={k: FLAGS[k].value for k in _FLAG_NAMES},
+                                      figures=figures))
+    print(f"figures: {FLAGS.json}")
 
 
 if __name__ == "__main__":
