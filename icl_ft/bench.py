@@ -75,6 +75,10 @@ def _torch_reference(name: str):
 
 
 def _forward(argv):
+  """Full-logits forward, ours vs transformers (sdpa), on the same random tokens.
+
+  Long: one measurement read top to bottom (set up both sides on the same inputs, warm up, time, check
+  agreement, print)."""
   del argv
   from icl_ft.io import loading
   from icl_ft.model.decoder import forward
