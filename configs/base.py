@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.icl.on_too_long = "skip"  # prompts beyond the context window: skip (counted) or error
   c.icl.controls = "shuffled,irrelevant"  # control columns: demos' labels shuffled / another task's demos ("": none)
   c.icl.control_shots = 4  # the controls' k, next to real demos at the same k
+  # False: each k draws its own demos (the release's); True: a query's k-shot demos are the first k of one list,
+  # so the comparison across k is paired on the demos too.
+  c.icl.nested_demos = False
 
   c.ft = ml_collections.ConfigDict()
   c.ft.method = "full"  # full (the paper's) or lora

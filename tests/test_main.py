@@ -550,3 +550,16 @@ def test_summaries_of_icl_records_have_no_fine_tuning_keys(finished):
   cells = files.read_json(workdir / "icl" / "summary.json")["cells"]
   assert cells and all("step" not in c and "samples" not in c for c in cells)
   assert all("step" in c for c in files.read_json(workdir / "ft_eval" / "summary.json")["cells"])
+
+
+def test_nested_demos_setting_keeps_older_runs_fingerprints_and_the_report_says_which(tiny_lm, tmp_path):
+  from icl_ft.report import render
+  plain = _config(tiny_lm[0], tmp_path)
+  old = dict(plain.raw, icl={k: v for k, v in plain.raw["icl"].items() if k != "nested_demos"})
+  older = study.StudyConfig.from_dict(old)  # a run from before the setting existed
+  nested = _config(tiny_lm[0], tmp_path, **{"icl.nested_demos": True})
+  assert [plain.fingerprint(s) for s in ("icl", "ft_eval")] == [older.fingerprint(s) for s in ("icl", "ft_eval")]
+  assert all(nested.fingerprint(s) != plain.fingerprint(s) for s in ("icl", "ft_eval"))
+  assert nested.fingerprint("finetune") == plain.fingerprint("finetune")
+  assert "drawn independently for each k" in render._demos(plain.raw["icl"])
+  assert "nested" in render._demos(nested.raw["icl"])

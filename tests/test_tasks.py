@@ -555,3 +555,12 @@ def test_fixed_format_answer_tokens_match_between_prompt_demos_and_ft_text(task,
     assert continuation_ids(tok, prompt, tok(prompt).input_ids, tpl.lead(query) + query.answer) == ft_answer(query)
     end = len(tpl.header) + tpl.demo(demo).rindex(demo.answer) + len(demo.answer)
     assert tokens_from(prompt, end - len(demo.answer) - len(tpl.lead(demo)), end) == ft_answer(demo)
+
+
+@pytest.mark.parametrize("task", ["parity", "expression"])
+def test_nested_demos_are_the_start_of_every_larger_k_and_independent_draws_are_not(task):
+  q = [tasks.make_demos(task, k, 7, 3, "paper", nested=True) for k in (1, 2, 4, 8)]
+  assert all(small == big[:len(small)] for small, big in zip(q, q[1:]))
+  assert tasks.make_demos(task, 8, 7, 4, "paper", nested=True) != q[-1]  # another query, another list
+  drawn = [tasks.make_demos(task, k, 7, 3, "paper") for k in (2, 8)]
+  assert drawn[0] != drawn[1][:2]  # the release's: each k draws its own demos

@@ -58,15 +58,15 @@ class Query:
 
 def icl_queries(task: str, variant: str, fmt: str, shots: int, n: int, seed: int, split: str = "test",
                 exclude: Collection[str] = (), control: str | None = None,
-                measure: Callable[[str], int] = len) -> list[Query]:
-  """The fixed query set of (task, variant, seed, split) with ``shots`` correct-variant demos each (replaced as
-  ``control`` says, lengths by ``measure``: ``tasks.build_prompt``); every query's cell carries what the item's
-  shortcut cues predict (``tasks.shortcut_record``)."""
+                measure: Callable[[str], int] = len, nested: bool = False) -> list[Query]:
+  """The fixed query set of (task, variant, seed, split) with ``shots`` correct-variant demos each (``nested``:
+  see ``tasks.make_demos``; replaced as ``control`` says, lengths by ``measure``: ``tasks.build_prompt``); every
+  query's cell carries what the item's shortcut cues predict (``tasks.shortcut_record``)."""
   if n < 1:
     raise ValueError(f"the number of queries must be at least 1, got {n}")
   out = []
   for i, ex in enumerate(tasks.make_queries(task, variant, n, seed, fmt, split, exclude)):
-    demos = tasks.make_demos(task, shots, seed, i, fmt, split)
+    demos = tasks.make_demos(task, shots, seed, i, fmt, split, nested)
     out.append(Query(tasks.build_prompt(task, fmt, demos, ex, control, (seed, split, i), measure), ex.answer,
                      ex.foil, task, tasks.generation_len(task, fmt), tasks.strict_len(task, fmt),
                      QueryCell(task=task, variant=variant, format=fmt, shots=shots, seed=seed, split=split, index=i,
@@ -173,12 +173,14 @@ DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
 
 def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: Sequence[str], shots: Sequence[int],
                   n: int, seed: int, n_dev: int = 0, controls: Sequence[str] = (), control_shots: int = 0,
-                  measure: Callable[[str], int] = len, sizes: Mapping[int, int] | None = None) -> list[Query]:
+                  measure: Callable[[str], int] = len, sizes: Mapping[int, int] | None = None,
+                  nested: bool = False) -> list[Query]:
   """Every (task, variant, format, shots) cell's queries, for the variants each task has: the first ``n`` items
   of the fixed query set, or ``sizes[shots]`` where given (so smaller cells hold the same items); with ``n_dev``,
   also ``n_dev`` dev-split queries per cell with shots > 0 (disjoint from the test questions) for choosing k;
   with ``controls``, the same test items at ``control_shots`` demos replaced by each control the task has
-  (``tasks.controls_of``; lengths by ``measure``)."""
+  (``tasks.controls_of``; lengths by ``measure``); ``nested``: each query's demos nested across k
+  (``tasks.make_demos``)."""
   if controls and control_shots < 2:
     raise ValueError(f"the ICL controls replace demos and need control_shots >= 2, got {control_shots}")
   size = lambda k: (sizes or {}).get(k, n)
@@ -188,11 +190,12 @@ def sweep_queries(task_names: Sequence[str], variants: Sequence[str], formats: S
       for f in formats:
         test = {ex.question for ex in tasks.make_queries(t, v, max(n, *map(size, (*shots, control_shots))), seed, f)}
         for k in shots:
-          out += icl_queries(t, v, f, k, size(k), seed)
+          out += icl_queries(t, v, f, k, size(k), seed, nested=nested)
           if n_dev and k:
-            out += icl_queries(t, v, f, k, n_dev, seed, "dev", exclude=test)
+            out += icl_queries(t, v, f, k, n_dev, seed, "dev", exclude=test, nested=nested)
         for c in tasks.controls_of(t, controls):
-          out += icl_queries(t, v, f, control_shots, size(control_shots), seed, control=c, measure=measure)
+          out += icl_queries(t, v, f, control_shots, size(control_shots), seed, control=c, measure=measure,
+                             nested=nested)
   return out
 
 
@@ -205,12 +208,14 @@ def sweep(model: LoadedModel, task_names: Sequence[str], variants: Sequence[str]
           shots: Sequence[int] = DEFAULT_SHOTS, n: int = 199, seed: int = 114514,
           engine: EngineConfig = EngineConfig(), model_name: str = "", n_dev: int = 0,
           units: Units | None = None, controls: Sequence[str] = (), control_shots: int = 0,
-          sizes: Mapping[int, int] | None = None) -> tuple[list[QueryRecord], list[SkippedQuery]]:
+          sizes: Mapping[int, int] | None = None, nested: bool = False
+          ) -> tuple[list[QueryRecord], list[SkippedQuery]]:
   """Every cell of ``sweep_queries`` in one batched run (length buckets shared across cells; controls as long
   as the real demos in the model's tokens); returns (records, skipped queries), tagged with ``model`` and
   ``method``."""
   count = lambda text: len(model.tokenizer(text, add_special_tokens=False).input_ids)
-  queries = sweep_queries(task_names, variants, formats, shots, n, seed, n_dev, controls, control_shots, count, sizes)
+  queries = sweep_queries(task_names, variants, formats, shots, n, seed, n_dev, controls, control_shots, count, sizes,
+                          nested)
   records, skipped = run(model, queries, engine, units)
   tag = lambda r: r.tagged(model=model_name or model.source, method=method(r))
   return [tag(r) for r in records], [tag(r) for r in skipped]

@@ -30,12 +30,21 @@ def render_study(results: dict, figures: dict[str, str], circuit_figures: dict[s
   return "\n".join(lines + _footer(results)) + "\n"
 
 
+def _demos(icl: dict) -> str:
+  """How the demonstrations of different k relate."""
+  if icl.get("nested_demos"):
+    return ("Demonstrations: nested (a query's k-shot demos are the first k of one list per query), so the "
+            "differences across k are paired on the demos as well as the items.")
+  return ("Demonstrations: drawn independently for each k (the release's method); the differences across k are "
+          "paired on the items, not on the demos.")
+
+
 def _header(results: dict) -> list[str]:
   cfg = results["config"]
   lines = [f"# icl_ft study: {cfg['name']}", "",
            f"Model `{cfg['model']}` ({cfg['dtype']}); tasks {cfg['tasks']}; prompt format `{cfg['format']}`; "
            f"{cfg['icl']['n']} queries per cell{_cell_sizes(cfg['icl'])}; shots {cfg['icl']['shots']}; fine-tuning: {cfg['ft']['method']}, "
-           f"{cfg['ft']['steps']} steps x {cfg['ft']['batch_size']} examples.", ""]
+           f"{cfg['ft']['steps']} steps x {cfg['ft']['batch_size']} examples.", "", _demos(cfg['icl']), ""]
   if cfg.get("note"):
     lines += [f"> {cfg['note']}", ""]
   if results.get("warnings"):

@@ -110,6 +110,7 @@ class StudyConfig:
   n_queries: int
   n_by_shots: dict[int, int]  # cells whose size differs from n_queries: shots -> queries (the first of the set)
   n_dev: int  # dev-split queries per ICL cell (k > 0) for choosing k without the test set; 0: none
+  nested_demos: bool  # a query's k-shot demos are the first k of one list (tasks.make_demos), else drawn per k
   icl_controls: tuple[str, ...]  # ICL control columns (tasks.controls), at control_shots demos
   control_shots: int
   ft_data: dataset.FTDataConfig
@@ -144,6 +145,7 @@ class StudyConfig:
         mesh=dict(raw["mesh"]), progress=bool(raw["progress"]), overwrite=bool(raw.get("overwrite", False)),
         shots=_ints("icl.shots", icl["shots"]), icl_engine=_engine_section(icl, bool(raw["progress"])),
         n_queries=_positive("icl.n", icl["n"]), n_dev=_ints("icl.n_dev", [icl["n_dev"]])[0],
+        nested_demos=bool(icl.get("nested_demos", False)),
         n_by_shots=_sizes(icl.get("n_by_shots", ""), _ints("icl.shots", icl["shots"]), control_shots),
         icl_controls=icl_controls, control_shots=control_shots,
         ft_data=data, train=train, fewshot=fewshot, fewshot_k=fewshot_k, ft_eval_shots=eval_shots, ft_eval_steps=eval_steps, ft_report_step=report_step,

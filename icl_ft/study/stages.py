@@ -59,6 +59,12 @@ class Stage:
                          f"{wrong}")
 
 
+def _later(section: dict, **defaults) -> dict:
+  """``section`` without the settings added after runs existed that are at their default, so those runs'
+  fingerprints (and finished stages) stay valid."""
+  return {k: v for k, v in section.items() if k not in defaults or v != defaults[k]}
+
+
 def _common(cfg) -> dict:
   """What every stage's data depends on beyond its own section: the generators' version and the model a name
   resolves to."""
@@ -99,7 +105,7 @@ def _icl(study: Study, d: epath.Path, units: Units) -> dict:
   cfg = study.cfg
   records, skipped = engine.sweep(study.model, cfg.tasks, cfg.variants, [cfg.format], cfg.shots, cfg.n_queries,
                                   cfg.seed, cfg.icl_engine, cfg.model, cfg.n_dev, units, cfg.icl_controls,
-                                  cfg.control_shots, cfg.n_by_shots)
+                                  cfg.control_shots, cfg.n_by_shots, cfg.nested_demos)
   paths = outputs.write_icl_results(d, records, skipped, f"{cfg.model}: accuracy vs shots", study.figure)
   return {k: study.rel(v) if v else None for k, v in paths.items()}
 
@@ -147,7 +153,7 @@ def evaluate_checkpoints(study: Study, units: Units | None = None) -> tuple[list
     shots = cfg.ft_eval_shots if method == "ft" else (0,)
     recs, skip = engine.sweep(LoadedModel(m.config, params, m.tokenizer, m.source), cfg.tasks, cfg.variants,
                               [cfg.format], shots, cfg.n_queries, cfg.seed, cfg.icl_engine, cfg.model,
-                              units=units.sub(f"{method}-step{step}") if units else None)
+                              units=units.sub(f"{method}-step{step}") if units else None, nested=cfg.nested_demos)
     tag = lambda r, method=method, step=step, n=step * train.batch_size: r.tagged(method=method, step=step, samples=n)
     records += [tag(r) for r in recs]
     skipped += [tag(r) for r in skip]
@@ -228,14 +234,15 @@ ALL: dict[str, Stage] = {s.name: s for s in (
     Stage("data", (), False, ("queries_*", "ft_train"), _data,
           inputs=lambda cfg: dict(_common(cfg), n=cfg.raw["icl"]["n"], ft=cfg.raw["ft"])),
     Stage("icl", (), True, ("records", "summary", "summary_csv", "plot"), _icl,
-          inputs=lambda cfg: dict(_common(cfg), icl=cfg.raw["icl"])),
+          inputs=lambda cfg: dict(_common(cfg), icl=_later(cfg.raw["icl"], nested_demos=False))),
     Stage("finetune", (), True, ("checkpoints", "metrics", "fewshot"), _finetune,
           inputs=lambda cfg: dict(_common(cfg), ft=cfg.raw["ft"]), check=_check_batch),
     Stage("ft_eval", ("finetune",), True, ("records", "summary", "plot"), _ft_eval,
           inputs=lambda cfg: dict(_common(cfg), n=cfg.raw["icl"]["n"], batch_size=cfg.raw["icl"]["batch_size"],
                                   ft_eval=dict(shots=cfg.raw["ft_eval"]["shots"],
                                                steps=cfg.ft_eval_steps or "all kept",
-                                               on_too_long=cfg.raw["icl"]["on_too_long"]))),
+                                               on_too_long=cfg.raw["icl"]["on_too_long"]),
+                                  **_later(dict(nested_demos=cfg.nested_demos), nested_demos=False))),
     Stage("circuits", ("finetune",), True, ("*",), _circuits, per_task=("json", *plots.CIRCUIT_FIGURES),
           inputs=lambda cfg: dict(_common(cfg), circuits=cfg.raw["circuits"], ft_step=cfg.ft_report_step),
           enabled=lambda cfg: bool(cfg.circuits)),

@@ -82,12 +82,15 @@ def make_queries(task: str | Task, variant: str, n: int, seed: int, fmt: str, sp
   return out
 
 
-def make_demos(task: str | Task, k: int, seed: int, query_index: int, fmt: str, split: str = "test") -> list[Example]:
+def make_demos(task: str | Task, k: int, seed: int, query_index: int, fmt: str, split: str = "test",
+               nested: bool = False) -> list[Example]:
   """``k`` correct-variant demos for query ``query_index`` of ``split``, from a stream keyed by (task, index, k,
-  seed, fmt, split)."""
+  seed, fmt, split): independent draws per k (the release's). ``nested``: the first k of one stream per query
+  (keyed without k), so a query's k-shot demos are the start of its k'-shot demos for every k < k'."""
   t = get_task(task)
   t.check("correct", fmt)
-  rng = keyed_rng("demos", t.name, _count("query_index", query_index), _count("k", k), seed, fmt, *_split_key(split))
+  per_k = "nested" if nested else _count("k", k)
+  rng = keyed_rng("demos", t.name, _count("query_index", query_index), per_k, seed, fmt, *_split_key(split))
   return [t.sample("correct", rng, fmt) for _ in range(k)]
 
 
