@@ -13,6 +13,8 @@
 
 FLOPs convention: 2 x matmul params (incl. the LM head) per token, plus 4*T*D per layer per token for
 attention (QK^T and PV, causal masking NOT halved); see ``icl_ft.flops``.
+  scaling   cost vs length: ICL per prompt length 64-2048 vs transformers batched generate, the patching sweep
+            per sequence length vs the FLOP-matched batched hooks (random tokens, same on both sides).
   all       every one of them in turn; ``--json=bench.json`` writes their figures with the machine's name, cores,
             measured ceiling and package versions.
 
@@ -463,7 +465,79 @@ def _patching(argv):
               mfu=done / t_ours / 1e9 / ceiling.median)
 
 
-SUBCOMMANDS: dict[str, Callable] = {"forward": _forward, "icl": _icl, "train": _train, "patching": _patching}
+def _scaling(argv):
+  """How cost grows with length, each point against its reference on the same random tokens: ICL (batch of
+  ``--batch`` prompts, prefill with gold/foil scoring + 3 greedy tokens) vs transformers' batched ``generate``
+  per prompt length; the (layer, head) patching sweep vs the FLOP-matched batched hooks per sequence length.
+
+  Long: two measurement loops read top to bottom (same inputs on both sides, warm-up, time, print)."""
+  del argv
+  import torch
+  from icl_ft.evaluation.decoding import generate_and_score
+  from icl_ft.interp import patching
+  from icl_ft.io import loading
+  ceiling = flops.matmul_ceiling()
+  m = loading.load(FLAGS.model)
+  cfg, B, rng = m.config, FLAGS.batch, np.random.default_rng(0)
+  ref = _torch_reference(FLAGS.model)
+  best = lambda fn: min(flops.timeit(fn, 1 + FLAGS.repeats)[1:])  # the first call warms up (ours: compiles)
+  icl_rows, patch_rows = [], []
+  print(f"\n== scaling: {FLAGS.model}, {torch.get_num_threads()} threads, ceiling median {ceiling.median:.1f} GFLOP/s ==")
+  print(f"ICL, batch {B}, 3 new tokens:  {'T':>5} {'ours s/query':>12} {'torch s/query':>13} {'ratio':>6} {'MFU':>5}")
+  for T in (64, 128, 256, 512, 1024, 2048):
+    ids = rng.integers(0, cfg.vocab_size, (B, T), dtype=np.int32)
+    ans = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 2, 2), dtype=np.int32))
+    ours = lambda: jax.block_until_ready(generate_and_score(cfg, m.params, jnp.asarray(ids), jnp.ones((B, T), bool),
+                                                            ans, jnp.ones((B, 2, 2), bool), 3))
+    with torch.inference_mode():
+      theirs = lambda: ref.generate(torch.from_numpy(ids.astype(np.int64)), max_new_tokens=3, min_new_tokens=3,
+                                    do_sample=False, pad_token_id=0)
+      t_ours, t_ref = best(ours), best(theirs)
+    mfu = B * T * flops.forward_flops_per_token(cfg, T, head=False, causal=True) / t_ours / 1e9 / ceiling.median
+    icl_rows.append(dict(tokens=T, ours_s=t_ours / B, torch_s=t_ref / B, ratio=t_ref / t_ours, mfu=mfu))
+    print(f"{'':30} {T:5d} {t_ours / B:12.4f} {t_ref / B:13.4f} {t_ref / t_ours:6.2f} {mfu:5.2f}")
+  N = FLAGS.pairs
+  print(f"patching, {N} pairs, every (layer, head): {'T':>5} {'ours s':>7} {'batched hooks s':>15} {'ratio':>6}")
+  for T in (32, 64, 128, 256):
+    clean = rng.integers(0, cfg.vocab_size, (N, T), dtype=np.int32)
+    corrupt = clean.copy()
+    corrupt[:, T // 2] = (clean[:, T // 2] + 1) % cfg.vocab_size
+    gold, foil = (rng.integers(0, cfg.vocab_size, N).astype(np.int32) for _ in range(2))
+    mk = lambda x: patching.Batch(jnp.asarray(x), jnp.ones((N, T), bool), jnp.full((N,), T - 1), jnp.asarray(gold),
+                                  jnp.asarray(foil))
+
+    def ours():
+      _, cache = patching.capture(cfg, m.params, mk(clean), taps=("attn_z",))
+      return jax.block_until_ready(patching.patch_sweep(cfg, m.params, mk(corrupt), cache, "attn_z",
+                                                        ("layer", "head"), FLAGS.chunk))
+
+    pairs_t = _RandomPairs(clean, corrupt, np.ones((N, T), bool), gold, foil, T)
+    grid = [(l, h) for l in range(cfg.num_layers) for h in range(cfg.num_heads)]
+    t_ours = best(ours)
+    t0 = time.perf_counter()
+    _hooks_batched(ref, pairs_t, cfg.head_dim, grid)
+    t_ref = time.perf_counter() - t0
+    patch_rows.append(dict(tokens=T, ours_s=t_ours, batched_hooks_s=t_ref, ratio=t_ref / t_ours))
+    print(f"{'':40} {T:5d} {t_ours:7.2f} {t_ref:15.2f} {t_ref / t_ours:6.2f}")
+  return dict(icl=icl_rows, patching=patch_rows)
+
+
+@dataclasses.dataclass
+class _RandomPairs:
+  """Clean/corrupt token pairs shaped as ``interp.pairs.Pairs`` for the hook references."""
+  clean_ids: np.ndarray
+  corrupt_ids: np.ndarray
+  valid: np.ndarray
+  clean_answer: np.ndarray
+  corrupt_answer: np.ndarray
+  length: int
+
+  def __len__(self) -> int:
+    return len(self.clean_ids)
+
+
+SUBCOMMANDS: dict[str, Callable] = {"forward": _forward, "icl": _icl, "train": _train, "patching": _patching,
+                                   "scaling": _scaling}
 
 
 def _pin_threads() -> int:

@@ -209,25 +209,11 @@ def test_function_vector_injection_equals_patching_the_same_delta_by_hand(setup)
 def test_bench_torch_references_equal_our_head_sweep_with_left_padding(setup):
   """``bench patching``'s two PyTorch references (the plain hook loop and the FLOP-matched batched hooks from
   layer l) give our sweep's effects, a left-padded row included."""
-  import dataclasses
   from icl_ft import bench
   m, ref, _, _, (c_ids, x_ids, gold, foil) = setup
   valid = np.ones((B, T), bool)
   valid[0, :2] = False  # row 0 is left-padded by two tokens
-
-  @dataclasses.dataclass
-  class Pairs:
-    clean_ids: np.ndarray
-    corrupt_ids: np.ndarray
-    valid: np.ndarray
-    clean_answer: np.ndarray
-    corrupt_answer: np.ndarray
-    length: int = T
-
-    def __len__(self):
-      return B
-
-  p = Pairs(c_ids, x_ids, valid, gold, foil)
+  p = bench._RandomPairs(c_ids, x_ids, valid, gold, foil, T)
   mk = lambda ids: patching.Batch(jnp.asarray(ids), jnp.asarray(valid), jnp.full((B,), T - 1), jnp.asarray(gold),
                                   jnp.asarray(foil))
   _, cache = patching.capture(m.config, m.params, mk(c_ids), taps=("attn_z",))
