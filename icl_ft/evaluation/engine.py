@@ -1,16 +1,16 @@
 """The batched ICL evaluation engine: prompts -> length buckets -> one jitted prefill/score/decode -> scores.
 
-Prompts are sorted by token length and cut into fixed-size batches padded (on the left) to a multiple of
-``length_multiple``, so the number of compiled shapes stays small and padding waste stays low. Each
-batch runs one prefill shared by greedy decoding and teacher-forced scoring of the gold and foil
-answers. Scores: the release's lenient rule (gold substring of the decoded text after the prompt,
+Prompts are grouped by task and format, sorted by token length and cut into fixed-size batches padded (on the
+left) to a multiple of ``length_multiple``, so the number of compiled shapes stays small and padding waste stays
+low. The token prefix a group's prompts share (the instruction header) is run once and its keys and values
+start every batch of the group. Each batch runs one prefill shared by greedy decoding and teacher-forced scoring
+of the gold and foil answers. Scores: the release's lenient rule (gold substring of the decoded text after the prompt,
 within the task's token budget) and the strict rule (first answer-typed span of the new tokens).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 from typing import Any, Callable, Collection, Mapping, Sequence
@@ -23,7 +23,7 @@ from icl_ft import faults, tasks
 from icl_ft.evaluation import scoring
 from icl_ft.model import sharding
 from icl_ft.io.units import Units
-from icl_ft.evaluation.decoding import generate_and_score, left_pad, right_pad
+from icl_ft.evaluation.decoding import generate_and_score, left_pad, prefix_kv, right_pad
 from icl_ft.io.loading import LoadedModel, pad_id
 from icl_ft.io.records import QueryCell, QueryRecord, SkippedQuery
 
@@ -41,6 +41,7 @@ class EngineConfig:
   length_multiple: int = 16  # bucket granularity of padded prompt lengths
   on_too_long: str = "error"  # "error" or "skip" (skipped queries are counted)
   progress: bool = True
+  share_prefix: bool = True  # the token prefix all prompts of a (task, format) share (the header) runs once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,16 +110,17 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
       raise PromptTooLongError(
           f"query {i} has {len(ids)} prompt tokens; with {need} answer tokens it exceeds the model's context of "
           f"{cfg.max_position_embeddings}. Use fewer shots, or set on_too_long='skip'.")
-  B = engine.batch_size
-  batches = []  # (new tokens, candidate length, query indices): one compiled shape family per budget group
-  for n_new in sorted({budget[i] for i in keep}):
-    group = sorted((i for i in keep if budget[i] == n_new), key=lambda i: len(prompt_ids[i]))
-    answer_len = max(len(a) for i in group for a in answers[i])
-    batches += [(n_new, answer_len, group[s:s + B]) for s in range(0, len(group), B)]
+  batches = _batches(queries, prompt_ids, answers, budget, keep, engine)
+  prefixes: dict[tuple[int, ...], Any] = {}  # each shared prefix's keys and values, computed once
   records: dict[int, dict] = {}
-  for b, (n_new, answer_len, batch) in enumerate(tqdm(batches, desc="icl", unit="batch",
-                                                      disable=not engine.progress)):
-    compute = functools.partial(_run_batch, model, queries, prompt_ids, answers, batch, n_new, answer_len, engine)
+  for b, (n_new, answer_len, shared, batch) in enumerate(tqdm(batches, desc="icl", unit="batch",
+                                                              disable=not engine.progress)):
+    def compute(n_new=n_new, answer_len=answer_len, shared=shared, batch=batch):
+      if shared and shared not in prefixes:
+        prefixes[shared] = prefix_kv(model.config, model.params, jnp.asarray([shared], jnp.int32))
+      return _run_batch(model, queries, prompt_ids, answers, batch, n_new, answer_len, engine, shared,
+                        prefixes.get(shared))
+
     if units is None:
       done = compute()
     else:
@@ -130,19 +132,48 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
   return [records[i] for i in sorted(records)], skipped
 
 
+def _batches(queries, prompt_ids, answers, budget, keep, engine: EngineConfig) -> list[tuple]:
+  """(new tokens, candidate length, shared prefix ids, query indices) per batch: queries grouped by budget (and,
+  with ``share_prefix``, by task and format, whose prompts share their header), sorted by length, cut into
+  batches. The shared prefix is the group's longest common token prefix, leaving every prompt at least one
+  token; () when shorter than ``length_multiple`` (not worth a compiled shape)."""
+  def key(i):
+    return (budget[i], queries[i].task, queries[i].cell.format) if engine.share_prefix else (budget[i],)
+  out = []
+  for k in sorted({key(i) for i in keep}):
+    group = sorted((i for i in keep if key(i) == k), key=lambda i: len(prompt_ids[i]))
+    answer_len = max(len(a) for i in group for a in answers[i])
+    shared = _common_prefix([prompt_ids[i] for i in group]) if engine.share_prefix else ()
+    shared = shared if len(shared) >= engine.length_multiple else ()
+    out += [(k[0], answer_len, shared, group[s:s + engine.batch_size])
+            for s in range(0, len(group), engine.batch_size)]
+  return out
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> tuple[int, ...]:
+  """The longest token prefix every sequence starts with, at most each one's length minus 1."""
+  n = min(len(s) for s in seqs) - 1
+  first = seqs[0]
+  for s in seqs[1:]:
+    n = next((j for j in range(n) if s[j] != first[j]), n)
+  return tuple(first[:n])
+
+
 def _run_batch(model: LoadedModel, queries, prompt_ids, answers, batch: list[int], n_new: int, answer_len: int,
-               engine: EngineConfig) -> list[dict]:
-  """Records of one batch: prompts left-padded to a multiple of ``length_multiple`` (rows repeated up to the
-  fixed batch size), gold and foil scored in the prefill, ``n_new`` greedy tokens."""
+               engine: EngineConfig, shared: tuple[int, ...] = (), prefix=None) -> list[dict]:
+  """Records of one batch: prompts (after their ``shared`` prefix, whose keys and values ``prefix`` holds)
+  left-padded to a multiple of ``length_multiple`` (rows repeated up to the fixed batch size), gold and foil
+  scored in the prefill, ``n_new`` greedy tokens."""
   tok, cfg, B = model.tokenizer, model.config, engine.batch_size
   pad = pad_id(tok)
   rows = batch + [batch[0]] * (B - len(batch))  # fixed batch size: pad with repeats, dropped below
-  T = engine.length_multiple * math.ceil(max(len(prompt_ids[i]) for i in rows) / engine.length_multiple)
-  ids, valid = left_pad([prompt_ids[i] for i in rows], pad, T)
+  rest = [prompt_ids[i][len(shared):] for i in rows]
+  T = engine.length_multiple * math.ceil(max(map(len, rest)) / engine.length_multiple)
+  ids, valid = left_pad(rest, pad, T)
   flat = [a for i in rows for a in answers[i]]
   ans, ans_valid = right_pad(flat, pad, answer_len)
   out = sharding.to_host(generate_and_score(cfg, model.params, ids, valid, ans.reshape(B, 2, -1),
-                                            ans_valid.reshape(B, 2, -1), n_new))
+                                            ans_valid.reshape(B, 2, -1), n_new, prefix))
   new, logprob, first = (out[k] for k in ("tokens", "logprob", "first_logit"))
   return [record(queries[i], prompt_ids[i], [int(t) for t in new[r]], logprob[r], first[r], tok)
           for r, i in enumerate(batch)]
