@@ -128,7 +128,8 @@ def _forward(argv):
     print(f"ratio ours/torch tokens/s: {theirs / ours:.2f}; max |logits ours - torch| = {diff:.2e} "
           f"(max |logit| {np.abs(ref_logits).max():.1f})")
   med = {k: statistics.median(t) for k, t in results.items()}
-  return dict(batch=B, seq=T, ours_s=med["ours (JAX)"], torch_s=med.get("torch (sdpa)"),
+  return dict(batch=B, seq=T, repeats=R, ceiling_gflops=ceiling.median, ours_s=med["ours (JAX)"],
+              torch_s=med.get("torch (sdpa)"),
               ratio=med["torch (sdpa)"] / med["ours (JAX)"] if diff is not None else None,
               mfu=total / med["ours (JAX)"] / 1e9 / ceiling.median, max_logit_diff=None if diff is None else float(diff))
 
@@ -216,7 +217,7 @@ def _icl(argv):
   print(f"engine: {executed / t_ours / 1e9:.1f} GFLOP/s executed ({useful / t_ours / 1e9:.1f} effective), MFU "
         f"{executed / t_ours / 1e9 / ceiling.median:.2f}; "
         f"accuracy (lenient) {np.mean([r['correct_lenient'] for r in records]):.3f}")
-  return dict(queries=n, shots=FLAGS.shots, ours_s=t_ours, one_at_a_time_s=t_single, batched_s=t_batched,
+  return dict(queries=n, shots=FLAGS.shots, ceiling_gflops=ceiling.median, ours_s=t_ours, one_at_a_time_s=t_single, batched_s=t_batched,
               batched_size=best, vs_one_at_a_time=t_single / t_ours, vs_batched=t_batched / t_ours,
               agreement=sum(a == b for a, b in zip(ours, single)) / n, shared_prefix=P,
               prefill_share_saved=1 - executed / useful, mfu=executed / t_ours / 1e9 / ceiling.median)
@@ -306,7 +307,8 @@ def _train(argv):
     ours_t, theirs_t = (statistics.median(t) for t in results.values())
     print(f"ratio ours/torch tokens/s: {theirs_t / ours_t:.2f}")
   med = {k: statistics.median(t) for k, t in results.items()}
-  return dict(batch=B, seq=T, ours_s=med["ours (JAX)"], torch_s=med.get("torch (eager)"),
+  return dict(batch=B, seq=T, repeats=R, ceiling_gflops=ceiling.median, ours_s=med["ours (JAX)"],
+              torch_s=med.get("torch (eager)"),
               ratio=med["torch (eager)"] / med["ours (JAX)"] if len(med) == 2 else None,
               mfu=total / med["ours (JAX)"] / 1e9 / ceiling.median, losses=losses)
 
@@ -356,6 +358,9 @@ def _hooks_plain(ref, p, dh: int, grid) -> dict:
       h.remove()
       out[layer, head] = logits[rows, p.clean_answer] - logits[rows, p.corrupt_answer]
   return out
+
+
+_BATCHED_HOOK_LAYOUTS = ("llama", "qwen2", "mistral")  # one RoPE and one causal mask for every layer
 
 
 def _hooks_batched(ref, p, dh: int, grid) -> dict:
@@ -427,16 +432,23 @@ def _patching(argv):
 
   ref = _torch_reference(FLAGS.model)
   grid = [(l, h) for l in range(L) for h in range(H)]
-  refs = {}  # name -> (time s, effects {(layer, head): [N]}); one warm-up pass of each first
-  for name, method in (("torch hook loop (clean cache once, answer logits)", _hooks_plain),
-                       ("torch batched hooks from layer l (FLOP-matched)", _hooks_batched)):
-    method(ref, p, dh, grid[:1])
+  methods = {"torch hook loop (clean cache once, answer logits)": _hooks_plain}
+  if ref.config.model_type in _BATCHED_HOOK_LAYOUTS:
+    methods["torch batched hooks from layer l (FLOP-matched)"] = _hooks_batched
+  else:
+    print(f"(no FLOP-matched batched hooks for {ref.config.model_type}: written for {_BATCHED_HOOK_LAYOUTS})")
+  refs = {}  # name -> (time s, effects {(layer, head): [N]}); each warmed up on one full layer first
+  for name, method in methods.items():
+    method(ref, p, dh, [(0, h) for h in range(H)])
     t0 = time.perf_counter()
     effects = method(ref, p, dh, grid)
     refs[name] = (time.perf_counter() - t0, effects)
   exact = next(iter(refs.values()))[1]
   diff = max(np.abs(swept[l, h] - exact[l, h]).max() for l, h in grid)
   agree = max(np.abs(b[l, h] - exact[l, h]).max() for _, b in refs.values() for l, h in grid)
+  if max(diff, agree) > 1e-3:
+    raise RuntimeError(f"the effects disagree (ours vs hooks {diff:.1e}, references {agree:.1e}): no timing is "
+                       "reported for methods that compute different things")
   # AtP's top-k heads (by |mean estimated effect|), verified exactly.
   k = 10
   base = np.asarray(patching.capture(cfg, m.params, corrupt)[0])
@@ -454,7 +466,8 @@ def _patching(argv):
   print(f"matmul ceiling median {ceiling.median:.1f} GFLOP/s; our compile {compile_s:.1f}s (sweep + AtP)")
   print(f"torch: {torch.get_num_threads()} threads, inference_mode, attention {ref.config._attn_implementation}; "
         f"the references agree within {agree:.1e}")
-  (t_plain, _), (t_batched, _) = refs.values()
+  t_plain = next(iter(refs.values()))[0]
+  t_batched = list(refs.values())[-1][0] if len(refs) > 1 else float("nan")
   print(f"{'':50} {'time s':>7} {'runs/s':>7} {'x hook loop':>11}")
   for name, t in [(n, t) for n, (t, _) in refs.items()] + [("ours: one-compile exact sweep", t_ours),
                                                            ("ours: attribution patching (all l,h,pos)", t_atp)]:
@@ -466,7 +479,7 @@ def _patching(argv):
   print("AtP top-k verified exactly (layer, head, AtP estimate, exact effect):")
   for i in top:
     print(f"  L{i // H:02d}H{i % H}  {est_mean.ravel()[i]:+.4f}  {true_mean.ravel()[i]:+.4f}")
-  return dict(pairs=N, seq=T, runs=runs, ours_s=t_ours, hook_loop_s=t_plain, batched_hooks_s=t_batched,
+  return dict(pairs=N, seq=T, runs=runs, ceiling_gflops=ceiling.median, ours_s=t_ours, hook_loop_s=t_plain, batched_hooks_s=t_batched,
               attribution_s=t_atp, vs_hook_loop=t_plain / t_ours, vs_batched_hooks=t_batched / t_ours,
               attribution_vs_hook_loop=t_plain / t_atp, max_effect_diff=float(diff), spearman=float(rho),
               mfu=done / t_ours / 1e9 / ceiling.median)
@@ -526,7 +539,7 @@ def _scaling(argv):
     t_ref = time.perf_counter() - t0
     patch_rows.append(dict(tokens=T, ours_s=t_ours, batched_hooks_s=t_ref, ratio=t_ref / t_ours))
     print(f"{'':40} {T:5d} {t_ours:7.2f} {t_ref:15.2f} {t_ref / t_ours:6.2f}")
-  return dict(icl=icl_rows, patching=patch_rows)
+  return dict(ceiling_gflops=ceiling.median, icl=icl_rows, patching=patch_rows)
 
 
 @dataclasses.dataclass
@@ -549,14 +562,20 @@ SUBCOMMANDS: dict[str, Callable] = {"forward": _forward, "icl": _icl, "train": _
 
 def _pin_threads() -> int:
   """The same CPU threads on both sides: this process pinned to ``--threads`` cores (XLA sizes its thread pool from
-  the affinity mask) and ``torch.set_num_threads`` to as many. Before anything initialises JAX's backend."""
-  import torch
+  the affinity mask) and ``torch.set_num_threads`` to as many (when torch is installed). Before anything
+  initialises JAX's backend. Where the OS has no affinity call, every core, unpinned."""
+  if not hasattr(os, "sched_setaffinity"):
+    return os.cpu_count() or 1
   cores = sorted(os.sched_getaffinity(0))
   n = FLAGS.threads or len(cores)
   if n > len(cores):
     raise app.UsageError(f"--threads={n}: this process may use {len(cores)} cores")
   os.sched_setaffinity(0, cores[:n])
-  torch.set_num_threads(n)
+  try:
+    import torch
+    torch.set_num_threads(n)
+  except ImportError:  # the references need torch; --torch=false runs without it
+    pass
   return n
 
 
@@ -566,9 +585,13 @@ def _machine(threads: int) -> dict:
   from icl_ft.report import tables
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
   ceiling = flops.matmul_ceiling()
+  try:
+    import torch
+    versions = dict(tables.package_versions(), torch=torch.__version__)
+  except ImportError:
+    versions = tables.package_versions()
   return dict(host=platform.node(), cpu=cpu, cores=os.cpu_count(), threads=threads, device=str(jax.devices()[0]),
-              ceiling_gflops=dict(best=ceiling.best, median=ceiling.median),
-              packages=dict(tables.package_versions(), torch=__import__("torch").__version__))
+              ceiling_gflops=dict(best=ceiling.best, median=ceiling.median), packages=versions)
 
 
 def main(argv):
@@ -579,11 +602,15 @@ def main(argv):
   threads = _pin_threads()
   print(f"{threads} CPU threads on both sides (affinity mask for XLA, torch.set_num_threads({threads}))")
   names = list(SUBCOMMANDS) if argv[1] == "all" else [argv[1]]
-  figures = {name: SUBCOMMANDS[name](argv[2:]) for name in names}
+  machine = _machine(threads) if FLAGS.json else None
+  figures = {}
+  for name in names:  # the file is rewritten after each, so a later failure keeps the earlier figures
+    figures[name] = SUBCOMMANDS[name](argv[2:])
+    if FLAGS.json:
+      from icl_ft.io import files
+      files.write_json(FLAGS.json, dict(machine=machine, flags={k: FLAGS[k].value for k in _FLAG_NAMES},
+                                        figures=figures))
   if FLAGS.json:
-    from icl_ft.io import files
-    files.write_json(FLAGS.json, dict(machine=_machine(threads), flags={k: FLAGS[k].value for k in _FLAG_NAMES},
-                                      figures=figures))
     print(f"figures: {FLAGS.json}")
 
 

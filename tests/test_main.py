@@ -553,13 +553,21 @@ def test_summaries_of_icl_records_have_no_fine_tuning_keys(finished):
 
 
 def test_nested_demos_setting_keeps_older_runs_fingerprints_and_the_report_says_which(tiny_lm, tmp_path):
-  from icl_ft.report import render
-  plain = _config(tiny_lm[0], tmp_path)
+  from icl_ft.report import aggregation, render
+  plain = _config(tiny_lm[0], tmp_path, **{"ft_eval.shots": "0,2"})
   old = dict(plain.raw, icl={k: v for k, v in plain.raw["icl"].items() if k != "nested_demos"})
   older = study.StudyConfig.from_dict(old)  # a run from before the setting existed
-  nested = _config(tiny_lm[0], tmp_path, **{"icl.nested_demos": True})
-  assert [plain.fingerprint(s) for s in ("icl", "ft_eval")] == [older.fingerprint(s) for s in ("icl", "ft_eval")]
-  assert all(nested.fingerprint(s) != plain.fingerprint(s) for s in ("icl", "ft_eval"))
-  assert nested.fingerprint("finetune") == plain.fingerprint("finetune")
+  stages = ("data", "icl", "finetune", "ft_eval", "circuits")
+  assert [plain.fingerprint(s) for s in stages] == [older.fingerprint(s) for s in stages]
+  nested = _config(tiny_lm[0], tmp_path, **{"icl.nested_demos": True, "ft_eval.shots": "0,2"})
+  changed = [s for s in stages if nested.fingerprint(s) != plain.fingerprint(s)]
+  # the few-shot FT control trains on nested demos too, and the circuits read its model
+  assert changed == ["icl", "finetune", "ft_eval", "circuits"]
+  zero_shot = _config(tiny_lm[0], tmp_path, **{"icl.nested_demos": True, "ft_eval.shots": "0", "ft.fewshot_k": 0})
+  assert zero_shot.fingerprint("ft_eval") == _config(tiny_lm[0], tmp_path, **{
+      "ft_eval.shots": "0", "ft.fewshot_k": 0}).fingerprint("ft_eval")  # 0-shot evaluation has no demos
   assert "drawn independently for each k" in render._demos(plain.raw["icl"])
   assert "nested" in render._demos(nested.raw["icl"])
+  # An older run and a new one at the default aggregate as one group.
+  settings = lambda raw: aggregation._settings(aggregation.Run("run", {"config": raw}))
+  assert settings(old) == settings(plain.raw) != settings(nested.raw)

@@ -28,6 +28,16 @@ from icl_ft.stats.effects import PatchRuns
 SCHEMA_VERSION = 2
 
 
+# Config settings added after runs existed, with the default those runs behaved as: fingerprints and grid groups
+# leave a setting out while it is at this default, so earlier runs stay valid and comparable with new ones.
+LATER_DEFAULTS: dict[str, Any] = {"icl.nested_demos": False}
+
+
+def without_later_defaults(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """``flat`` (dotted config keys) without the ``LATER_DEFAULTS`` settings that are at their default."""
+  return {k: v for k, v in flat.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+
+
 class SchemaError(ValueError):
   """A record file was written by another version of icl_ft."""
 

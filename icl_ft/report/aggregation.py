@@ -142,7 +142,8 @@ def _settings(run: Run) -> dict[str, Any]:
   """The run's config keys that must agree within a group (all but identity and execution keys), with the version
   of the query generators it ran."""
   skip = set(IDENTITY_KEYS) | set(EXECUTION_KEYS) | {"ft.tasks", "circuits.tasks", "circuits.enabled"}
-  return dict({k: v for k, v in files.flat(run.config).items() if k not in skip}, data_version=run.data_version)
+  flat = records.without_later_defaults(files.flat(run.config))  # a run from before a setting existed = its default
+  return dict({k: v for k, v in flat.items() if k not in skip}, data_version=run.data_version)
 
 
 def group(runs: Sequence[Run], group_by: Sequence[str] = ()) -> list[tuple[dict, list[Run]]]:

@@ -17,7 +17,7 @@ from icl_ft.interp import circuits
 from icl_ft.io import files
 from icl_ft.io import loading
 from icl_ft.io.loading import LoadedModel
-from icl_ft.io.records import read_document, read_queries, write_document, write_queries
+from icl_ft.io.records import read_document, read_queries, without_later_defaults, write_document, write_queries
 from icl_ft.io.units import Units
 from icl_ft.model.decoder import Params
 from icl_ft.report import cues, outputs, plots, render, tables
@@ -59,10 +59,16 @@ class Stage:
                          f"{wrong}")
 
 
-def _later(section: dict, **defaults) -> dict:
-  """``section`` without the settings added after runs existed that are at their default, so those runs'
-  fingerprints (and finished stages) stay valid."""
-  return {k: v for k, v in section.items() if k not in defaults or v != defaults[k]}
+def _later(name: str, section: dict) -> dict:
+  """Config section ``name`` without the settings added after runs existed that are at their default
+  (``records.LATER_DEFAULTS``), so those runs' fingerprints (and finished stages) stay valid."""
+  kept = without_later_defaults({f"{name}.{k}": v for k, v in section.items()})
+  return {k.split(".", 1)[1]: v for k, v in kept.items()}
+
+
+def _nested(cfg, uses_demos: bool) -> dict:
+  """``nested_demos`` as an input of a stage that builds prompts with demos, when it is on."""
+  return {"nested_demos": True} if cfg.nested_demos and uses_demos else {}
 
 
 def _common(cfg) -> dict:
@@ -113,7 +119,8 @@ def _icl(study: Study, d: epath.Path, units: Units) -> dict:
 def _finetune(study: Study, d: epath.Path, units: Units) -> dict:
   del units  # Orbax checkpoints are its resume points
   cfg, m = study.cfg, study.model
-  demos = dataset.fewshot_examples(cfg.tasks, cfg.fewshot_k, cfg.seed, cfg.format) if cfg.fewshot else []
+  demos = dataset.fewshot_examples(cfg.tasks, cfg.fewshot_k, cfg.seed, cfg.format, cfg.nested_demos) if cfg.fewshot \
+      else []
   data = dataset.build(cfg.ft_data, m.tokenizer)
   heldout = dataset.heldout(cfg.ft_data, m.tokenizer, exclude={ex.question for ex in demos})  # unseen by both runs
   study.log(f"[finetune] {len(data)} examples ({data.num_tokens} tokens) from {', '.join(cfg.ft_data.tasks)}; "
@@ -234,15 +241,16 @@ ALL: dict[str, Stage] = {s.name: s for s in (
     Stage("data", (), False, ("queries_*", "ft_train"), _data,
           inputs=lambda cfg: dict(_common(cfg), n=cfg.raw["icl"]["n"], ft=cfg.raw["ft"])),
     Stage("icl", (), True, ("records", "summary", "summary_csv", "plot"), _icl,
-          inputs=lambda cfg: dict(_common(cfg), icl=_later(cfg.raw["icl"], nested_demos=False))),
+          inputs=lambda cfg: dict(_common(cfg), icl=_later("icl", cfg.raw["icl"]))),
     Stage("finetune", (), True, ("checkpoints", "metrics", "fewshot"), _finetune,
-          inputs=lambda cfg: dict(_common(cfg), ft=cfg.raw["ft"]), check=_check_batch),
+          inputs=lambda cfg: dict(_common(cfg), ft=cfg.raw["ft"], **_nested(cfg, bool(cfg.fewshot))),
+          check=_check_batch),
     Stage("ft_eval", ("finetune",), True, ("records", "summary", "plot"), _ft_eval,
           inputs=lambda cfg: dict(_common(cfg), n=cfg.raw["icl"]["n"], batch_size=cfg.raw["icl"]["batch_size"],
                                   ft_eval=dict(shots=cfg.raw["ft_eval"]["shots"],
                                                steps=cfg.ft_eval_steps or "all kept",
                                                on_too_long=cfg.raw["icl"]["on_too_long"]),
-                                  **_later(dict(nested_demos=cfg.nested_demos), nested_demos=False))),
+                                  **_nested(cfg, any(cfg.ft_eval_shots)))),
     Stage("circuits", ("finetune",), True, ("*",), _circuits, per_task=("json", *plots.CIRCUIT_FIGURES),
           inputs=lambda cfg: dict(_common(cfg), circuits=cfg.raw["circuits"], ft_step=cfg.ft_report_step),
           enabled=lambda cfg: bool(cfg.circuits)),

@@ -72,10 +72,12 @@ def heldout(cfg: FTDataConfig, tokenizer, exclude: Collection[str] = ()) -> dict
           "answer_loss": from_examples(examples, dataclasses.replace(cfg, loss_on="answer"), tokenizer)}
 
 
-def fewshot_examples(task_names: Sequence[str], k: int, seed: int, fmt: str) -> list[tasks.Example]:
+def fewshot_examples(task_names: Sequence[str], k: int, seed: int, fmt: str,
+                     nested: bool = False) -> list[tasks.Example]:
   """The few-shot FT control's data (Mosbach et al., 2023): per task, exactly the ``k`` demos of the first test
-  query's ICL prompt at ``seed`` (``tasks.make_demos``), shared by all queries."""
-  return [ex for name in task_names for ex in tasks.make_demos(name, k, seed, 0, fmt)]
+  query's ICL prompt at ``seed`` (``tasks.make_demos``, ``nested`` as the ICL cells draw them), shared by all
+  queries."""
+  return [ex for name in task_names for ex in tasks.make_demos(name, k, seed, 0, fmt, nested=nested)]
 
 
 def from_examples(examples: Sequence[tasks.Example], cfg: FTDataConfig, tokenizer) -> FTDataset:
