@@ -285,7 +285,7 @@ def _train(argv):
       loss.backward()
       torch.nn.utils.clip_grad_norm_(ref.parameters(), tcfg.clip_norm)
       opt_t.step()
-      return float(loss)
+      return float(loss.detach())
 
     t0 = time.perf_counter()
     losses["torch (eager)"] = theirs()
