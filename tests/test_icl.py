@@ -61,7 +61,8 @@ def test_padding_and_bucketing_never_change_a_prediction(model):
     assert ra["logit_diff"] is None or abs(ra["logit_diff"] - rb["logit_diff"]) < 1e-4
 
 
-def test_the_shared_header_runs_once_and_changes_no_prediction(model, tiny_lm):
+def test_the_shared_header_runs_once_and_changes_no_prediction(model, tiny_lm, monkeypatch):
+  real_prefix_kv = icl.prefix_kv
   qs = _queries(4)
   batches = icl._batches(qs, tiny_lm[2]([q.prompt for q in qs]).input_ids, [[[1], [2]]] * len(qs),
                          [max(q.strict_tokens, q.lenient_tokens) for q in qs], range(len(qs)),
@@ -69,10 +70,15 @@ def test_the_shared_header_runs_once_and_changes_no_prediction(model, tiny_lm):
   shared = {(qs[batch[0]].task, prefix) for _, _, prefix, batch in batches}
   assert {task for task, _ in shared} == {q.task for q in qs}  # one prefix per task (its format is fixed here)
   for task, prefix in shared:  # each task's prompts start with the bytes of their header
-    assert len(prefix) >= 16 and all(q.prompt.startswith(tiny_lm[2].decode(list(prefix))) for q in qs if q.task == task)
+    assert len(prefix) >= 16 and len(prefix) % 16 == 0
+    assert all(q.prompt.startswith(tiny_lm[2].decode(list(prefix))) for q in qs if q.task == task)
+  assert icl._common_prefix([[5, 6, 7], [5, 6]]) == (5,) and icl._common_prefix([[], [1]]) == ()
   fields = ("completion", "lenient_text", "correct_lenient", "correct_strict")
   a, _ = icl.run(model, qs, icl.EngineConfig(batch_size=3, progress=False, share_prefix=False))
+  calls = []
+  monkeypatch.setattr(icl, "prefix_kv", lambda *args: calls.append(args[2]) or real_prefix_kv(*args))
   b, _ = icl.run(model, qs, icl.EngineConfig(batch_size=3, progress=False))
+  assert len(calls) == len(shared)  # once per group, not per batch
   for ra, rb in zip(a, b):
     assert [ra[f] for f in fields] == [rb[f] for f in fields]
     assert abs(ra["logprob_gold"] - rb["logprob_gold"]) < 1e-4

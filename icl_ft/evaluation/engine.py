@@ -15,7 +15,6 @@ import hashlib
 import math
 from typing import Any, Callable, Collection, Mapping, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -117,14 +116,15 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
                                                               disable=not engine.progress)):
     def compute(n_new=n_new, answer_len=answer_len, shared=shared, batch=batch):
       if shared and shared not in prefixes:
-        prefixes[shared] = prefix_kv(model.config, model.params, jnp.asarray([shared], jnp.int32))
+        prefixes[shared] = prefix_kv(model.config, model.params, np.asarray([shared], np.int32))
       return _run_batch(model, queries, prompt_ids, answers, batch, n_new, answer_len, engine, shared,
                         prefixes.get(shared))
 
     if units is None:
       done = compute()
     else:
-      digest = hashlib.sha1("\x00".join(queries[i].prompt + queries[i].gold for i in batch).encode()).hexdigest()
+      digest = hashlib.sha1("\x00".join([str(len(shared))] + [queries[i].prompt + queries[i].gold for i in batch])
+                            .encode()).hexdigest()  # a batch computed with another prefix split is not reused
       saved = units.records(f"batch{b:05d}-{digest[:12]}", lambda: [dict(r) for r in compute()])
       done = [QueryRecord.from_dict(r) for r in saved]
     faults.point("icl.batch")
@@ -136,7 +136,8 @@ def _batches(queries, prompt_ids, answers, budget, keep, engine: EngineConfig) -
   """(new tokens, candidate length, shared prefix ids, query indices) per batch: queries grouped by budget (and,
   with ``share_prefix``, by task and format, whose prompts share their header), sorted by length, cut into
   batches. The shared prefix is the group's longest common token prefix, leaving every prompt at least one
-  token; () when shorter than ``length_multiple`` (not worth a compiled shape)."""
+  token, cut to a multiple of ``length_multiple`` (so groups of the same budget and prefix bucket share compiled
+  shapes; its few last tokens join the rest); () when shorter than that."""
   def key(i):
     return (budget[i], queries[i].task, queries[i].cell.format) if engine.share_prefix else (budget[i],)
   out = []
@@ -144,7 +145,7 @@ def _batches(queries, prompt_ids, answers, budget, keep, engine: EngineConfig) -
     group = sorted((i for i in keep if key(i) == k), key=lambda i: len(prompt_ids[i]))
     answer_len = max(len(a) for i in group for a in answers[i])
     shared = _common_prefix([prompt_ids[i] for i in group]) if engine.share_prefix else ()
-    shared = shared if len(shared) >= engine.length_multiple else ()
+    shared = shared[:len(shared) // engine.length_multiple * engine.length_multiple]
     out += [(k[0], answer_len, shared, group[s:s + engine.batch_size])
             for s in range(0, len(group), engine.batch_size)]
   return out
@@ -152,7 +153,7 @@ def _batches(queries, prompt_ids, answers, budget, keep, engine: EngineConfig) -
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> tuple[int, ...]:
   """The longest token prefix every sequence starts with, at most each one's length minus 1."""
-  n = min(len(s) for s in seqs) - 1
+  n = max(0, min(len(s) for s in seqs) - 1)
   first = seqs[0]
   for s in seqs[1:]:
     n = next((j for j in range(n) if s[j] != first[j]), n)
