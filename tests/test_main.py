@@ -555,7 +555,7 @@ def test_summaries_of_icl_records_have_no_fine_tuning_keys(finished):
 def test_nested_demos_setting_keeps_older_runs_fingerprints_and_the_report_says_which(tiny_lm, tmp_path):
   from icl_ft.report import aggregation, render
   plain = _config(tiny_lm[0], tmp_path, **{"ft_eval.shots": "0,2"})
-  old = dict(plain.raw, icl={k: v for k, v in plain.raw["icl"].items() if k != "nested_demos"})
+  old = dict(plain.raw, icl={k: v for k, v in plain.raw["icl"].items() if k not in ("nested_demos", "share_prefix")})
   older = study.StudyConfig.from_dict(old)  # a run from before the setting existed
   stages = ("data", "icl", "finetune", "ft_eval", "circuits")
   assert [plain.fingerprint(s) for s in stages] == [older.fingerprint(s) for s in stages]
@@ -568,6 +568,8 @@ def test_nested_demos_setting_keeps_older_runs_fingerprints_and_the_report_says_
       "ft_eval.shots": "0", "ft.fewshot_k": 0}).fingerprint("ft_eval")  # 0-shot evaluation has no demos
   assert "drawn independently for each k" in render._demos(plain.raw["icl"])
   assert "nested" in render._demos(nested.raw["icl"])
+  assert plain.icl_engine.share_prefix and not _config(tiny_lm[0], tmp_path, **{
+      "icl.share_prefix": False}).icl_engine.share_prefix
   # An older run and a new one at the default aggregate as one group.
   settings = lambda raw: aggregation._settings(aggregation.Run("run", {"config": raw}))
   assert settings(old) == settings(plain.raw) != settings(nested.raw)

@@ -30,7 +30,7 @@ SCHEMA_VERSION = 2
 
 # Config settings added after runs existed, with the default those runs behaved as: fingerprints and grid groups
 # leave a setting out while it is at this default, so earlier runs stay valid and comparable with new ones.
-LATER_DEFAULTS: dict[str, Any] = {"icl.nested_demos": False}
+LATER_DEFAULTS: dict[str, Any] = {"icl.nested_demos": False, "icl.share_prefix": True}
 
 
 def without_later_defaults(flat: Mapping[str, Any]) -> dict[str, Any]:

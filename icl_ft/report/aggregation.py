@@ -3,7 +3,7 @@ from a run's ``results.json``, per model (ordered by parameter count), task, var
 with each run's own interval and, where data seeds replicate a cell, their mean with an interval (``replicated``).
 
 Runs may differ in their model, dtype, tasks, data seed and fine-tuning seed, and in how they were executed
-(``EXECUTION_KEYS``: mesh, batch sizes, remat); any other differing config key is refused by name, unless the
+(``EXECUTION_KEYS``: mesh, batch sizes, remat, prefix sharing); any other differing config key is refused by name, unless the
 runs are split into groups by it (``group_by``). A task's numbers must come from one fine-tuning mixture in a
 group (the study's tasks decide it when ``ft.tasks`` is empty). Runs that have not finished (no results.json, or
 one older than a stage's latest results) are listed with what they lack, never silently dropped.
@@ -29,7 +29,8 @@ from icl_ft.stats.replicates import across
 
 IDENTITY_KEYS = ("model", "dtype", "tasks", "seed", "ft.seed")  # what a grid varies: rows, columns, replicates
 EXECUTION_KEYS = ("name", "workdir", "note", "progress", "overwrite", "stages", "mesh.data", "mesh.fsdp",
-                  "mesh.tensor", "icl.batch_size", "ft.grad_accum", "ft.remat", "ft.unroll_layers", "circuits.chunk")
+                  "mesh.tensor", "icl.batch_size", "icl.share_prefix", "ft.grad_accum", "ft.remat", "ft.unroll_layers",
+                  "circuits.chunk")
 CONDITIONS = {"base_0shot": "base 0-shot", "ft_0shot": "FT 0-shot", "icl_best": "ICL best",
               "icl_dev": "ICL dev-chosen"}
 TUNED = ("ft_0shot",)  # conditions that involve fine-tuning

@@ -170,7 +170,7 @@ class StudyConfig:
 def _engine_section(icl: dict, progress: bool) -> engine.EngineConfig:
   return engine.EngineConfig(batch_size=_positive("icl.batch_size", icl["batch_size"]),
                              on_too_long=_choice("icl.on_too_long", icl["on_too_long"], engine.ON_TOO_LONG),
-                             progress=progress)
+                             progress=progress, share_prefix=bool(icl.get("share_prefix", True)))
 
 
 def _ft_section(ft: dict, task_names: Sequence[str], fmt: str) -> tuple[trainer.TrainConfig, dataset.FTDataConfig]:
