@@ -154,8 +154,7 @@ def _icl(argv):
   settings = engine.EngineConfig(batch_size=FLAGS.batch, progress=False)
   per_token = lambda n: flops.forward_flops_per_token(m.config, n, head=False)
   useful = sum(per_token(n) * n for n in lengths)  # every prompt's prefill: what the one-at-a-time method does
-  P = len(engine._common_prefix(prompt_ids))
-  P = P if P >= settings.length_multiple else 0
+  P = len(engine.shared_prefix(prompt_ids, settings.length_multiple))  # as the engine cuts it (one group here)
   executed = P * per_token(P) + sum(per_token(n) * (n - P) for n in lengths)  # the shared header once
 
   engine.run(m, queries, settings)  # compile every length bucket

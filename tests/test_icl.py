@@ -72,7 +72,8 @@ def test_the_shared_header_runs_once_and_changes_no_prediction(model, tiny_lm, m
   for task, prefix in shared:  # each task's prompts start with the bytes of their header
     assert len(prefix) >= 16 and len(prefix) % 16 == 0
     assert all(q.prompt.startswith(tiny_lm[2].decode(list(prefix))) for q in qs if q.task == task)
-  assert icl._common_prefix([[5, 6, 7], [5, 6]]) == (5,) and icl._common_prefix([[], [1]]) == ()
+  assert icl.shared_prefix([[5, 6, 7], [5, 6]]) == (5,) and icl.shared_prefix([[], [1]]) == ()
+  assert icl.shared_prefix([[1, 2, 3, 4, 5, 9], [1, 2, 3, 4, 5, 8]], 2) == (1, 2, 3, 4)
   fields = ("completion", "lenient_text", "correct_lenient", "correct_strict")
   a, _ = icl.run(model, qs, icl.EngineConfig(batch_size=3, progress=False, share_prefix=False))
   calls = []

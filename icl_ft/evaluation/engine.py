@@ -144,20 +144,20 @@ def _batches(queries, prompt_ids, answers, budget, keep, engine: EngineConfig) -
   for k in sorted({key(i) for i in keep}):
     group = sorted((i for i in keep if key(i) == k), key=lambda i: len(prompt_ids[i]))
     answer_len = max(len(a) for i in group for a in answers[i])
-    shared = _common_prefix([prompt_ids[i] for i in group]) if engine.share_prefix else ()
-    shared = shared[:len(shared) // engine.length_multiple * engine.length_multiple]
+    shared = shared_prefix([prompt_ids[i] for i in group], engine.length_multiple) if engine.share_prefix else ()
     out += [(k[0], answer_len, shared, group[s:s + engine.batch_size])
             for s in range(0, len(group), engine.batch_size)]
   return out
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> tuple[int, ...]:
-  """The longest token prefix every sequence starts with, at most each one's length minus 1."""
+def shared_prefix(seqs: Sequence[Sequence[int]], multiple: int = 1) -> tuple[int, ...]:
+  """The longest token prefix every sequence starts with, at most each one's length minus 1, cut to a multiple of
+  ``multiple``."""
   n = max(0, min(len(s) for s in seqs) - 1)
   first = seqs[0]
   for s in seqs[1:]:
     n = next((j for j in range(n) if s[j] != first[j]), n)
-  return tuple(first[:n])
+  return tuple(first[:n // multiple * multiple])
 
 
 def _run_batch(model: LoadedModel, queries, prompt_ids, answers, batch: list[int], n_new: int, answer_len: int,
