@@ -34,7 +34,7 @@ def _demos(icl: dict) -> str:
   """How the demonstrations of different k relate."""
   if icl.get("nested_demos"):
     return ("Demonstrations: nested (a query's k-shot demos are the first k of one list per query; the few-shot FT "
-            "control trains on the first query's), so the differences across k are paired on the demos as well as "
+            "comparison trains on the first query's), so the differences across k are paired on the demos as well as "
             "the items. The circuits' prompt pairs use one k and keep per-k draws.")
   return ("Demonstrations: drawn independently for each k (the release's method); the differences across k are "
           "paired on the items, not on the demos.")
