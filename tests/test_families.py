@@ -263,3 +263,16 @@ def test_gemma3_config_defaults_follow_transformers_and_export_keeps_the_attenti
   odd = ModelConfig.from_hf(dict(REAL["gemma-3-270m"], query_pre_attn_scalar=24))
   bare = dataclasses.replace(odd, hf_config={})
   assert ModelConfig.from_hf(bare.to_hf_dict()).attn_scale == pytest.approx(24 ** -0.5)
+
+
+def test_a_padding_slot_past_the_position_table_leaves_valid_rows_finite(hf_dir_factory):
+  # GPT-Neo's learned positions: a padded (invalid) slot whose position id lies past the table must not
+  # fill NaN that the attention's zero weights then spread into the valid slots' values
+  from icl_ft.model import decoder
+  m, _ = _load(hf_dir_factory, "gpt_neo")
+  ids, valid = inference.left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
+  positions = np.asarray(positions_from_valid(valid))
+  logits, *_ = decoder.forward(m.config, m.params, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid))
+  far = np.where(valid, positions, m.config.max_position_embeddings + 50)  # only invalid slots move
+  moved, *_ = decoder.forward(m.config, m.params, jnp.asarray(ids), jnp.asarray(far), jnp.asarray(valid))
+  np.testing.assert_allclose(np.asarray(moved)[valid], np.asarray(logits)[valid], atol=1e-6)

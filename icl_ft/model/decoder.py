@@ -412,7 +412,9 @@ def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Ho
   if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the embedding dtype first, as transformers
     x = x * jnp.asarray(math.sqrt(cfg.hidden_size), F32).astype(x.dtype)
   if cfg.learned_positions:
-    x = x + jnp.take(params["pos_embed"], positions, axis=0)
+    # clip: a padding slot's id may pass the table (valid lengths are checked before a run); the default
+    # NaN fill would reach valid slots through attention's zero weights (0 * NaN)
+    x = x + jnp.take(params["pos_embed"], positions, axis=0, mode="clip")
   mask, key_valid = attention_mask(valid, cache, T, segments, positions)
   layer_kv = None if cache is None else (cache.k, cache.v)
 
