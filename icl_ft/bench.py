@@ -58,12 +58,43 @@ FLAGS = flags.FLAGS
 _FLAG_NAMES = ("model", "batch", "seq", "repeats", "torch", "task", "shots", "queries", "pairs", "chunk", "threads")
 
 
-def _rates(results: dict[str, list[float]], tokens: int, total: float, ceiling: flops.Ceiling):
-  """(name, "median s, best s, tok/s, GFLOP/s, MFU" columns) per timed method."""
-  for name, times in results.items():
-    med = statistics.median(times)
-    yield name, (f"{med:8.2f} {min(times):7.2f} {tokens / med:6.0f} {total / med / 1e9:7.1f} "
-                 f"{total / med / 1e9 / ceiling.median:5.2f}")
+@dataclasses.dataclass(frozen=True)
+class _Times:
+  """Wall times of equal repeats of one method (after its warm-up): median and range."""
+  runs: tuple[float, ...]
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.runs)
+
+  def __str__(self) -> str:
+    return f"{self.median:.2f} [{min(self.runs):.2f}, {max(self.runs):.2f}]"
+
+  def ratio(self, ours: "_Times") -> str:
+    """self / ours at the medians, with the range that the two spreads allow."""
+    return (f"{self.median / ours.median:.2f} [{min(self.runs) / max(ours.runs):.2f}, "
+            f"{max(self.runs) / min(ours.runs):.2f}]")
+
+  def figures(self) -> dict:
+    return dict(median_s=self.median, min_s=min(self.runs), max_s=max(self.runs), runs=len(self.runs))
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> tuple[_Times, object]:
+  """``repeats`` timed calls of an already warmed-up ``fn`` (the same count on both sides of a comparison):
+  their times and the last call's result."""
+  runs, out = [], None
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    runs.append(time.perf_counter() - t0)
+  return _Times(tuple(runs)), out
+
+
+def _rates(results: dict[str, _Times], tokens: int, total: float, ceiling: flops.Ceiling):
+  """(name, "median s [range], tok/s, GFLOP/s, MFU" columns) per timed method."""
+  for name, t in results.items():
+    yield name, (f"{str(t):>22} {tokens / t.median:6.0f} {total / t.median / 1e9:7.1f} "
+                 f"{total / t.median / 1e9 / ceiling.median:5.2f}")
 
 
 def _torch_reference(name: str):
@@ -99,7 +130,7 @@ def _forward(argv):
   warmup = {"ours (JAX)": time.perf_counter() - t0}  # compile only
   run = lambda: compiled(m.params, tokens, positions, valid)[0].block_until_ready()
   ours_logits = np.asarray(run())
-  results = {"ours (JAX)": flops.timeit(run, R)}
+  results = {"ours (JAX)": _timed(run, R)[0]}
 
   diff, note = None, ""
   if FLAGS.torch:
@@ -110,7 +141,7 @@ def _forward(argv):
       t0 = time.perf_counter()
       ref_logits = ref(x).logits.numpy()
       warmup["torch (sdpa)"] = time.perf_counter() - t0  # first (eager) run
-      results["torch (sdpa)"] = flops.timeit(lambda: ref(x).logits, R)
+      results["torch (sdpa)"] = _timed(lambda: ref(x).logits, R)[0]
     diff = np.abs(ours_logits - ref_logits).max()
     note = f"torch: {torch.get_num_threads()} threads, attention {ref.config._attn_implementation}"
 
@@ -120,18 +151,17 @@ def _forward(argv):
   print(f"matmul ceiling (jit f32 2048^2 @ 2048^2): best {ceiling.best:.1f}, median {ceiling.median:.1f} GFLOP/s;"
         f" MFU = median GFLOP/s / median ceiling")
   print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; {note}")
-  print(f"{'':13} {'median s':>8} {'best s':>7} {'tok/s':>6} {'GFLOP/s':>7} {'MFU':>5}  warm-up s (ours: compile)")
+  print(f"{'':13} {'median s [min, max]':>22} {'tok/s':>6} {'GFLOP/s':>7} {'MFU':>5}  warm-up s (ours: compile)")
   for name, row in _rates(results, B * T, total, ceiling):
     print(f"{name:13} {row}  {warmup[name]:.1f}")
+  ours = results["ours (JAX)"]
   if diff is not None:
-    ours, theirs = (statistics.median(t) for t in results.values())
-    print(f"ratio ours/torch tokens/s: {theirs / ours:.2f}; max |logits ours - torch| = {diff:.2e} "
-          f"(max |logit| {np.abs(ref_logits).max():.1f})")
-  med = {k: statistics.median(t) for k, t in results.items()}
-  return dict(batch=B, seq=T, repeats=R, ceiling_gflops=ceiling.median, ours_s=med["ours (JAX)"],
-              torch_s=med.get("torch (sdpa)"),
-              ratio=med["torch (sdpa)"] / med["ours (JAX)"] if diff is not None else None,
-              mfu=total / med["ours (JAX)"] / 1e9 / ceiling.median, max_logit_diff=None if diff is None else float(diff))
+    print(f"ratio ours/torch tokens/s: {results['torch (sdpa)'].ratio(ours)} (median [range]); max |logits ours - "
+          f"torch| = {diff:.2e} (max |logit| {np.abs(ref_logits).max():.1f})")
+  return dict(batch=B, seq=T, repeats=R, ceiling_gflops=ceiling.median, ours=ours.figures(),
+              torch=results["torch (sdpa)"].figures() if diff is not None else None,
+              ratio=results["torch (sdpa)"].median / ours.median if diff is not None else None,
+              mfu=total / ours.median / 1e9 / ceiling.median, max_logit_diff=None if diff is None else float(diff))
 
 
 def _icl(argv):
@@ -157,10 +187,9 @@ def _icl(argv):
   P = len(engine.shared_prefix(prompt_ids, settings.length_multiple))  # as the engine cuts it (one group here)
   executed = P * per_token(P) + sum(per_token(n) * (n - P) for n in lengths)  # the shared header once
 
-  engine.run(m, queries, settings)  # compile every length bucket
-  t0 = time.perf_counter()
-  records, _ = engine.run(m, queries, settings)
-  t_ours = time.perf_counter() - t0
+  R = FLAGS.repeats
+  engine.run(m, queries, settings)  # warm-up: compiles every length bucket
+  t_ours, (records, _) = _timed(lambda: engine.run(m, queries, settings), R)
   ours = [r["lenient_text"] for r in records]
 
   ref = _torch_reference(FLAGS.model)
@@ -184,17 +213,16 @@ def _icl(argv):
     return [out[i] for i in sorted(out)]
 
   with torch.inference_mode():
-    one_at_a_time(order[:1])  # warm-up, as ours had
-    t0 = time.perf_counter()
-    single = one_at_a_time(range(len(queries)))
-    t_single = time.perf_counter() - t0
+    one_at_a_time(order[:1])  # warm-up
+    t_single, single = _timed(lambda: one_at_a_time(range(len(queries))), R)
     tried = {}
-    for size in (8, 16, 32):  # transformers' batched generate at its best batch size
+    for size in (8, 16, 32):  # transformers' batched generate at its best batch size, chosen on one run each
       batched(order[-size:], size)  # warm-up at this size
       t0 = time.perf_counter()
-      tried[size] = (batched(order, size), time.perf_counter() - t0)
-  best = min(tried, key=lambda b: tried[b][1])
-  batched_out, t_batched = tried[best]
+      batched(order, size)
+      tried[size] = time.perf_counter() - t0
+    best = min(tried, key=tried.get)
+    t_batched, batched_out = _timed(lambda: batched(order, best), R)  # then timed as often as ours
   single = [t[len(q.prompt):] for t, q in zip(single, queries)]
   batched_out = [t[len(q.prompt):] for t, q in zip(batched_out, queries)]
 
@@ -206,20 +234,22 @@ def _icl(argv):
         f"head) / engine time / ceiling")
   print(f"torch: {torch.get_num_threads()} threads, inference_mode, attention {ref.config._attn_implementation}, "
         f"each method warmed up first; batched generate tried at batch " +
-        ", ".join(f"{b}: {t:.1f} s" for b, (_, t) in tried.items()) + f" (best {best} kept)")
-  print(f"{'':34} {'time s':>7} {'queries/s':>9} {'ours vs it':>10}  agreement with one-at-a-time")
+        ", ".join(f"{b}: {t:.1f} s" for b, t in tried.items()) + f" (one run each; best {best} kept)")
+  print(f"{R} timed runs of each method after its warm-up; time and ratio: median [range]")
+  print(f"{'':34} {'time s':>22} {'queries/s':>9} {'it vs ours':>18}  agreement with one-at-a-time")
   rows = (("ours (JAX engine, compiled)", t_ours, ours), ("transformers, one at a time", t_single, single),
           (f"transformers, batched left-pad {best}", t_batched, batched_out))
   for name, t, preds in rows:
     agree = sum(a == b for a, b in zip(preds, single)) / n
-    print(f"{name:34} {t:7.1f} {n / t:9.2f} {t / t_ours:10.2f}  {agree:.3f}")
-  print(f"engine: {executed / t_ours / 1e9:.1f} GFLOP/s executed ({useful / t_ours / 1e9:.1f} effective), MFU "
-        f"{executed / t_ours / 1e9 / ceiling.median:.2f}; "
-        f"accuracy (lenient) {np.mean([r['correct_lenient'] for r in records]):.3f}")
-  return dict(queries=n, shots=FLAGS.shots, ceiling_gflops=ceiling.median, ours_s=t_ours, one_at_a_time_s=t_single, batched_s=t_batched,
-              batched_size=best, vs_one_at_a_time=t_single / t_ours, vs_batched=t_batched / t_ours,
+    print(f"{name:34} {str(t):>22} {n / t.median:9.2f} {t.ratio(t_ours):>18}  {agree:.3f}")
+  rate = executed / t_ours.median / 1e9
+  print(f"engine: {rate:.1f} GFLOP/s executed ({useful / t_ours.median / 1e9:.1f} effective), MFU "
+        f"{rate / ceiling.median:.2f}; accuracy (lenient) {np.mean([r['correct_lenient'] for r in records]):.3f}")
+  return dict(queries=n, shots=FLAGS.shots, ceiling_gflops=ceiling.median, ours=t_ours.figures(),
+              one_at_a_time=t_single.figures(), batched=t_batched.figures(), batched_size=best,
+              vs_one_at_a_time=t_single.median / t_ours.median, vs_batched=t_batched.median / t_ours.median,
               agreement=sum(a == b for a, b in zip(ours, single)) / n, shared_prefix=P,
-              prefill_share_saved=1 - executed / useful, mfu=executed / t_ours / 1e9 / ceiling.median)
+              prefill_share_saved=1 - executed / useful, mfu=rate / ceiling.median)
 
 
 def _train(argv):
@@ -268,7 +298,7 @@ def _train(argv):
     state, out = step(state, batch)
     jax.block_until_ready((state, out))
 
-  results = {"ours (JAX)": flops.timeit(ours, R)}
+  results = {"ours (JAX)": _timed(ours, R)[0]}
   del state, params
 
   note = ""
@@ -289,7 +319,7 @@ def _train(argv):
     t0 = time.perf_counter()
     losses["torch (eager)"] = theirs()
     warmup["torch (eager)"] = time.perf_counter() - t0
-    results["torch (eager)"] = flops.timeit(theirs, R)
+    results["torch (eager)"] = _timed(theirs, R)[0]
     note = f"torch: {torch.get_num_threads()} threads, attention {ref.config._attn_implementation}"
 
   print(f"\n== train: {cfg.arch} {FLAGS.model}, B={B} T={T}, full FT, AdamW + clip 1.0, float32, loss on all "
@@ -299,17 +329,16 @@ def _train(argv):
   print(f"matmul ceiling (jit f32 2048^2 @ 2048^2): best {ceiling.best:.1f}, median {ceiling.median:.1f} GFLOP/s;"
         f" MFU = FLOPs/step / median step time / median ceiling")
   print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; ours: compile {compile_s:.1f} s; {note}")
-  print(f"{'':14} {'median s':>8} {'best s':>7} {'tok/s':>6} {'GFLOP/s':>7} {'MFU':>5} {'step-1 loss':>11}  first step s")
+  print(f"{'':14} {'median s [min, max]':>22} {'tok/s':>6} {'GFLOP/s':>7} {'MFU':>5} {'step-1 loss':>11}  first step s")
   for name, row in _rates(results, B * T, total, ceiling):
     print(f"{name:14} {row} {losses[name]:11.5f}  {warmup[name]:.1f}")
-  if len(results) == 2:
-    ours_t, theirs_t = (statistics.median(t) for t in results.values())
-    print(f"ratio ours/torch tokens/s: {theirs_t / ours_t:.2f}")
-  med = {k: statistics.median(t) for k, t in results.items()}
-  return dict(batch=B, seq=T, repeats=R, ceiling_gflops=ceiling.median, ours_s=med["ours (JAX)"],
-              torch_s=med.get("torch (eager)"),
-              ratio=med["torch (eager)"] / med["ours (JAX)"] if len(med) == 2 else None,
-              mfu=total / med["ours (JAX)"] / 1e9 / ceiling.median, losses=losses)
+  ours_t, theirs_t = results["ours (JAX)"], results.get("torch (eager)")
+  if theirs_t:
+    print(f"ratio ours/torch tokens/s: {theirs_t.ratio(ours_t)} (median [range])")
+  return dict(batch=B, seq=T, repeats=R, ceiling_gflops=ceiling.median, ours=ours_t.figures(),
+              torch=theirs_t.figures() if theirs_t else None,
+              ratio=theirs_t.median / ours_t.median if theirs_t else None,
+              mfu=total / ours_t.median / 1e9 / ceiling.median, losses=losses)
 
 
 def _clean_o_proj_inputs(ref, ids, mask):
@@ -421,13 +450,13 @@ def _patching(argv):
     g = patching.attribution_patch(cfg, m.params, corrupt, cache, ("attn_z",))["attn_z"]
     return np.asarray(g.sum(axis=(2, 4)))  # [L, N, H]: per head, all positions
 
+  R = FLAGS.repeats
   t0 = time.perf_counter()
   ours()
   atp()
   compile_s = time.perf_counter() - t0
-  t_ours = statistics.median(flops.timeit(ours, FLAGS.repeats))
-  t_atp = statistics.median(flops.timeit(atp, FLAGS.repeats))
-  swept, est = ours(), atp()
+  t_ours, swept = _timed(ours, R)
+  t_atp, est = _timed(atp, R)
 
   ref = _torch_reference(FLAGS.model)
   grid = [(l, h) for l in range(L) for h in range(H)]
@@ -436,12 +465,10 @@ def _patching(argv):
     methods["torch batched hooks from layer l (FLOP-matched)"] = _hooks_batched
   else:
     print(f"(no FLOP-matched batched hooks for {ref.config.model_type}: written for {_BATCHED_HOOK_LAYOUTS})")
-  refs = {}  # name -> (time s, effects {(layer, head): [N]}); each warmed up on one full layer first
+  refs = {}  # name -> (times, effects {(layer, head): [N]}); each warmed up on one full layer first
   for name, method in methods.items():
     method(ref, p, dh, [(0, h) for h in range(H)])
-    t0 = time.perf_counter()
-    effects = method(ref, p, dh, grid)
-    refs[name] = (time.perf_counter() - t0, effects)
+    refs[name] = _timed(lambda: method(ref, p, dh, grid), R)
   exact = next(iter(refs.values()))[1]
   diff = max(np.abs(swept[l, h] - exact[l, h]).max() for l, h in grid)
   agree = max(np.abs(b[l, h] - exact[l, h]).max() for _, b in refs.values() for l, h in grid)
@@ -466,22 +493,26 @@ def _patching(argv):
   print(f"torch: {torch.get_num_threads()} threads, inference_mode, attention {ref.config._attn_implementation}; "
         f"the references agree within {agree:.1e}")
   t_plain = next(iter(refs.values()))[0]
-  t_batched = list(refs.values())[-1][0] if len(refs) > 1 else float("nan")
-  print(f"{'':50} {'time s':>7} {'runs/s':>7} {'x hook loop':>11}")
+  t_batched = list(refs.values())[-1][0] if len(refs) > 1 else None
+  print(f"{R} timed runs of each method after its warm-up; time and ratio: median [range]")
+  print(f"{'':50} {'time s':>22} {'runs/s':>7} {'hook loop / it':>18}")
   for name, t in [(n, t) for n, (t, _) in refs.items()] + [("ours: one-compile exact sweep", t_ours),
                                                            ("ours: attribution patching (all l,h,pos)", t_atp)]:
-    print(f"{name:50} {t:7.2f} {runs / t:7.1f} {t_plain / t:11.2f}")
-  print(f"ours vs the FLOP-matched batched hooks: {t_batched / t_ours:.2f}x; max |effect ours - hooks| {diff:.1e}; "
-        f"ours {done / t_ours / 1e9:.1f} GFLOP/s executed, MFU {done / t_ours / 1e9 / ceiling.median:.2f}")
+    print(f"{name:50} {str(t):>22} {runs / t.median:7.1f} {t_plain.ratio(t):>18}")
+  rate = done / t_ours.median / 1e9
+  print(f"ours vs the FLOP-matched batched hooks: {t_batched.ratio(t_ours) if t_batched else 'n/a'}; max |effect "
+        f"ours - hooks| {diff:.1e}; ours {rate:.1f} GFLOP/s executed, MFU {rate / ceiling.median:.2f}")
   print(f"attribution patching: Spearman vs exact {rho:.3f}; top-{k} overlap "
         f"{shifts.topk_recall(est_mean, true_mean, k):.2f}")
   print("AtP top-k verified exactly (layer, head, AtP estimate, exact effect):")
   for i in top:
     print(f"  L{i // H:02d}H{i % H}  {est_mean.ravel()[i]:+.4f}  {true_mean.ravel()[i]:+.4f}")
-  return dict(pairs=N, seq=T, runs=runs, ceiling_gflops=ceiling.median, ours_s=t_ours, hook_loop_s=t_plain, batched_hooks_s=t_batched,
-              attribution_s=t_atp, vs_hook_loop=t_plain / t_ours, vs_batched_hooks=t_batched / t_ours,
-              attribution_vs_hook_loop=t_plain / t_atp, max_effect_diff=float(diff), spearman=float(rho),
-              mfu=done / t_ours / 1e9 / ceiling.median)
+  return dict(pairs=N, seq=T, runs=runs, ceiling_gflops=ceiling.median, ours=t_ours.figures(),
+              hook_loop=t_plain.figures(), batched_hooks=t_batched.figures() if t_batched else None,
+              attribution=t_atp.figures(), vs_hook_loop=t_plain.median / t_ours.median,
+              vs_batched_hooks=t_batched.median / t_ours.median if t_batched else None,
+              attribution_vs_hook_loop=t_plain.median / t_atp.median, max_effect_diff=float(diff),
+              spearman=float(rho), mfu=rate / ceiling.median)
 
 
 def _scaling(argv):
@@ -499,10 +530,16 @@ def _scaling(argv):
   m = loading.load(FLAGS.model)
   cfg, B, rng = m.config, FLAGS.batch, np.random.default_rng(0)
   ref = _torch_reference(FLAGS.model)
-  best = lambda fn: min(flops.timeit(fn, 1 + FLAGS.repeats)[1:])  # the first call warms up (ours: compiles)
+
+  def timed(fn):
+    fn()  # warm-up (ours: compiles)
+    return _timed(fn, FLAGS.repeats)[0]
+
   icl_rows, patch_rows = [], []
-  print(f"\n== scaling: {FLAGS.model}, {torch.get_num_threads()} threads, ceiling median {ceiling.median:.1f} GFLOP/s ==")
-  print(f"ICL, batch {B}, 3 new tokens:  {'T':>5} {'ours s/query':>12} {'torch s/query':>13} {'ratio':>6} {'MFU':>5}")
+  print(f"\n== scaling: {FLAGS.model}, {torch.get_num_threads()} threads, ceiling median {ceiling.median:.1f} GFLOP/s; "
+        f"{FLAGS.repeats} timed runs a side after a warm-up; times and ratios: median [range] ==")
+  print(f"ICL, batch {B}, 3 new tokens:  {'T':>5} {'ours s/query':>12} {'torch s/query':>13} {'torch / ours':>18} "
+        f"{'MFU':>5}")
   for T in (64, 128, 256, 512, 1024, 2048):
     ids = rng.integers(0, cfg.vocab_size, (B, T), dtype=np.int32)
     ans = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 2, 2), dtype=np.int32))
@@ -511,12 +548,14 @@ def _scaling(argv):
     with torch.inference_mode():
       theirs = lambda: ref.generate(torch.from_numpy(ids.astype(np.int64)), max_new_tokens=3, min_new_tokens=3,
                                     do_sample=False, pad_token_id=0)
-      t_ours, t_ref = best(ours), best(theirs)
-    mfu = B * T * flops.forward_flops_per_token(cfg, T, head=False, causal=True) / t_ours / 1e9 / ceiling.median
-    icl_rows.append(dict(tokens=T, ours_s=t_ours / B, torch_s=t_ref / B, ratio=t_ref / t_ours, mfu=mfu))
-    print(f"{'':30} {T:5d} {t_ours / B:12.4f} {t_ref / B:13.4f} {t_ref / t_ours:6.2f} {mfu:5.2f}")
+      t_ours, t_ref = timed(ours), timed(theirs)
+    mfu = B * T * flops.forward_flops_per_token(cfg, T, head=False, causal=True) / t_ours.median / 1e9 / ceiling.median
+    icl_rows.append(dict(tokens=T, ours=t_ours.figures(), torch=t_ref.figures(), per_query=B,
+                         ratio=t_ref.median / t_ours.median, mfu=mfu))
+    print(f"{'':30} {T:5d} {t_ours.median / B:12.4f} {t_ref.median / B:13.4f} {t_ref.ratio(t_ours):>18} {mfu:5.2f}")
   N = FLAGS.pairs
-  print(f"patching, {N} pairs, every (layer, head): {'T':>5} {'ours s':>7} {'batched hooks s':>15} {'ratio':>6}")
+  print(f"patching, {N} pairs, every (layer, head): {'T':>5} {'ours s':>7} {'batched hooks s':>15} "
+        f"{'hooks / ours':>18}")
   for T in (32, 64, 128, 256):
     clean = rng.integers(0, cfg.vocab_size, (N, T), dtype=np.int32)
     corrupt = clean.copy()
@@ -532,12 +571,12 @@ def _scaling(argv):
 
     pairs_t = _RandomPairs(clean, corrupt, np.ones((N, T), bool), gold, foil, T)
     grid = [(l, h) for l in range(cfg.num_layers) for h in range(cfg.num_heads)]
-    t_ours = best(ours)
-    t0 = time.perf_counter()
-    _hooks_batched(ref, pairs_t, cfg.head_dim, grid)
-    t_ref = time.perf_counter() - t0
-    patch_rows.append(dict(tokens=T, ours_s=t_ours, batched_hooks_s=t_ref, ratio=t_ref / t_ours))
-    print(f"{'':40} {T:5d} {t_ours:7.2f} {t_ref:15.2f} {t_ref / t_ours:6.2f}")
+    t_ours = timed(ours)
+    _hooks_batched(ref, pairs_t, cfg.head_dim, grid[:cfg.num_heads])  # warm-up: one layer
+    t_ref = _timed(lambda: _hooks_batched(ref, pairs_t, cfg.head_dim, grid), FLAGS.repeats)[0]
+    patch_rows.append(dict(tokens=T, ours=t_ours.figures(), batched_hooks=t_ref.figures(),
+                           ratio=t_ref.median / t_ours.median))
+    print(f"{'':40} {T:5d} {t_ours.median:7.2f} {t_ref.median:15.2f} {t_ref.ratio(t_ours):>18}")
   return dict(ceiling_gflops=ceiling.median, icl=icl_rows, patching=patch_rows)
 
 

@@ -161,12 +161,13 @@ def test_candidate_scoring_equals_separate_forward_passes(model, answer_len):
   from icl_ft.model.decoder import forward, positions_from_valid
   rng = np.random.default_rng(answer_len)
   prompts = [list(rng.integers(0, 200, n)) for n in (7, 12)]
-  ids, valid = inference.left_pad(prompts, 0)
   answers = rng.integers(0, 200, (2, 2, answer_len)).astype(np.int32)
   answer_valid = np.ones_like(answers, bool)
   answer_valid[1, 0, 1:] = False  # a shorter candidate, right-padded
-  out = inference.generate_and_score(model.config, model.params, jnp.asarray(ids), jnp.asarray(valid),
-                                     jnp.asarray(answers), jnp.asarray(answer_valid), 2)
+  packed = jax.tree.map(jnp.asarray, inference.pack([[p] for p in prompts], 16, 0, 2))
+  out = inference.generate_and_score(model.config, model.params, packed, jnp.asarray(answers[:, None]),
+                                     jnp.asarray(answer_valid[:, None]), 2)
+  out = {k: v[:, 0] for k, v in out.items()}
   for b, prompt in enumerate(prompts):
     for c in range(2):
       ans = [int(t) for t, ok in zip(answers[b, c], answer_valid[b, c]) if ok]
@@ -177,6 +178,41 @@ def test_candidate_scoring_equals_separate_forward_passes(model, answer_len):
       expected = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(ans))
       assert abs(float(out["logprob"][b, c]) - expected) < 1e-4
       assert abs(float(out["first_logit"][b, c]) - logits[len(prompt) - 1, ans[0]]) < 1e-4
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_a_packed_row_of_prompts_sharing_prefixes_equals_each_prompt_alone(model, with_prefix):
+  """A shot sweep with nested demos packed in one row (trunk pieces, tails, candidates and greedy tokens as
+  segments) scores and decodes every prompt as when it runs alone; also with the header's cached keys."""
+  import jax
+  import jax.numpy as jnp
+  from icl_ft.evaluation import decoding as inference
+  rng = np.random.default_rng(7)
+  draw = lambda n: [int(t) for t in rng.integers(1, 200, n)]
+  header, demos = draw(5), [draw(6) for _ in range(4)]
+  rows = []
+  for n_q in (4, 7):
+    question = draw(n_q)
+    rows.append([header + sum(demos[:k], []) + question for k in (0, 1, 2, 4)])
+  rows[1][1] = draw(9)  # a prompt that shares nothing with the trunk
+  answers = rng.integers(1, 200, (2, 4, 2, 3)).astype(np.int32)
+  answer_valid = np.ones_like(answers, bool)
+  answer_valid[0, 2, 1, 2:] = False
+  cut = len(header) if with_prefix else 0
+  if with_prefix:
+    rows[1][1] = header + rows[1][1]
+  prefix = inference.prefix_kv(model.config, model.params, jnp.asarray([header])) if with_prefix else None
+  packed = inference.pack([[p[cut:] for p in r] for r in rows], 64, 0, 2, cut)
+  assert inference.packed_width([p[cut:] for p in rows[0]]) == len(rows[0][-1]) - cut + 3 * 4  # trunk + 3 questions
+  out = inference.generate_and_score(model.config, model.params, jax.tree.map(jnp.asarray, packed),
+                                     jnp.asarray(answers), jnp.asarray(answer_valid), 4, prefix)
+  alone = inference.pack([[p] for r in rows for p in r], 64, 0, 2)
+  each = inference.generate_and_score(model.config, model.params, jax.tree.map(jnp.asarray, alone),
+                                      jnp.asarray(answers.reshape(8, 1, 2, 3)),
+                                      jnp.asarray(answer_valid.reshape(8, 1, 2, 3)), 4)
+  for key in ("logprob", "first_logit"):
+    np.testing.assert_allclose(np.asarray(out[key]).reshape(8, 2), np.asarray(each[key])[:, 0], atol=1e-5)
+  assert np.array_equal(np.asarray(out["tokens"]).reshape(8, 4), np.asarray(each["tokens"])[:, 0])
 
 
 def test_strict_scoring_uses_the_tasks_budget():

@@ -22,7 +22,7 @@ from icl_ft import faults, tasks
 from icl_ft.evaluation import scoring
 from icl_ft.model import sharding
 from icl_ft.io.units import Units
-from icl_ft.evaluation.decoding import generate_and_score, left_pad, prefix_kv, right_pad
+from icl_ft.evaluation.decoding import generate_and_score, pack, packed_width, prefix_kv, right_pad
 from icl_ft.io.loading import LoadedModel, pad_id
 from icl_ft.io.records import QueryCell, QueryRecord, SkippedQuery
 
@@ -41,6 +41,7 @@ class EngineConfig:
   on_too_long: str = "error"  # "error" or "skip" (skipped queries are counted)
   progress: bool = True
   share_prefix: bool = True  # the token prefix all prompts of a (task, format) share (the header) runs once
+  pack_shots: bool = False  # an item's prompts at every shot count run as one packed row (for nested demos)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,31 +121,47 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
       return _run_batch(model, queries, prompt_ids, answers, batch, n_new, answer_len, engine, shared,
                         prefixes.get(shared))
 
+    flat = [i for row in batch for i in row]
     if units is None:
       done = compute()
     else:
-      digest = hashlib.sha1("\x00".join([str(len(shared))] + [queries[i].prompt + queries[i].gold for i in batch])
+      digest = hashlib.sha1("\x00".join([str(len(shared))] + [queries[i].prompt + queries[i].gold for i in flat])
                             .encode()).hexdigest()  # a batch computed with another prefix split is not reused
       saved = units.records(f"batch{b:05d}-{digest[:12]}", lambda: [dict(r) for r in compute()])
       done = [QueryRecord.from_dict(r) for r in saved]
     faults.point("icl.batch")
-    records.update(zip(batch, done))
+    records.update(zip(flat, done))
   return [records[i] for i in sorted(records)], skipped
 
 
+def _rows(queries, keep: Sequence[int], engine: EngineConfig) -> list[list[int]]:
+  """The queries of each packed row: with ``pack_shots``, every query of one item (its cell but the shot count)
+  in one row, shots ascending; else one query per row."""
+  if not engine.pack_shots:
+    return [[i] for i in keep]
+  items: dict[tuple, list[int]] = {}
+  for i in keep:
+    items.setdefault(tuple(v for k, v in queries[i].cell.items() if k != "shots"), []).append(i)
+  return [sorted(row, key=lambda i: queries[i].cell.shots) for row in items.values()]
+
+
 def _batches(queries, prompt_ids, answers, budget, keep, engine: EngineConfig) -> list[tuple]:
-  """(new tokens, candidate length, shared prefix ids, query indices) per batch: queries grouped by budget (and,
-  with ``share_prefix``, by task and format, whose prompts share their header), sorted by length, cut into
-  batches. The shared prefix is the group's longest common token prefix, leaving every prompt at least one
-  token, cut to a multiple of ``length_multiple`` (so groups of the same budget and prefix bucket share compiled
-  shapes; its few last tokens join the rest); () when shorter than that."""
-  def key(i):
-    return (budget[i], queries[i].task, queries[i].cell.format) if engine.share_prefix else (budget[i],)
+  """(new tokens, candidate length, shared prefix ids, rows of query indices) per batch: rows (``_rows``) grouped
+  by budget and prompts per row (and, with ``share_prefix``, by task and format, whose prompts share their
+  header), sorted by packed length, cut into batches. The shared prefix is the group's longest common token
+  prefix, leaving every prompt at least one token, cut to a multiple of ``length_multiple`` (so groups of the same
+  budget and prefix bucket share compiled shapes; its few last tokens join the rest); () when shorter than
+  that."""
+  def key(row):
+    i = row[0]
+    return (budget[i], len(row), *((queries[i].task, queries[i].cell.format) if engine.share_prefix else ()))
+  rows = _rows(queries, keep, engine)
   out = []
-  for k in sorted({key(i) for i in keep}):
-    group = sorted((i for i in keep if key(i) == k), key=lambda i: len(prompt_ids[i]))
-    answer_len = max(len(a) for i in group for a in answers[i])
-    shared = shared_prefix([prompt_ids[i] for i in group], engine.length_multiple) if engine.share_prefix else ()
+  for k in sorted({key(r) for r in rows}):
+    group = sorted((r for r in rows if key(r) == k), key=lambda r: packed_width([prompt_ids[i] for i in r]))
+    answer_len = max(len(a) for r in group for i in r for a in answers[i])
+    shared = shared_prefix([prompt_ids[i] for r in group for i in r], engine.length_multiple) \
+        if engine.share_prefix else ()
     out += [(k[0], answer_len, shared, group[s:s + engine.batch_size])
             for s in range(0, len(group), engine.batch_size)]
   return out
@@ -160,24 +177,25 @@ def shared_prefix(seqs: Sequence[Sequence[int]], multiple: int = 1) -> tuple[int
   return tuple(first[:n // multiple * multiple])
 
 
-def _run_batch(model: LoadedModel, queries, prompt_ids, answers, batch: list[int], n_new: int, answer_len: int,
-               engine: EngineConfig, shared: tuple[int, ...] = (), prefix=None) -> list[dict]:
-  """Records of one batch: prompts (after their ``shared`` prefix, whose keys and values ``prefix`` holds)
-  left-padded to a multiple of ``length_multiple`` (rows repeated up to the fixed batch size), gold and foil
-  scored in the prefill, ``n_new`` greedy tokens."""
+def _run_batch(model: LoadedModel, queries, prompt_ids, answers, batch: list[list[int]], n_new: int,
+               answer_len: int, engine: EngineConfig, shared: tuple[int, ...] = (), prefix=None) -> list[dict]:
+  """Records of one batch of rows (their queries in order): each row's prompts (after their ``shared`` prefix,
+  whose keys and values ``prefix`` holds) packed (``decoding.pack``) and left-padded to a multiple of
+  ``length_multiple`` (rows repeated up to the fixed batch size), gold and foil scored in the prefill, ``n_new``
+  greedy tokens."""
   tok, cfg, B = model.tokenizer, model.config, engine.batch_size
   pad = pad_id(tok)
   rows = batch + [batch[0]] * (B - len(batch))  # fixed batch size: pad with repeats, dropped below
-  rest = [prompt_ids[i][len(shared):] for i in rows]
-  T = engine.length_multiple * math.ceil(max(map(len, rest)) / engine.length_multiple)
-  ids, valid = left_pad(rest, pad, T)
-  flat = [a for i in rows for a in answers[i]]
-  ans, ans_valid = right_pad(flat, pad, answer_len)
-  out = sharding.to_host(generate_and_score(cfg, model.params, ids, valid, ans.reshape(B, 2, -1),
-                                            ans_valid.reshape(B, 2, -1), n_new, prefix))
+  rest = [[prompt_ids[i][len(shared):] for i in row] for row in rows]
+  T = engine.length_multiple * math.ceil(max(map(packed_width, rest)) / engine.length_multiple)
+  packed = pack(rest, T, pad, 2, len(shared))
+  K = len(rows[0])
+  ans, ans_valid = right_pad([a for row in rows for i in row for a in answers[i]], pad, answer_len)
+  out = sharding.to_host(generate_and_score(cfg, model.params, packed, ans.reshape(B, K, 2, -1),
+                                            ans_valid.reshape(B, K, 2, -1), n_new, prefix))
   new, logprob, first = (out[k] for k in ("tokens", "logprob", "first_logit"))
-  return [record(queries[i], prompt_ids[i], [int(t) for t in new[r]], logprob[r], first[r], tok)
-          for r, i in enumerate(batch)]
+  return [record(queries[i], prompt_ids[i], [int(t) for t in new[r, k]], logprob[r, k], first[r, k], tok)
+          for r, row in enumerate(batch) for k, i in enumerate(row)]
 
 
 def record(q: Query, prompt_ids: list[int], new_ids: list[int], logprob, first_logit, tok) -> QueryRecord:

@@ -158,7 +158,7 @@ def _run_from(cfg, params, batch, layer, x, site, src, mask, start=None):
   the metric [B]."""
   L = cfg.num_layers
   prefix = batch.prefix
-  att_mask, _ = attention_mask(batch.valid, prefix, batch.tokens.shape[1], positions=batch.positions)
+  att_mask, *_ = attention_mask(batch.valid, prefix, batch.tokens.shape[1], positions=batch.positions)
   positions = batch.positions
 
   def body(i, x):

@@ -136,12 +136,23 @@ class KVCache:
   pos: jax.Array  # [B] int32
   index: jax.Array  # [] int32
   positions: jax.Array  # [B, S] int32: each slot's position id (sliding windows are measured in positions)
+  segments: jax.Array  # [B, S] int32: each slot's segment (``Segments``; 0 when written without)
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = F32) -> "KVCache":
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
+    slots = jnp.zeros((batch, size), jnp.int32)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool),
-               jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((batch, size), jnp.int32))
+               jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32), slots, slots)
+
+
+@flax.struct.dataclass
+class Segments:
+  """Which parts of a packed row see which: several prompts and continuations that share token prefixes run as
+  one sequence. A token of segment ``g`` attends an earlier key of segment ``h`` only when ``sees[g, h]``
+  (causality and padding still apply)."""
+  ids: jax.Array  # [B, T] int32: each new token's segment
+  sees: jax.Array  # [B, G, G] bool
 
 
 def positions_from_valid(valid: jax.Array) -> jax.Array:
@@ -342,30 +353,32 @@ class AttentionMask:
   distance: jax.Array  # [B, T, S] int32: how many positions (by position id) the key lies before the query
 
 
-def attention_mask(valid, cache: KVCache | None, T: int, segments=None, positions=None):
-  """The ``AttentionMask`` of ``T`` new tokens, and the key-valid mask [B, S] after this step.
+def attention_mask(valid, cache: KVCache | None, T: int, segments: Segments | None = None, positions=None):
+  """The ``AttentionMask`` of ``T`` new tokens, the key-valid mask [B, S] and the key segments [B, S] after this
+  step.
 
-  ``segments`` [B, T] (optional, ints): a token sees earlier keys of segment 0 and of its own segment
-  only, so several continuations of one shared prefix are processed in a single pass (cached slots
-  count as segment 0). ``positions`` [B, T] defaults to consecutive ids after each sequence's valid
-  tokens (``positions_from_valid``). Windows are measured in position ids, not slots, so prefix-sharing
-  segments and hidden cache slots do not shift them; for left-padded sequences this equals
-  transformers' slot-based windows.
+  ``segments`` (optional): which earlier keys each token may see, by segment (cached slots keep the segment
+  they were written with). ``positions`` [B, T] defaults to consecutive ids after each sequence's valid
+  tokens (``positions_from_valid``). Windows are measured in position ids, not slots, so packed segments do
+  not shift them; for left-padded sequences this equals transformers' slot-based windows.
   """
   if positions is None:
     positions = positions_from_valid(valid) + (0 if cache is None else cache.pos[:, None])
+  new_seg = jnp.zeros(valid.shape, jnp.int32) if segments is None else segments.ids
   if cache is None:
-    key_valid, key_pos, key_seg = valid, positions, segments
+    key_valid, key_pos, key_seg = valid, positions, new_seg
     q_slot, k_slot = jnp.arange(T), jnp.arange(T)
   else:
     write = lambda cached, new: jax.lax.dynamic_update_slice_in_dim(cached, new, cache.index, axis=1)
     key_valid, key_pos = write(cache.valid, valid), write(cache.positions, positions.astype(jnp.int32))
-    key_seg = None if segments is None else write(jnp.zeros(cache.valid.shape, segments.dtype), segments)
+    key_seg = write(cache.segments, new_seg)
     q_slot, k_slot = cache.index + jnp.arange(T), jnp.arange(cache.valid.shape[1])
   allowed = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
   if segments is not None:
-    allowed &= (key_seg[:, None, :] == 0) | (key_seg[:, None, :] == segments[:, :, None])
-  return AttentionMask(allowed, (positions[:, :, None] - key_pos[:, None, :]).astype(jnp.int32)), key_valid
+    rows = jnp.take_along_axis(segments.sees, segments.ids[:, :, None], axis=1)  # [B, T, G]: what each token sees
+    allowed &= jnp.take_along_axis(rows, jnp.broadcast_to(key_seg[:, None, :], allowed.shape), axis=2)
+  distance = (positions[:, :, None] - key_pos[:, None, :]).astype(jnp.int32)
+  return AttentionMask(allowed, distance), key_valid, key_seg
 
 
 def unembed(cfg: ModelConfig, params: Params, x, logits_at=None):
@@ -378,7 +391,7 @@ def unembed(cfg: ModelConfig, params: Params, x, logits_at=None):
 
 
 def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: KVCache | None = None,
-            logits_at=None, remat: bool = False, segments=None):
+            logits_at=None, remat: bool = False, segments: Segments | None = None):
   """Runs the decoder on ``tokens`` [B, T].
 
   Args:
@@ -387,7 +400,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: K
     cache: if given, the tokens fill slots ``cache.index ...`` and attend to all valid earlier slots.
     logits_at: optional [B, N] indices into T; logits are computed only there (saves the vocab matmul).
     remat: recompute each layer's activations in the backward pass (saves memory when training).
-    segments: optional [B, T] prefix-sharing segments (see ``attention_mask``).
+    segments: optional packing of several sequences that share prefixes into one row (``Segments``).
   Returns:
     (float32 logits [B, T or N, V], updated cache or None).
   """
@@ -398,7 +411,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, positions, valid, cache: K
 
 def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Hooks | None = None,
         cache: KVCache | None = None, logits_at=None, remat: bool = False, unroll: int | bool = 1,
-        segments=None):
+        segments: Segments | None = None):
   """``forward`` with interventions: returns (logits, cache, captured sites stacked over layers [L, ...]).
 
   ``unroll`` is ``lax.scan``'s over the layers (True: fully unrolled; faster training steps on XLA CPU,
@@ -415,7 +428,7 @@ def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Ho
     # clip: a padding slot's id may pass the table (valid lengths are checked before a run); the default
     # NaN fill would reach valid slots through attention's zero weights (0 * NaN)
     x = x + jnp.take(params["pos_embed"], positions, axis=0, mode="clip")
-  mask, key_valid = attention_mask(valid, cache, T, segments, positions)
+  mask, key_valid, key_seg = attention_mask(valid, cache, T, segments, positions)
   layer_kv = None if cache is None else (cache.k, cache.v)
 
   def body(x, layer):
@@ -432,5 +445,6 @@ def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Ho
     k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k_all.astype(cache.k.dtype), cache.index, axis=3)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v_all.astype(cache.v.dtype), cache.index, axis=3)
     key_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), cache.index, axis=1)
-    cache = KVCache(k_all, v_all, key_valid, cache.pos + valid.sum(-1).astype(jnp.int32), cache.index + T, key_pos)
+    cache = KVCache(k_all, v_all, key_valid, cache.pos + valid.sum(-1).astype(jnp.int32), cache.index + T, key_pos,
+                    key_seg)
   return logits, cache, captured
