@@ -49,13 +49,16 @@ flags.DEFINE_integer("repeats", 3, "Timed repeats (after one warm-up).")
 flags.DEFINE_bool("torch", True, "Also time the transformers PyTorch reference.")
 flags.DEFINE_string("task", "expression", "icl: task of the evaluation.")
 flags.DEFINE_integer("shots", 8, "icl: demonstrations per prompt.")
-flags.DEFINE_integer("queries", 199, "icl: number of queries (the release's 199).")
+flags.DEFINE_integer("queries", 199, "icl: number of queries (the release's 199; --sweep: 50 unless given).")
+flags.DEFINE_bool("sweep", False, "icl: a whole shot sweep (0, 1, 2, 4, 8) with nested demos, each item's prompts "
+                  "packed in one row, vs transformers' batched generate of every prompt.")
 flags.DEFINE_integer("pairs", 4, "patching: clean/corrupted prompt pairs per batch.")
 flags.DEFINE_integer("chunk", 16, "patching: patched runs evaluated together.")
 flags.DEFINE_integer("threads", 0, "CPU threads for both sides (0: every core this process may use).")
 flags.DEFINE_string("json", "", "Write every figure, with the machine, its ceiling and package versions, here.")
 FLAGS = flags.FLAGS
-_FLAG_NAMES = ("model", "batch", "seq", "repeats", "torch", "task", "shots", "queries", "pairs", "chunk", "threads")
+_FLAG_NAMES = ("model", "batch", "seq", "repeats", "torch", "task", "shots", "queries", "sweep", "pairs", "chunk",
+               "threads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,11 +167,53 @@ def _forward(argv):
               mfu=total / ours.median / 1e9 / ceiling.median, max_logit_diff=None if diff is None else float(diff))
 
 
+def _hf_generators(ref, tok, prompt_ids, n_new: int):
+  """transformers' greedy ``generate`` of ``n_new`` tokens two ways, each returning every prompt's decoded text
+  (prompt included) in index order: one prompt at a time (the release's method), and batched left-padded."""
+  import torch
+  from icl_ft.io import loading
+  pad, lengths = loading.pad_id(tok), [len(p) for p in prompt_ids]
+  decode = lambda ids, out: tok.decode(list(ids) + out.tolist(), skip_special_tokens=True)
+
+  def one_at_a_time(index):
+    return [decode(prompt_ids[i], ref.generate(torch.tensor([prompt_ids[i]]), max_new_tokens=n_new, pad_token_id=pad,
+                                               do_sample=False)[0, lengths[i]:]) for i in index]
+
+  def batched(index, size):
+    out = {}
+    for s in range(0, len(index), size):
+      rows = index[s:s + size]
+      T = max(lengths[i] for i in rows)
+      ids = torch.tensor([[pad] * (T - lengths[i]) + prompt_ids[i] for i in rows])
+      mask = torch.tensor([[0] * (T - lengths[i]) + [1] * lengths[i] for i in rows])
+      gen = ref.generate(ids, attention_mask=mask, max_new_tokens=n_new, pad_token_id=pad, do_sample=False)
+      out.update({i: decode(prompt_ids[i], gen[r, T:]) for r, i in enumerate(rows)})
+    return [out[i] for i in sorted(out)]
+
+  return one_at_a_time, batched
+
+
+def _best_batched(batched, order, repeats: int):
+  """Batched ``generate`` at its best batch size of 8, 16 and 32 (warmed up at each, chosen on one run each),
+  then timed ``repeats`` times: (times, outputs, best size, {size: chosen-on time})."""
+  tried = {}
+  for size in (8, 16, 32):
+    batched(order[-size:], size)  # warm-up at this size
+    t0 = time.perf_counter()
+    batched(order, size)
+    tried[size] = time.perf_counter() - t0
+  best = min(tried, key=tried.get)
+  times, out = _timed(lambda: batched(order, best), repeats)
+  return times, out, best, tried
+
+
 def _icl(argv):
   """The release's evaluation cell (199 queries, k-shot) three ways on the same prompts.
 
   Long: one measurement read top to bottom (set up both sides on the same inputs, warm up, time, check
   agreement, print); splitting it would scatter one experiment over several functions."""
+  if FLAGS.sweep:
+    return _icl_sweep()
   del argv
   import torch
   from icl_ft.evaluation import engine
@@ -193,36 +238,12 @@ def _icl(argv):
   ours = [r["lenient_text"] for r in records]
 
   ref = _torch_reference(FLAGS.model)
-  pad = loading.pad_id(tok)
-  decode = lambda ids, out: tok.decode(list(ids) + out.tolist(), skip_special_tokens=True)
   order = sorted(range(len(prompt_ids)), key=lambda i: lengths[i])
-
-  def one_at_a_time(index):
-    return [decode(prompt_ids[i], ref.generate(torch.tensor([prompt_ids[i]]), max_new_tokens=n_new, pad_token_id=pad,
-                                               do_sample=False)[0, lengths[i]:]) for i in index]
-
-  def batched(index, size):
-    out = {}
-    for s in range(0, len(index), size):
-      rows = index[s:s + size]
-      T = max(lengths[i] for i in rows)
-      ids = torch.tensor([[pad] * (T - lengths[i]) + prompt_ids[i] for i in rows])
-      mask = torch.tensor([[0] * (T - lengths[i]) + [1] * lengths[i] for i in rows])
-      gen = ref.generate(ids, attention_mask=mask, max_new_tokens=n_new, pad_token_id=pad, do_sample=False)
-      out.update({i: decode(prompt_ids[i], gen[r, T:]) for r, i in enumerate(rows)})
-    return [out[i] for i in sorted(out)]
-
+  one_at_a_time, batched = _hf_generators(ref, tok, prompt_ids, n_new)
   with torch.inference_mode():
     one_at_a_time(order[:1])  # warm-up
     t_single, single = _timed(lambda: one_at_a_time(range(len(queries))), R)
-    tried = {}
-    for size in (8, 16, 32):  # transformers' batched generate at its best batch size, chosen on one run each
-      batched(order[-size:], size)  # warm-up at this size
-      t0 = time.perf_counter()
-      batched(order, size)
-      tried[size] = time.perf_counter() - t0
-    best = min(tried, key=tried.get)
-    t_batched, batched_out = _timed(lambda: batched(order, best), R)  # then timed as often as ours
+    t_batched, batched_out, best, tried = _best_batched(batched, order, R)
   single = [t[len(q.prompt):] for t, q in zip(single, queries)]
   batched_out = [t[len(q.prompt):] for t, q in zip(batched_out, queries)]
 
@@ -249,6 +270,72 @@ def _icl(argv):
               one_at_a_time=t_single.figures(), batched=t_batched.figures(), batched_size=best,
               vs_one_at_a_time=t_single.median / t_ours.median, vs_batched=t_batched.median / t_ours.median,
               agreement=sum(a == b for a, b in zip(ours, single)) / n, shared_prefix=P,
+              prefill_share_saved=1 - executed / useful, mfu=rate / ceiling.median)
+
+
+def _icl_sweep():
+  """A whole shot sweep (0, 1, 2, 4, 8 shots, nested demos) on the same prompts: our engine with each item's five
+  prompts packed in one row, our engine with every prompt on its own row, and transformers' batched ``generate``
+  of every prompt at its best batch size.
+
+  Long: one measurement read top to bottom (same prompts on every side, warm up, time, check agreement, print)."""
+  import torch
+  from icl_ft.evaluation import decoding, engine
+  from icl_ft.io import loading
+  shots, R = (0, 1, 2, 4, 8), FLAGS.repeats
+  n = FLAGS.queries if FLAGS["queries"].present else 50
+  ceiling = flops.matmul_ceiling()
+  m = loading.load(FLAGS.model)
+  tok = m.tokenizer
+  queries = engine.sweep_queries([FLAGS.task], ["correct"], ["paper"], shots, n, 114514, nested=True)
+  n_new = queries[0].lenient_tokens
+  queries = [dataclasses.replace(q, strict_tokens=n_new) for q in queries]  # the release decodes n_new only
+  prompt_ids = tok([q.prompt for q in queries]).input_ids
+  lengths = [len(p) for p in prompt_ids]
+  packed = engine.EngineConfig(batch_size=FLAGS.batch, progress=False, pack_shots=True)
+  alone = dataclasses.replace(packed, pack_shots=False)
+  per_token = lambda t: flops.forward_flops_per_token(m.config, t, head=False)
+  useful = sum(per_token(t) * t for t in lengths)  # every prompt's own prefill
+  P = len(engine.shared_prefix(prompt_ids, packed.length_multiple))
+  items = [[i for i, q in enumerate(queries) if q.cell.index == j] for j in range(n)]
+  widths = [decoding.packed_width([prompt_ids[i][P:] for i in row]) for row in items]
+  executed = P * per_token(P) + sum(per_token(P + w) * w for w in widths)  # header once, then each packed row
+
+  results = {}
+  for name, settings in (("ours, each item's shots packed in one row", packed), ("ours, one prompt per row", alone)):
+    engine.run(m, queries, settings)  # warm-up: compiles every bucket
+    t, (records, _) = _timed(lambda: engine.run(m, queries, settings), R)
+    results[name] = (t, [r["lenient_text"] for r in records])
+  ref = _torch_reference(FLAGS.model)
+  order = sorted(range(len(prompt_ids)), key=lambda i: lengths[i])
+  _, batched = _hf_generators(ref, tok, prompt_ids, n_new)
+  with torch.inference_mode():
+    t_batched, batched_out, best, tried = _best_batched(batched, order, R)
+  results[f"transformers, batched left-pad {best}"] = (t_batched, [t[len(q.prompt):] for t, q in
+                                                                   zip(batched_out, queries)])
+
+  t_ours, ours = next(iter(results.values()))
+  print(f"\n== icl --sweep: {FLAGS.model}, {FLAGS.task} at shots {shots} (nested demos), {n} items = {len(queries)} "
+        f"prompts, {n_new} new tokens, prompt tokens mean {np.mean(lengths):.0f} (max {max(lengths)}), batch "
+        f"{FLAGS.batch} rows ==")
+  print(f"matmul ceiling: median {ceiling.median:.1f} GFLOP/s; packed prefill {executed / 1e12:.2f} TFLOP executed "
+        f"of the prompts' {useful / 1e12:.2f} (the {P}-token header once; each item's shared demos once)")
+  print(f"torch: {torch.get_num_threads()} threads, inference_mode, attention {ref.config._attn_implementation}; "
+        f"batched generate tried at batch " + ", ".join(f"{b}: {t:.1f} s" for b, t in tried.items()) +
+        f" (best {best} kept); {R} timed runs each after a warm-up; time and ratio: median [range]")
+  print(f"{'':42} {'time s':>22} {'prompts/s':>9} {'it vs packed':>18}  agreement with transformers")
+  reference = results[f"transformers, batched left-pad {best}"][1]
+  for name, (t, preds) in results.items():
+    agree = sum(a == b for a, b in zip(preds, reference)) / len(queries)
+    print(f"{name:42} {str(t):>22} {len(queries) / t.median:9.2f} {t.ratio(t_ours):>18}  {agree:.3f}")
+  rate = executed / t_ours.median / 1e9
+  print(f"packed engine: {rate:.1f} GFLOP/s executed ({useful / t_ours.median / 1e9:.1f} effective), MFU "
+        f"{rate / ceiling.median:.2f}")
+  return dict(items=n, shots=shots, prompts=len(queries), ceiling_gflops=ceiling.median,
+              times={k: t.figures() for k, (t, _) in results.items()}, batched_size=best,
+              vs_batched=t_batched.median / t_ours.median,
+              vs_unpacked=list(results.values())[1][0].median / t_ours.median,
+              agreement=sum(a == b for a, b in zip(ours, reference)) / len(queries),
               prefill_share_saved=1 - executed / useful, mfu=rate / ceiling.median)
 
 

@@ -27,7 +27,9 @@ def define_flags() -> None:
   flags.DEFINE_list("shots", [str(k) for k in engine.DEFAULT_SHOTS], "Shot counts.")
   flags.DEFINE_integer("n", 199, "Queries per cell.", lower_bound=1)
   flags.DEFINE_integer("seed", 114514, "Seed of the query sets and demo streams.")
-  flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
+  flags.DEFINE_bool("nested_demos", False, "A query's k-shot demos are the first k of one list (paired across k; "
+                    "each item's shots then run packed in one row), else drawn per k as the release does.")
+  flags.DEFINE_integer("batch_size", 8, "Prompts (with --nested_demos: items) per batch.")
   flags.DEFINE_enum("on_too_long", "error", list(engine.ON_TOO_LONG), "Prompts longer than the context.")
   flags.DEFINE_string("out", "work/icl", "Output directory.")
 
@@ -38,7 +40,8 @@ def main(argv) -> None:
   from icl_ft.io import loading
   m = loading.load(F.model, dtype=F.dtype)
   records, skipped = engine.sweep(m, F.task, F.variant, F.format, [int(s) for s in F.shots], F.n, F.seed,
-                                  engine.EngineConfig(batch_size=F.batch_size, on_too_long=F.on_too_long), F.model)
+                                  engine.EngineConfig(batch_size=F.batch_size, on_too_long=F.on_too_long), F.model,
+                                  nested=F.nested_demos)
   paths = outputs.write_icl_results(F.out, records, skipped, title=f"{F.model}: ICL accuracy vs shots")
   for row in tables.summarize(records, skipped):
     acc = "all skipped" if row["acc_strict"] is None else (

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -215,6 +216,26 @@ def test_a_packed_row_of_prompts_sharing_prefixes_equals_each_prompt_alone(model
   assert np.array_equal(np.asarray(out["tokens"]).reshape(8, 4), np.asarray(each["tokens"])[:, 0])
 
 
+def test_a_nested_sweep_runs_each_item_as_one_packed_row_with_the_same_records(model, monkeypatch):
+  from icl_ft.evaluation import decoding
+  widths, pack = [], decoding.pack
+  monkeypatch.setattr(icl, "pack", lambda rows, *a: widths.append(len(rows[0])) or pack(rows, *a))
+  kw = dict(task_names=("boolean", "expression"), variants=("correct",), formats=("paper",), shots=(0, 1, 2), n=3,
+            seed=5, nested=True)
+  engine = icl.EngineConfig(batch_size=4, progress=False)
+  packed, _ = icl.sweep(model, engine=engine, **kw)
+  assert set(widths) == {3}  # every item's three prompts in one row
+  widths.clear()
+  alone, _ = icl.sweep(model, engine=dataclasses.replace(engine, share_prefix=False), **kw)
+  assert set(widths) == {1} and len(packed) == len(alone) == 2 * 3 * 3
+  for a, b in zip(packed, alone):
+    assert (a["shots"], a["question"], a["completion"], a["lenient_text"]) == \
+        (b["shots"], b["question"], b["completion"], b["lenient_text"])
+    assert abs(a["logprob_gold"] - b["logprob_gold"]) < 1e-4
+    assert (a["logit_diff"] is None) == (b["logit_diff"] is None)
+    assert a["logit_diff"] is None or abs(a["logit_diff"] - b["logit_diff"]) < 1e-4
+
+
 def test_strict_scoring_uses_the_tasks_budget():
   from conftest import build_byte_tokenizer
   tok = build_byte_tokenizer()
@@ -342,8 +363,14 @@ def test_icl_command_prints_accuracy_and_the_rule_followed(tiny_lm, tmp_path):
   import subprocess
   import sys
   out = subprocess.run([sys.executable, "-m", "icl_ft.icl", f"--model={tiny_lm[0]}", "--task=parity",
-                        "--variant=correct,misleading-z", "--shots=0,1", "--n=2", f"--out={tmp_path}"],
-                       capture_output=True, text=True, check=True).stdout
-  assert "misleading-z paper k=1  n=2" in out and out.count("answers follow:") == 2
-  assert out.count("minus k=0 on the same 2 items (strict, paired)") == 2  # one per variant at k=1
-  assert (tmp_path / "records.jsonl").exists()
+                        "--variant=correct,misleading-z", "--shots=0,1,2", "--n=2", "--nested_demos",
+                        f"--out={tmp_path}"], capture_output=True, text=True, check=True).stdout
+  assert "misleading-z paper k=1  n=2" in out and out.count("answers follow:") == 3  # per (task, format, k)
+  assert out.count("minus k=0 on the same 2 items (strict, paired)") == 4  # per variant at k=1 and k=2
+  records = files.read_jsonl(tmp_path / "records.jsonl")
+  prompt = {(r["variant"], r["index"], r["shots"]): r["prompt"] for r in records}
+  common = lambda a, b: len(os.path.commonprefix([a, b]))
+  for variant, index, shots in prompt:  # --nested_demos: the 2-shot prompt opens with the 1-shot prompt's demo
+    if shots == 2:
+      two = prompt[variant, index, 2]
+      assert common(prompt[variant, index, 1], two) > common(prompt[variant, index, 0], two) + 50

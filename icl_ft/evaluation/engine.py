@@ -135,13 +135,14 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
 
 
 def _rows(queries, keep: Sequence[int], engine: EngineConfig) -> list[list[int]]:
-  """The queries of each packed row: with ``pack_shots``, every query of one item (its cell but the shot count)
-  in one row, shots ascending; else one query per row."""
+  """The queries of each packed row: with ``pack_shots``, every query of one item (the same cell and item but
+  the shot count) in one row, shots ascending; else one query per row."""
   if not engine.pack_shots:
     return [[i] for i in keep]
   items: dict[tuple, list[int]] = {}
   for i in keep:
-    items.setdefault(tuple(v for k, v in queries[i].cell.items() if k != "shots"), []).append(i)
+    c = queries[i].cell
+    items.setdefault((c.task, c.variant, c.format, c.seed, c.split, c.index, c.control), []).append(i)
   return [sorted(row, key=lambda i: queries[i].cell.shots) for row in items.values()]
 
 
@@ -261,11 +262,13 @@ def sweep(model: LoadedModel, task_names: Sequence[str], variants: Sequence[str]
           sizes: Mapping[int, int] | None = None, nested: bool = False
           ) -> tuple[list[QueryRecord], list[SkippedQuery]]:
   """Every cell of ``sweep_queries`` in one batched run (length buckets shared across cells; controls as long
-  as the real demos in the model's tokens); returns (records, skipped queries), tagged with ``model`` and
+  as the real demos in the model's tokens; with ``nested`` demos and ``engine.share_prefix``, each item's
+  prompts at every shot count packed in one row); returns (records, skipped queries), tagged with ``model`` and
   ``method``."""
   count = lambda text: len(model.tokenizer(text, add_special_tokens=False).input_ids)
   queries = sweep_queries(task_names, variants, formats, shots, n, seed, n_dev, controls, control_shots, count, sizes,
                           nested)
+  engine = dataclasses.replace(engine, pack_shots=nested and engine.share_prefix and len(shots) > 1)
   records, skipped = run(model, queries, engine, units)
   tag = lambda r: r.tagged(model=model_name or model.source, method=method(r))
   return [tag(r) for r in records], [tag(r) for r in skipped]
