@@ -68,7 +68,7 @@ def test_the_shared_header_runs_once_and_changes_no_prediction(model, tiny_lm, m
   batches = icl._batches(qs, tiny_lm[2]([q.prompt for q in qs]).input_ids, [[[1], [2]]] * len(qs),
                          [max(q.strict_tokens, q.lenient_tokens) for q in qs], range(len(qs)),
                          icl.EngineConfig(batch_size=2))
-  shared = {(qs[batch[0]].task, prefix) for _, _, prefix, batch in batches}
+  shared = {(qs[batch[0][0]].task, prefix) for _, _, prefix, batch in batches}  # batches of rows of queries
   assert {task for task, _ in shared} == {q.task for q in qs}  # one prefix per task (its format is fixed here)
   for task, prefix in shared:  # each task's prompts start with the bytes of their header
     assert len(prefix) >= 16 and len(prefix) % 16 == 0
