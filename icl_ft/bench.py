@@ -4,21 +4,25 @@
             same CPU, one process; tokens/s, GFLOP/s, MFU against the measured matmul ceiling, logits diff.
   icl       the release's 199-query k-shot cell: our engine vs transformers generate one query at a time
             (the release's method) vs transformers batched left-padded generate; queries/s, agreement, MFU.
+            ``--sweep``: shots 0, 1, 2, 4, 8 with nested demos (50 items), each item's prompts packed in one row,
+            vs our unpacked engine and transformers' batched generate of every prompt.
   patching  the full (layer, head) sweep on SmolLM2 pairs: our one-compile sweep vs the PyTorch hook loop (clean
             cache once, answer logits only) and the FLOP-matched batched hook method (each layer's heads as one
             batch from the cached residual), identical effects checked; attribution patching, top-k verified.
   train     full fine-tuning steps (AdamW, clip 1.0, float32, loss on every token; B=8 x T=128 unless --batch /
             --seq are given): our jitted, state-donating ``make_train_step`` vs a transformers + torch.optim.AdamW
             loop on the same packed FT-data batch, same CPU, one process; tokens/s, ratio, MFU, first-step losses.
+  scaling   cost vs size: ICL per prompt length 64-2048 vs transformers batched generate; the patching sweep per
+            sequence length and per number of layers vs the FLOP-matched batched hooks (random tokens, same on
+            both sides).
+  all       every one of them in turn (``icl`` with and without ``--sweep``); ``--json=bench.json`` writes their figures with the machine's name, cores,
+            measured ceiling and package versions.
 
 FLOPs convention: 2 x matmul params (incl. the LM head) per token, plus 4*T*D per layer per token for
 attention (QK^T and PV, causal masking NOT halved); see ``icl_ft.flops``.
-  scaling   cost vs length: ICL per prompt length 64-2048 vs transformers batched generate, the patching sweep
-            per sequence length vs the FLOP-matched batched hooks (random tokens, same on both sides).
-  all       every one of them in turn; ``--json=bench.json`` writes their figures with the machine's name, cores,
-            measured ceiling and package versions.
-
-Both sides use the same threads (``--threads``, pinned and printed) and are warmed up before timing.
+Both sides use the same threads (``--threads``, pinned and printed), are warmed up before timing and are timed
+the same number of times (``--repeats``); times and ratios print as median [min, max] (a ratio's range pairs
+one side's extremes with the other's).
 Add a subcommand by writing ``def _name(argv) -> dict`` (its figures) and registering it in ``SUBCOMMANDS``.
 """
 
@@ -603,15 +607,15 @@ def _patching(argv):
 
 
 def _scaling(argv):
-  """How cost grows with length, each point against its reference on the same random tokens: ICL (batch of
-  ``--batch`` prompts, prefill with gold/foil scoring + 3 greedy tokens) vs transformers' batched ``generate``
-  per prompt length; the (layer, head) patching sweep vs the FLOP-matched batched hooks per sequence length.
+  """How cost grows, each point against its reference on the same random tokens: ICL (batch of ``--batch``
+  prompts, prefill with gold/foil scoring + 3 greedy tokens) vs transformers' batched ``generate`` per prompt
+  length; the (layer, head) patching sweep vs the FLOP-matched batched hooks per sequence length and per number
+  of layers (the model's first L; the sweep's runs grow with layers x heads).
 
-  Long: two measurement loops read top to bottom (same inputs on both sides, warm-up, time, print)."""
+  Long: measurement loops read top to bottom (same inputs on both sides, warm-up, time, print)."""
   del argv
   import torch
-  from icl_ft.evaluation.decoding import generate_and_score
-  from icl_ft.interp import patching
+  from icl_ft.evaluation.decoding import generate_and_score, pack
   from icl_ft.io import loading
   ceiling = flops.matmul_ceiling()
   m = loading.load(FLAGS.model)
@@ -629,9 +633,9 @@ def _scaling(argv):
         f"{'MFU':>5}")
   for T in (64, 128, 256, 512, 1024, 2048):
     ids = rng.integers(0, cfg.vocab_size, (B, T), dtype=np.int32)
-    ans = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 2, 2), dtype=np.int32))
-    ours = lambda: jax.block_until_ready(generate_and_score(cfg, m.params, jnp.asarray(ids), jnp.ones((B, T), bool),
-                                                            ans, jnp.ones((B, 2, 2), bool), 3))
+    packed = jax.tree.map(jnp.asarray, pack([[list(row)] for row in ids], T, 0, 2))
+    ans = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 1, 2, 2), dtype=np.int32))
+    ours = lambda: jax.block_until_ready(generate_and_score(cfg, m.params, packed, ans, jnp.ones(ans.shape, bool), 3))
     with torch.inference_mode():
       theirs = lambda: ref.generate(torch.from_numpy(ids.astype(np.int64)), max_new_tokens=3, min_new_tokens=3,
                                     do_sample=False, pad_token_id=0)
@@ -640,31 +644,50 @@ def _scaling(argv):
     icl_rows.append(dict(tokens=T, ours=t_ours.figures(), torch=t_ref.figures(), per_query=B,
                          ratio=t_ref.median / t_ours.median, mfu=mfu))
     print(f"{'':30} {T:5d} {t_ours.median / B:12.4f} {t_ref.median / B:13.4f} {t_ref.ratio(t_ours):>18} {mfu:5.2f}")
-  N = FLAGS.pairs
-  print(f"patching, {N} pairs, every (layer, head): {'T':>5} {'ours s':>7} {'batched hooks s':>15} "
+  print(f"patching, {FLAGS.pairs} pairs, every (layer, head): {'T':>5} {'ours s':>7} {'batched hooks s':>15} "
         f"{'hooks / ours':>18}")
-  for T in (32, 64, 128, 256):
-    clean = rng.integers(0, cfg.vocab_size, (N, T), dtype=np.int32)
-    corrupt = clean.copy()
-    corrupt[:, T // 2] = (clean[:, T // 2] + 1) % cfg.vocab_size
-    gold, foil = (rng.integers(0, cfg.vocab_size, N).astype(np.int32) for _ in range(2))
-    mk = lambda x: patching.Batch(jnp.asarray(x), jnp.ones((N, T), bool), jnp.full((N,), T - 1), jnp.asarray(gold),
-                                  jnp.asarray(foil))
+  for T in (32, 64, 128):
+    patch_rows.append(_patching_point(m, ref, T, cfg.num_layers, rng, timed))
+  print(f"patching, {FLAGS.pairs} pairs x 64 tokens, the first L layers: {'L':>3} {'runs':>5} {'ours s':>7} "
+        f"{'batched hooks s':>15} {'hooks / ours':>18}")
+  layer_rows = [_patching_point(m, ref, 64, L, rng, timed) for L in (8, 15, 23) if L < cfg.num_layers]
+  return dict(ceiling_gflops=ceiling.median, icl=icl_rows, patching=patch_rows, patching_layers=layer_rows)
 
-    def ours():
-      _, cache = patching.capture(cfg, m.params, mk(clean), taps=("attn_z",))
-      return jax.block_until_ready(patching.patch_sweep(cfg, m.params, mk(corrupt), cache, "attn_z",
-                                                        ("layer", "head"), FLAGS.chunk))
 
-    pairs_t = _RandomPairs(clean, corrupt, np.ones((N, T), bool), gold, foil, T)
-    grid = [(l, h) for l in range(cfg.num_layers) for h in range(cfg.num_heads)]
+def _patching_point(m, ref, T: int, L: int, rng, timed) -> dict:
+  """One point of the patching scaling: the (layer, head) sweep of the model's first ``L`` layers on ``--pairs``
+  random pairs of ``T`` tokens, ours vs the FLOP-matched batched hooks on the same truncated torch model."""
+  import torch
+  from icl_ft.interp import patching
+  N, full = FLAGS.pairs, m.config.num_layers
+  cfg = dataclasses.replace(m.config, num_layers=L)
+  params = dict(m.params, layers=jax.tree.map(lambda x: x[:L], m.params["layers"]))
+  clean = rng.integers(0, cfg.vocab_size, (N, T), dtype=np.int32)
+  corrupt = clean.copy()
+  corrupt[:, T // 2] = (clean[:, T // 2] + 1) % cfg.vocab_size
+  gold, foil = (rng.integers(0, cfg.vocab_size, N).astype(np.int32) for _ in range(2))
+  mk = lambda x: patching.Batch(jnp.asarray(x), jnp.ones((N, T), bool), jnp.full((N,), T - 1), jnp.asarray(gold),
+                                jnp.asarray(foil))
+
+  def ours():
+    _, cache = patching.capture(cfg, params, mk(clean), taps=("attn_z",))
+    return jax.block_until_ready(patching.patch_sweep(cfg, params, mk(corrupt), cache, "attn_z", ("layer", "head"),
+                                                      FLAGS.chunk))
+
+  pairs_t = _RandomPairs(clean, corrupt, np.ones((N, T), bool), gold, foil, T)
+  grid = [(l, h) for l in range(L) for h in range(cfg.num_heads)]
+  layers = ref.model.layers
+  ref.model.layers, ref.config.num_hidden_layers = torch.nn.ModuleList(list(layers)[:L]), L
+  try:
     t_ours = timed(ours)
     _hooks_batched(ref, pairs_t, cfg.head_dim, grid[:cfg.num_heads])  # warm-up: one layer
     t_ref = _timed(lambda: _hooks_batched(ref, pairs_t, cfg.head_dim, grid), FLAGS.repeats)[0]
-    patch_rows.append(dict(tokens=T, ours=t_ours.figures(), batched_hooks=t_ref.figures(),
-                           ratio=t_ref.median / t_ours.median))
-    print(f"{'':40} {T:5d} {t_ours.median:7.2f} {t_ref.median:15.2f} {t_ref.ratio(t_ours):>18}")
-  return dict(ceiling_gflops=ceiling.median, icl=icl_rows, patching=patch_rows)
+  finally:
+    ref.model.layers, ref.config.num_hidden_layers = layers, full
+  lead = f"{'':40} {T:5d}" if L == full else f"{'':45} {L:3d} {len(grid):5d}"
+  print(f"{lead} {t_ours.median:7.2f} {t_ref.median:15.2f} {t_ref.ratio(t_ours):>18}")
+  return dict(tokens=T, layers=L, runs=len(grid), ours=t_ours.figures(), batched_hooks=t_ref.figures(),
+              ratio=t_ref.median / t_ours.median)
 
 
 @dataclasses.dataclass
@@ -726,11 +749,13 @@ def main(argv):
     raise app.UsageError(f"usage: python -m icl_ft.bench {{{','.join(SUBCOMMANDS)},all}} [--flags]")
   threads = _pin_threads()
   print(f"{threads} CPU threads on both sides (affinity mask for XLA, torch.set_num_threads({threads}))")
-  names = list(SUBCOMMANDS) if argv[1] == "all" else [argv[1]]
+  jobs = {argv[1]: SUBCOMMANDS[argv[1]]} if argv[1] != "all" else \
+      dict(forward=_forward, icl=_icl, icl_sweep=lambda _: _icl_sweep(), **{k: v for k, v in SUBCOMMANDS.items()
+                                                                          if k not in ("forward", "icl")})
   machine = _machine(threads) if FLAGS.json else None
   figures = {}
-  for name in names:  # the file is rewritten after each, so a later failure keeps the earlier figures
-    figures[name] = SUBCOMMANDS[name](argv[2:])
+  for name, job in jobs.items():  # the file is rewritten after each, so a later failure keeps the earlier figures
+    figures[name] = job(argv[2:])
     if FLAGS.json:
       from icl_ft.io import files
       files.write_json(FLAGS.json, dict(machine=machine, flags={k: FLAGS[k].value for k in _FLAG_NAMES},
