@@ -181,39 +181,59 @@ def test_candidate_scoring_equals_separate_forward_passes(model, answer_len):
       assert abs(float(out["first_logit"][b, c]) - logits[len(prompt) - 1, ans[0]]) < 1e-4
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral-window"])
 @pytest.mark.parametrize("with_prefix", [False, True])
-def test_a_packed_row_of_prompts_sharing_prefixes_equals_each_prompt_alone(model, with_prefix):
+def test_a_packed_row_scores_and_decodes_each_prompt_as_a_plain_forward_pass(request, hf_dir_factory, monkeypatch,
+                                                                             family, with_prefix):
   """A shot sweep with nested demos packed in one row (trunk pieces, tails, candidates and greedy tokens as
-  segments) scores and decodes every prompt as when it runs alone; also with the header's cached keys."""
+  segments): every prompt's candidate log-probabilities, first-token logits and every greedy step's logits equal
+  a plain forward pass of that prompt alone (and its candidate, or its greedy tokens); with a sliding window
+  (8 tokens) and with the header's keys cached."""
   import jax
   import jax.numpy as jnp
   from icl_ft.evaluation import decoding as inference
+  from icl_ft.model.decoder import forward
+  m = request.getfixturevalue("model") if family == "qwen2" else \
+      loading.load(str(hf_dir_factory("mistral", 2, False)[0]), use_cache=False)
   rng = np.random.default_rng(7)
-  draw = lambda n: [int(t) for t in rng.integers(1, 200, n)]
+  draw = lambda n: [int(t) for t in rng.integers(1, 96, n)]
   header, demos = draw(5), [draw(6) for _ in range(4)]
-  rows = []
-  for n_q in (4, 7):
-    question = draw(n_q)
-    rows.append([header + sum(demos[:k], []) + question for k in (0, 1, 2, 4)])
-  rows[1][1] = draw(9)  # a prompt that shares nothing with the trunk
-  answers = rng.integers(1, 200, (2, 4, 2, 3)).astype(np.int32)
+  rows = [[header + sum(demos[:k], []) + question for k in (0, 1, 2, 4)] for question in (draw(4), draw(7))]
+  rows[1][1] = header + draw(9)  # a prompt that shares only the header with the trunk
+  answers = rng.integers(1, 96, (2, 4, 2, 3)).astype(np.int32)
   answer_valid = np.ones_like(answers, bool)
-  answer_valid[0, 2, 1, 2:] = False
+  answer_valid[0, 2, 1, 2:] = False  # a shorter candidate
   cut = len(header) if with_prefix else 0
-  if with_prefix:
-    rows[1][1] = header + rows[1][1]
-  prefix = inference.prefix_kv(model.config, model.params, jnp.asarray([header])) if with_prefix else None
-  packed = inference.pack([[p[cut:] for p in r] for r in rows], 64, 0, 2, cut)
+  prefix = inference.prefix_kv(m.config, m.params, jnp.asarray([header])) if with_prefix else None
+  packed = inference.pack([[p[cut:] for p in r] for r in rows], 64, 0, 2)
   assert inference.packed_width([p[cut:] for p in rows[0]]) == len(rows[0][-1]) - cut + 3 * 4  # trunk + 3 questions
-  out = inference.generate_and_score(model.config, model.params, jax.tree.map(jnp.asarray, packed),
-                                     jnp.asarray(answers), jnp.asarray(answer_valid), 4, prefix)
-  alone = inference.pack([[p] for r in rows for p in r], 64, 0, 2)
-  each = inference.generate_and_score(model.config, model.params, jax.tree.map(jnp.asarray, alone),
-                                      jnp.asarray(answers.reshape(8, 1, 2, 3)),
-                                      jnp.asarray(answer_valid.reshape(8, 1, 2, 3)), 4)
-  for key in ("logprob", "first_logit"):
-    np.testing.assert_allclose(np.asarray(out[key]).reshape(8, 2), np.asarray(each[key])[:, 0], atol=1e-5)
-  assert np.array_equal(np.asarray(out["tokens"]).reshape(8, 4), np.asarray(each["tokens"])[:, 0])
+  seen, real = [], inference._decode
+  monkeypatch.setattr(inference, "_decode", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+  with jax.disable_jit():  # so the greedy steps' logits can be read
+    out = inference.generate_and_score(m.config, m.params, jax.tree.map(jnp.asarray, packed), jnp.asarray(answers),
+                                       jnp.asarray(answer_valid), 4, prefix)
+  steps = np.asarray(seen[0][1])  # [B, K, N, V]
+  alone = lambda ids: np.asarray(forward(m.config, m.params, jnp.asarray([ids]), jnp.arange(len(ids))[None],
+                                         jnp.ones((1, len(ids)), bool))[0][0])
+  for b, row in enumerate(rows):
+    for k, prompt in enumerate(row):
+      new = [int(t) for t in out["tokens"][b, k]]
+      np.testing.assert_allclose(steps[b, k], alone(prompt + new[:-1])[len(prompt) - 1:], atol=1e-5)
+      for c in range(2):
+        ans = [int(t) for t, ok in zip(answers[b, k, c], answer_valid[b, k, c]) if ok]
+        logits = alone(prompt + ans)
+        logp = np.asarray(jax.nn.log_softmax(logits))
+        expected = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(ans))
+        assert abs(float(out["logprob"][b, k, c]) - expected) < 1e-4
+        assert abs(float(out["first_logit"][b, k, c]) - logits[len(prompt) - 1, ans[0]]) < 1e-4
+
+
+def test_pack_refuses_what_it_cannot_lay_out():
+  from icl_ft.evaluation import decoding as inference
+  with pytest.raises(ValueError, match="non-empty prompts; row 1 has lengths \\[2, 0\\]"):
+    inference.pack([[[1, 2], [1]], [[1, 2], []]], 8, 0, 2)
+  with pytest.raises(ValueError, match="row 0 packs 9 tokens into a width of 8"):
+    inference.pack([[[1, 2, 3, 4, 5, 6], [7, 8, 9]]], 8, 0, 2)
 
 
 def test_a_nested_sweep_runs_each_item_as_one_packed_row_with_the_same_records(model, monkeypatch):

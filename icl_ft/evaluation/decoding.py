@@ -82,16 +82,16 @@ class Packed:
   tokens (G0 = 2K)."""
   tokens: jax.Array  # [B, T] int32, left-padded
   valid: jax.Array  # [B, T] bool
-  positions: jax.Array  # [B, T] int32: each token's position in its own prompt (after the shared prefix)
+  positions: jax.Array  # [B, T] int32: each token's position in its own prompt, counted from its first packed token
   segments: jax.Array  # [B, T] int32
   sees: jax.Array  # [B, G, G] bool, G = 2K + K*C + K (``decoder.Segments``)
   ends: jax.Array  # [B, K] int32: the slot of each prompt's last token
-  lengths: jax.Array  # [B, K] int32: each prompt's length (the position of its first continuation token)
+  lengths: jax.Array  # [B, K] int32: each prompt's packed length (the position of its first continuation token)
 
 
-def pack(rows: Sequence[Sequence[Sequence[int]]], T: int, pad_id: int, candidates: int, offset: int = 0) -> Packed:
-  """Packs ``rows`` (each K >= 1 token lists: prompts after a shared prefix of ``offset`` tokens) into [B, T]
-  (see ``Packed``) for ``candidates`` answers per prompt. A prompt sees the trunk up to its longest common prefix
+def pack(rows: Sequence[Sequence[Sequence[int]]], T: int, pad_id: int, candidates: int) -> Packed:
+  """Packs ``rows`` (each K >= 1 non-empty token lists: prompts, after any shared prefix) into [B, T] (see
+  ``Packed``) for ``candidates`` answers per prompt. A prompt sees the trunk up to its longest common prefix
   with the trunk (leaving it at least one token of its own), then its own tail."""
   K, C = len(rows[0]), candidates
   G0 = 2 * K
@@ -101,13 +101,13 @@ def pack(rows: Sequence[Sequence[Sequence[int]]], T: int, pad_id: int, candidate
              sees=np.zeros((len(rows), G, G), bool), ends=np.zeros((len(rows), K), np.int32),
              lengths=np.zeros((len(rows), K), np.int32))
   for b, prompts in enumerate(rows):
-    if len(prompts) != K:
-      raise ValueError(f"every row needs {K} prompts; row {b} has {len(prompts)}")
-    _pack_row(prompts, T, C, offset, {name: a[b] for name, a in out.items()}, b)
+    if len(prompts) != K or not all(prompts):
+      raise ValueError(f"every row needs {K} non-empty prompts; row {b} has lengths {[len(p) for p in prompts]}")
+    _pack_row(prompts, T, C, {name: a[b] for name, a in out.items()}, b)
   return Packed(**out)
 
 
-def _pack_row(prompts, T: int, C: int, offset: int, row: dict, b: int):
+def _pack_row(prompts, T: int, C: int, row: dict, b: int):
   """Writes one row of ``pack`` into the arrays ``row`` (views)."""
   K = len(prompts)
   trunk, split = _layout(prompts)
@@ -118,7 +118,7 @@ def _pack_row(prompts, T: int, C: int, offset: int, row: dict, b: int):
   if used > T:
     raise ValueError(f"row {b} packs {used} tokens into a width of {T}")
   s = T - used  # left padding
-  row["tokens"][s:s + len(top)], row["positions"][s:s + len(top)] = top, offset + np.arange(len(top))
+  row["tokens"][s:s + len(top)], row["positions"][s:s + len(top)] = top, np.arange(len(top))
   for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):  # trunk pieces: segments 1.., each sees those before
     row["segments"][s + lo:s + hi] = 1 + i
     row["sees"][1 + i, :2 + i] = True
@@ -130,7 +130,7 @@ def _pack_row(prompts, T: int, C: int, offset: int, row: dict, b: int):
   for j, k in enumerate(tails):
     tail, seg = prompts[k][split[k]:], K + 1 + j
     row["tokens"][at:at + len(tail)], row["segments"][at:at + len(tail)] = tail, seg
-    row["positions"][at:at + len(tail)] = offset + split[k] + np.arange(len(tail))
+    row["positions"][at:at + len(tail)] = split[k] + np.arange(len(tail))
     views[k].append(seg)
     row["sees"][seg, views[k]] = True
     at += len(tail)
@@ -139,7 +139,7 @@ def _pack_row(prompts, T: int, C: int, offset: int, row: dict, b: int):
   row["sees"][0, 0] = True
   G0 = 2 * K
   for k in range(K):
-    row["lengths"][k] = offset + len(prompts[k])
+    row["lengths"][k] = len(prompts[k])
     for seg in [G0 + k * C + c for c in range(C)] + [G0 + K * C + k]:
       row["sees"][seg, views[k] + [seg]] = True
 
@@ -182,13 +182,17 @@ def generate_and_score(cfg: ModelConfig, params: Params, packed: Packed, answers
   """
   B, T = packed.tokens.shape
   K, C, A = answers.shape[1:]
-  G0 = packed.sees.shape[1] - K * C - K
+  G0 = 2 * K
+  if packed.ends.shape[1] != K or packed.sees.shape[1] != G0 + K * C + K:
+    raise ValueError(f"packed for {packed.ends.shape[1]} prompts with {packed.sees.shape[1]} segments, but the "
+                     f"answers are for {K} prompts x {C} candidates: pack(candidates={C}) rows of {K}")
   P = 0 if prefix is None else prefix[0].shape[3]
+  lengths = P + packed.lengths
   wide = lambda x: jnp.broadcast_to(x, (B, *x.shape[-1:]))
   seq = jnp.concatenate([packed.tokens, answers.reshape(B, -1)], axis=1)
   seq_valid = jnp.concatenate([packed.valid, answer_valid.reshape(B, -1)], axis=1)
-  cand_pos = jnp.broadcast_to(packed.lengths[:, :, None, None] + jnp.arange(A), (B, K, C, A)).reshape(B, -1)
-  positions = jnp.concatenate([packed.positions, cand_pos], axis=1)
+  cand_pos = jnp.broadcast_to(lengths[:, :, None, None] + jnp.arange(A), (B, K, C, A)).reshape(B, -1)
+  positions = jnp.concatenate([P + packed.positions, cand_pos], axis=1)
   ids = jnp.concatenate([packed.segments, wide(G0 + jnp.repeat(jnp.arange(K * C), A))], axis=1)
   # logits at each prompt's last token (predicts its candidates' first tokens) and at each candidate's tokens
   # but its last (predict the next)
@@ -198,13 +202,14 @@ def generate_and_score(cfg: ModelConfig, params: Params, packed: Packed, answers
   out, cache = forward(cfg, params, seq, positions, seq_valid, cache, logits_at=at,
                        segments=Segments(ids, packed.sees))
   logits = out[:, :K]  # [B, K, V]
-  first = jnp.broadcast_to(logits[:, :, None, None], (B, K, C, 1, out.shape[-1]))
-  cand = jnp.concatenate([first, out[:, K:].reshape(B, K, C, A - 1, out.shape[-1])], axis=3)  # [B, K, C, A, V]
-  token_logp = jnp.take_along_axis(jax.nn.log_softmax(cand), answers[..., None], -1)[..., 0]
+  first = jnp.take_along_axis(logits, answers[..., 0], axis=-1)  # [B, K, C]
+  # each candidate token's log-probability, without materialising [B, K, C, A, V]
+  lse = jax.nn.logsumexp(out, axis=-1)  # [B, K + K*C*(A-1)]
+  rest = jnp.take_along_axis(out[:, K:], answers[..., 1:].reshape(B, -1, 1), -1)[..., 0] - lse[:, K:]
+  token_logp = jnp.concatenate([(first - lse[:, :K, None])[..., None], rest.reshape(B, K, C, A - 1)], axis=-1)
   decoding = Segments(wide(G0 + K * C + jnp.arange(K)), packed.sees)
-  new, _ = _decode(cfg, params, logits, cache, max_new_tokens, packed.lengths, decoding)
-  return {"tokens": new, "logprob": jnp.sum(token_logp * answer_valid, axis=-1),
-          "first_logit": jnp.take_along_axis(logits, answers[..., 0], axis=-1)}
+  new, _ = _decode(cfg, params, logits, cache, max_new_tokens, lengths, decoding)
+  return {"tokens": new, "logprob": jnp.sum(token_logp * answer_valid, axis=-1), "first_logit": first}
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,9 @@
 Prompts are grouped by task and format, sorted by token length and cut into fixed-size batches padded (on the
 left) to a multiple of ``length_multiple``, so the number of compiled shapes stays small and padding waste stays
 low. The token prefix a group's prompts share (the instruction header) is run once and its keys and values
-start every batch of the group. Each batch runs one prefill shared by greedy decoding and teacher-forced scoring
-of the gold and foil answers. Scores: the release's lenient rule (gold substring of the decoded text after the prompt,
+start every batch of the group. With ``pack_shots`` (nested demos), an item's prompts at every shot count are
+one packed row (``decoding.pack``), so the demos they share run once. Each batch runs one prefill shared by
+greedy decoding and teacher-forced scoring of the gold and foil answers. Scores: the release's lenient rule (gold substring of the decoded text after the prompt,
 within the task's token budget) and the strict rule (first answer-typed span of the new tokens).
 """
 
@@ -125,8 +126,9 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
     if units is None:
       done = compute()
     else:
-      digest = hashlib.sha1("\x00".join([str(len(shared))] + [queries[i].prompt + queries[i].gold for i in flat])
-                            .encode()).hexdigest()  # a batch computed with another prefix split is not reused
+      digest = hashlib.sha1("\x00".join([str(len(shared))] + [(f"{len(row)}" if len(row) > 1 else "") + "".join(
+          queries[i].prompt + queries[i].gold for i in row) for row in batch]).encode()).hexdigest()
+      # a batch computed with another prefix split or packing is not reused (unpacked batches keep their names)
       saved = units.records(f"batch{b:05d}-{digest[:12]}", lambda: [dict(r) for r in compute()])
       done = [QueryRecord.from_dict(r) for r in saved]
     faults.point("icl.batch")
@@ -163,9 +165,14 @@ def _batches(queries, prompt_ids, answers, budget, keep, engine: EngineConfig) -
     answer_len = max(len(a) for r in group for i in r for a in answers[i])
     shared = shared_prefix([prompt_ids[i] for r in group for i in r], engine.length_multiple) \
         if engine.share_prefix else ()
-    out += [(k[0], answer_len, shared, group[s:s + engine.batch_size])
-            for s in range(0, len(group), engine.batch_size)]
+    B = rows_per_batch(engine, k[1])
+    out += [(k[0], answer_len, shared, group[s:s + B]) for s in range(0, len(group), B)]
   return out
+
+
+def rows_per_batch(engine: EngineConfig, prompts_per_row: int) -> int:
+  """Rows in a batch: ``batch_size`` prompts, so packed rows of K prompts come batch_size // K to a batch."""
+  return max(1, engine.batch_size // prompts_per_row)
 
 
 def shared_prefix(seqs: Sequence[Sequence[int]], multiple: int = 1) -> tuple[int, ...]:
@@ -184,12 +191,12 @@ def _run_batch(model: LoadedModel, queries, prompt_ids, answers, batch: list[lis
   whose keys and values ``prefix`` holds) packed (``decoding.pack``) and left-padded to a multiple of
   ``length_multiple`` (rows repeated up to the fixed batch size), gold and foil scored in the prefill, ``n_new``
   greedy tokens."""
-  tok, cfg, B = model.tokenizer, model.config, engine.batch_size
+  tok, cfg, B = model.tokenizer, model.config, rows_per_batch(engine, len(batch[0]))
   pad = pad_id(tok)
   rows = batch + [batch[0]] * (B - len(batch))  # fixed batch size: pad with repeats, dropped below
   rest = [[prompt_ids[i][len(shared):] for i in row] for row in rows]
   T = engine.length_multiple * math.ceil(max(map(packed_width, rest)) / engine.length_multiple)
-  packed = pack(rest, T, pad, 2, len(shared))
+  packed = pack(rest, T, pad, 2)
   K = len(rows[0])
   ans, ans_valid = right_pad([a for row in rows for i in row for a in answers[i]], pad, answer_len)
   out = sharding.to_host(generate_and_score(cfg, model.params, packed, ans.reshape(B, K, 2, -1),
