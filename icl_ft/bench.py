@@ -54,8 +54,9 @@ flags.DEFINE_bool("torch", True, "Also time the transformers PyTorch reference."
 flags.DEFINE_string("task", "expression", "icl: task of the evaluation.")
 flags.DEFINE_integer("shots", 8, "icl: demonstrations per prompt.")
 flags.DEFINE_integer("queries", 199, "icl: number of queries (the release's 199; --sweep: 50 unless given).")
-flags.DEFINE_bool("sweep", False, "icl: a whole shot sweep (0, 1, 2, 4, 8) with nested demos, each item's prompts "
-                  "packed in one row, vs transformers' batched generate of every prompt.")
+flags.DEFINE_bool("sweep", False, "icl: a whole shot sweep (0, 1, 2, 4, 8; --shots is not used) with nested demos, "
+                  "each item's prompts packed in one row, vs transformers' batched generate of every prompt "
+                  "(--batch: prompts per batch, 40 unless given).")
 flags.DEFINE_integer("pairs", 4, "patching: clean/corrupted prompt pairs per batch.")
 flags.DEFINE_integer("chunk", 16, "patching: patched runs evaluated together.")
 flags.DEFINE_integer("threads", 0, "CPU threads for both sides (0: every core this process may use).")
@@ -79,6 +80,8 @@ class _Times:
 
   def ratio(self, ours: "_Times") -> str:
     """self / ours at the medians, with the range that the two spreads allow."""
+    if self is ours:
+      return "1"
     return (f"{self.median / ours.median:.2f} [{min(self.runs) / max(ours.runs):.2f}, "
             f"{max(self.runs) / min(ours.runs):.2f}]")
 
@@ -296,7 +299,8 @@ def _icl_sweep():
   queries = [dataclasses.replace(q, strict_tokens=n_new) for q in queries]  # the release decodes n_new only
   prompt_ids = tok([q.prompt for q in queries]).input_ids
   lengths = [len(p) for p in prompt_ids]
-  packed = engine.EngineConfig(batch_size=FLAGS.batch, progress=False, pack_shots=True)
+  prompts_per_batch = FLAGS.batch if FLAGS["batch"].present else 8 * len(shots)  # 8 packed rows
+  packed = engine.EngineConfig(batch_size=prompts_per_batch, progress=False, pack_shots=True)
   alone = dataclasses.replace(packed, pack_shots=False)
   per_token = lambda t: flops.forward_flops_per_token(m.config, t, head=False)
   useful = sum(per_token(t) * t for t in lengths)  # every prompt's own prefill
@@ -320,10 +324,11 @@ def _icl_sweep():
 
   t_ours, ours = next(iter(results.values()))
   print(f"\n== icl --sweep: {FLAGS.model}, {FLAGS.task} at shots {shots} (nested demos), {n} items = {len(queries)} "
-        f"prompts, {n_new} new tokens, prompt tokens mean {np.mean(lengths):.0f} (max {max(lengths)}), batch "
-        f"{FLAGS.batch} rows ==")
-  print(f"matmul ceiling: median {ceiling.median:.1f} GFLOP/s; packed prefill {executed / 1e12:.2f} TFLOP executed "
-        f"of the prompts' {useful / 1e12:.2f} (the {P}-token header once; each item's shared demos once)")
+        f"prompts, {n_new} new tokens, prompt tokens mean {np.mean(lengths):.0f} (max {max(lengths)}), "
+        f"{prompts_per_batch} prompts per batch ==")
+  print(f"matmul ceiling: median {ceiling.median:.1f} GFLOP/s; prompt prefill {executed / 1e12:.2f} TFLOP packed "
+        f"of the prompts' {useful / 1e12:.2f} (the {P}-token header once, each item's shared demos once; candidates, "
+        f"greedy tokens and padding not counted)")
   print(f"torch: {torch.get_num_threads()} threads, inference_mode, attention {ref.config._attn_implementation}; "
         f"batched generate tried at batch " + ", ".join(f"{b}: {t:.1f} s" for b, t in tried.items()) +
         f" (best {best} kept); {R} timed runs each after a warm-up; time and ratio: median [range]")

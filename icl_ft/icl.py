@@ -29,7 +29,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 114514, "Seed of the query sets and demo streams.")
   flags.DEFINE_bool("nested_demos", False, "A query's k-shot demos are the first k of one list (paired across k; "
                     "each item's shots then run packed in one row), else drawn per k as the release does.")
-  flags.DEFINE_integer("batch_size", 8, "Prompts (with --nested_demos: items) per batch.")
+  flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
   flags.DEFINE_enum("on_too_long", "error", list(engine.ON_TOO_LONG), "Prompts longer than the context.")
   flags.DEFINE_string("out", "work/icl", "Output directory.")
 

@@ -358,7 +358,7 @@ def attention_mask(valid, cache: KVCache | None, T: int, segments: Segments | No
   step.
 
   ``segments`` (optional): which earlier keys each token may see, by segment (cached slots keep the segment
-  they were written with). ``positions`` [B, T] defaults to consecutive ids after each sequence's valid
+  they were written with); without it no segment rule applies, whatever the cache holds. ``positions`` [B, T] defaults to consecutive ids after each sequence's valid
   tokens (``positions_from_valid``). Windows are measured in position ids, not slots, so packed segments do
   not shift them; for left-padded sequences this equals transformers' slot-based windows.
   """
@@ -425,8 +425,9 @@ def run(cfg: ModelConfig, params: Params, tokens, positions, valid, *, hooks: Ho
   if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the embedding dtype first, as transformers
     x = x * jnp.asarray(math.sqrt(cfg.hidden_size), F32).astype(x.dtype)
   if cfg.learned_positions:
-    # clip: a padding slot's id may pass the table (valid lengths are checked before a run); the default
-    # NaN fill would reach valid slots through attention's zero weights (0 * NaN)
+    # clip: a padding slot's id may pass the table, and the default NaN fill would reach valid slots through
+    # attention's zero weights (0 * NaN); a valid token past it is a prompt too long, which callers check first
+    # (the engine's PromptTooLongError)
     x = x + jnp.take(params["pos_embed"], positions, axis=0, mode="clip")
   mask, key_valid, key_seg = attention_mask(valid, cache, T, segments, positions)
   layer_kv = None if cache is None else (cache.k, cache.v)
