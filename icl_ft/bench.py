@@ -305,7 +305,7 @@ def _icl_sweep():
   per_token = lambda t: flops.forward_flops_per_token(m.config, t, head=False)
   useful = sum(per_token(t) * t for t in lengths)  # every prompt's own prefill
   P = len(engine.shared_prefix(prompt_ids, packed.length_multiple))
-  items = [[i for i, q in enumerate(queries) if q.cell.index == j] for j in range(n)]
+  items = engine.packed_rows(queries, range(len(queries)), packed)
   widths = [decoding.packed_width([prompt_ids[i][P:] for i in row]) for row in items]
   executed = P * per_token(P) + sum(per_token(P + w) * w for w in widths)  # header once, then each packed row
 

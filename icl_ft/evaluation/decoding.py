@@ -114,7 +114,7 @@ def _pack_row(prompts, T: int, C: int, row: dict, b: int):
   top = prompts[trunk]
   bounds = sorted({0, len(top), *split})
   tails = [k for k in range(K) if k != trunk]
-  used = packed_width(prompts)
+  used = _width(prompts, split)
   if used > T:
     raise ValueError(f"row {b} packs {used} tokens into a width of {T}")
   s = T - used  # left padding
@@ -148,16 +148,20 @@ def _layout(prompts: Sequence[Sequence[int]]) -> tuple[int, list[int]]:
   """The trunk (the longest prompt) and where each prompt leaves it (its length, for the trunk)."""
   trunk = max(range(len(prompts)), key=lambda k: len(prompts[k]))
   top = prompts[trunk]
-  return trunk, [len(top) if k == trunk else min(_common(p, top), len(p) - 1) for k, p in enumerate(prompts)]
+  return trunk, [len(top) if k == trunk else min(common_prefix(p, top), len(p) - 1) for k, p in enumerate(prompts)]
 
 
 def packed_width(prompts: Sequence[Sequence[int]]) -> int:
   """The tokens ``pack`` lays ``prompts`` out in: the trunk and every other prompt's own tail."""
-  _, split = _layout(prompts)
+  return _width(prompts, _layout(prompts)[1])
+
+
+def _width(prompts, split) -> int:
+  """The packed width of ``prompts`` that leave the trunk at ``split`` (``_layout``)."""
   return sum(len(p) - s for p, s in zip(prompts, split)) + max(split)
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
   """The length of the longest common prefix of ``a`` and ``b``."""
   return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 

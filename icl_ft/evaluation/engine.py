@@ -23,7 +23,7 @@ from icl_ft import faults, tasks
 from icl_ft.evaluation import scoring
 from icl_ft.model import sharding
 from icl_ft.io.units import Units
-from icl_ft.evaluation.decoding import generate_and_score, pack, packed_width, prefix_kv, right_pad
+from icl_ft.evaluation.decoding import common_prefix, generate_and_score, pack, packed_width, prefix_kv, right_pad
 from icl_ft.io.loading import LoadedModel, pad_id
 from icl_ft.io.records import QueryCell, QueryRecord, SkippedQuery
 
@@ -136,7 +136,7 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
   return [records[i] for i in sorted(records)], skipped
 
 
-def _rows(queries, keep: Sequence[int], engine: EngineConfig) -> list[list[int]]:
+def packed_rows(queries, keep: Sequence[int], engine: EngineConfig) -> list[list[int]]:
   """The queries of each packed row: with ``pack_shots``, every query of one item (the same cell and item but
   the shot count) in one row, shots ascending; else one query per row."""
   if not engine.pack_shots:
@@ -149,7 +149,7 @@ def _rows(queries, keep: Sequence[int], engine: EngineConfig) -> list[list[int]]
 
 
 def _batches(queries, prompt_ids, answers, budget, keep, engine: EngineConfig) -> list[tuple]:
-  """(new tokens, candidate length, shared prefix ids, rows of query indices) per batch: rows (``_rows``) grouped
+  """(new tokens, candidate length, shared prefix ids, rows of query indices) per batch: rows (``packed_rows``) grouped
   by budget and prompts per row (and, with ``share_prefix``, by task and format, whose prompts share their
   header), sorted by packed length, cut into batches. The shared prefix is the group's longest common token
   prefix, leaving every prompt at least one token, cut to a multiple of ``length_multiple`` (so groups of the same
@@ -158,7 +158,7 @@ def _batches(queries, prompt_ids, answers, budget, keep, engine: EngineConfig) -
   def key(row):
     i = row[0]
     return (budget[i], len(row), *((queries[i].task, queries[i].cell.format) if engine.share_prefix else ()))
-  rows = _rows(queries, keep, engine)
+  rows = packed_rows(queries, keep, engine)
   out = []
   for k in sorted({key(r) for r in rows}):
     group = sorted((r for r in rows if key(r) == k), key=lambda r: packed_width([prompt_ids[i] for i in r]))
@@ -178,11 +178,8 @@ def rows_per_batch(engine: EngineConfig, prompts_per_row: int) -> int:
 def shared_prefix(seqs: Sequence[Sequence[int]], multiple: int = 1) -> tuple[int, ...]:
   """The longest token prefix every sequence starts with, at most each one's length minus 1, cut to a multiple of
   ``multiple``."""
-  n = max(0, min(len(s) for s in seqs) - 1)
-  first = seqs[0]
-  for s in seqs[1:]:
-    n = next((j for j in range(n) if s[j] != first[j]), n)
-  return tuple(first[:n // multiple * multiple])
+  n = min(min(len(s) - 1, common_prefix(s, seqs[0])) for s in seqs)
+  return tuple(seqs[0][:max(0, n) // multiple * multiple])
 
 
 def _run_batch(model: LoadedModel, queries, prompt_ids, answers, batch: list[list[int]], n_new: int,
