@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   # so the comparison across k is paired on the demos too.
   c.icl.nested_demos = False
   # The header every prompt of a (task, format) starts with runs once per evaluation (fewer prefill FLOPs, ~30%
-  # more compiled shapes; the same answers up to float rounding). False: every prompt whole.
+  # more compiled shapes; the same answers up to float rounding); with nested demos, each item's prompts at every
+  # k also run as one packed row. False: every prompt whole, unpacked.
   c.icl.share_prefix = True
 
   c.ft = ml_collections.ConfigDict()

@@ -76,12 +76,16 @@ class _Times:
     return statistics.median(self.runs)
 
   def __str__(self) -> str:
+    if len(self.runs) == 1:
+      return f"{self.median:.2f} (1 run)"
     return f"{self.median:.2f} [{min(self.runs):.2f}, {max(self.runs):.2f}]"
 
   def ratio(self, ours: "_Times") -> str:
-    """self / ours at the medians, with the range that the two spreads allow."""
+    """self / ours at the medians, with the range that the two spreads allow (none from single runs)."""
     if self is ours:
       return "1"
+    if len(self.runs) == 1 or len(ours.runs) == 1:
+      return f"{self.median / ours.median:.2f}"
     return (f"{self.median / ours.median:.2f} [{min(self.runs) / max(ours.runs):.2f}, "
             f"{max(self.runs) / min(ours.runs):.2f}]")
 
@@ -268,8 +272,8 @@ def _icl(argv):
   rows = (("ours (JAX engine, compiled)", t_ours, ours), ("transformers, one at a time", t_single, single),
           (f"transformers, batched left-pad {best}", t_batched, batched_out))
   for name, t, preds in rows:
-    agree = sum(a == b for a, b in zip(preds, single)) / n
-    print(f"{name:34} {str(t):>22} {n / t.median:9.2f} {t.ratio(t_ours):>18}  {agree:.3f}")
+    agree = "-" if preds is single else f"{sum(a == b for a, b in zip(preds, single)) / n:.3f}"
+    print(f"{name:34} {str(t):>22} {n / t.median:9.2f} {t.ratio(t_ours):>18}  {agree}")
   rate = executed / t_ours.median / 1e9
   print(f"engine: {rate:.1f} GFLOP/s executed ({useful / t_ours.median / 1e9:.1f} effective), MFU "
         f"{rate / ceiling.median:.2f}; accuracy (lenient) {np.mean([r['correct_lenient'] for r in records]):.3f}")
@@ -335,11 +339,11 @@ def _icl_sweep():
   print(f"{'':42} {'time s':>22} {'prompts/s':>9} {'it vs packed':>18}  agreement with transformers")
   reference = results[f"transformers, batched left-pad {best}"][1]
   for name, (t, preds) in results.items():
-    agree = sum(a == b for a, b in zip(preds, reference)) / len(queries)
-    print(f"{name:42} {str(t):>22} {len(queries) / t.median:9.2f} {t.ratio(t_ours):>18}  {agree:.3f}")
+    agree = "-" if preds is reference else f"{sum(a == b for a, b in zip(preds, reference)) / len(queries):.3f}"
+    print(f"{name:42} {str(t):>22} {len(queries) / t.median:9.2f} {t.ratio(t_ours):>18}  {agree}")
   rate = executed / t_ours.median / 1e9
-  print(f"packed engine: {rate:.1f} GFLOP/s executed ({useful / t_ours.median / 1e9:.1f} effective), MFU "
-        f"{rate / ceiling.median:.2f}")
+  print(f"packed engine: {rate:.1f} GFLOP/s of deduplicated prompt prefill ({useful / t_ours.median / 1e9:.1f} "
+        f"effective), MFU on it {rate / ceiling.median:.2f} (a lower bound: candidates, decoding, padding not counted)")
   return dict(items=n, shots=shots, prompts=len(queries), ceiling_gflops=ceiling.median,
               times={k: t.figures() for k, (t, _) in results.items()}, batched_size=best,
               vs_batched=t_batched.median / t_ours.median,

@@ -199,14 +199,15 @@ def test_a_packed_row_scores_and_decodes_each_prompt_as_a_plain_forward_pass(req
   draw = lambda n: [int(t) for t in rng.integers(1, 96, n)]
   header, demos = draw(5), [draw(6) for _ in range(4)]
   rows = [[header + sum(demos[:k], []) + question for k in (0, 1, 2, 4)] for question in (draw(4), draw(7))]
-  rows[1][1] = header + draw(9)  # a prompt that shares only the header with the trunk
+  rows[1][1] = header + draw(9)  # shares only the header with the trunk: the same branch point as the 0-shot one
+  rows[0] = rows[0][::-1]  # the trunk (the longest prompt) first
   answers = rng.integers(1, 96, (2, 4, 2, 3)).astype(np.int32)
   answer_valid = np.ones_like(answers, bool)
   answer_valid[0, 2, 1, 2:] = False  # a shorter candidate
   cut = len(header) if with_prefix else 0
   prefix = inference.prefix_kv(m.config, m.params, jnp.asarray([header])) if with_prefix else None
   packed = inference.pack([[p[cut:] for p in r] for r in rows], 64, 0, 2)
-  assert inference.packed_width([p[cut:] for p in rows[0]]) == len(rows[0][-1]) - cut + 3 * 4  # trunk + 3 questions
+  assert inference.packed_width([p[cut:] for p in rows[0]]) == len(rows[0][0]) - cut + 3 * 4  # trunk + 3 questions
   seen, real = [], inference._decode
   monkeypatch.setattr(inference, "_decode", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
   with jax.disable_jit():  # so the greedy steps' logits can be read
@@ -238,16 +239,19 @@ def test_pack_refuses_what_it_cannot_lay_out():
 
 def test_a_nested_sweep_runs_each_item_as_one_packed_row_with_the_same_records(model, monkeypatch):
   from icl_ft.evaluation import decoding
-  widths, pack = [], decoding.pack
-  monkeypatch.setattr(icl, "pack", lambda rows, *a: widths.append(len(rows[0])) or pack(rows, *a))
+  packed_rows, pack = [], decoding.pack
+  monkeypatch.setattr(icl, "pack", lambda rows, *a: packed_rows.extend(rows) or pack(rows, *a))
   kw = dict(task_names=("boolean", "expression"), variants=("correct",), formats=("paper",), shots=(0, 1, 2), n=3,
             seed=5, nested=True)
-  engine = icl.EngineConfig(batch_size=4, progress=False)
-  packed, _ = icl.sweep(model, engine=engine, **kw)
-  assert set(widths) == {3}  # every item's three prompts in one row
-  widths.clear()
-  alone, _ = icl.sweep(model, engine=dataclasses.replace(engine, share_prefix=False), **kw)
-  assert set(widths) == {1} and len(packed) == len(alone) == 2 * 3 * 3
+  engine = icl.EngineConfig(batch_size=6, progress=False)
+  icl.sweep(model, engine=engine, **kw)  # the sweep packs nested demos by itself
+  assert {len(r) for r in packed_rows} == {3}
+  for row in packed_rows:  # the demos are shared, not only the header (already cut off here)
+    assert decoding.packed_width(row) < sum(map(len, row)) - 20
+  queries = icl.sweep_queries(**kw)
+  packed, _ = icl.run(model, queries, dataclasses.replace(engine, pack_shots=True))
+  alone, _ = icl.run(model, queries, engine)  # the header still shared: only the packing differs
+  assert len(packed) == len(alone) == 2 * 3 * 3
   for a, b in zip(packed, alone):
     assert (a["shots"], a["question"], a["completion"], a["lenient_text"]) == \
         (b["shots"], b["question"], b["completion"], b["lenient_text"])

@@ -128,7 +128,8 @@ def run(model: LoadedModel, queries: Sequence[Query], engine: EngineConfig = Eng
     else:
       digest = hashlib.sha1("\x00".join([str(len(shared))] + [(f"{len(row)}" if len(row) > 1 else "") + "".join(
           queries[i].prompt + queries[i].gold for i in row) for row in batch]).encode()).hexdigest()
-      # a batch computed with another prefix split or packing is not reused (unpacked batches keep their names)
+      # a batch computed with another prefix split or packing is not reused (unpacked batches keep the names
+      # they had before packing existed)
       saved = units.records(f"batch{b:05d}-{digest[:12]}", lambda: [dict(r) for r in compute()])
       done = [QueryRecord.from_dict(r) for r in saved]
     faults.point("icl.batch")
